@@ -176,6 +176,7 @@ def build_gpt_model(
         vp_stage=vp_stage,
     )
     # Megatron's llama3 scaling fixes three of its four parameters; set the exact frequencies.
+    device = model.rotary_pos_emb.inv_freq.device
     inv_freq = rope_inv_freq(arch.rope, arch.head_dim)
-    model.rotary_pos_emb.inv_freq = inv_freq.to(model.rotary_pos_emb.inv_freq.device)
+    model.rotary_pos_emb.inv_freq = inv_freq if device.type == "meta" else inv_freq.to(device)
     return model

@@ -147,7 +147,8 @@ def rope_inv_freq(rope: RopeSpec, head_dim: int) -> torch.Tensor:
     Megatron's own llama3 scaling hard-codes low/high frequency factors and the original context
     length; computing the frequencies here lets any Llama 3.x config map exactly.
     """
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    # Always on CPU: also called while a model is built under torch.device("meta").
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
     inv_freq = 1.0 / (rope.theta**exponents)
     if rope.kind == "default":
         return inv_freq

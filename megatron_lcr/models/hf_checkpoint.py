@@ -110,15 +110,20 @@ class SafetensorsReader:
 
 
 class ShardedSafetensorsWriter:
-    """Streams tensors into ``model-0000i-of-0000N.safetensors`` shards plus an index."""
+    """Streams tensors into temporary safetensors parts of at most ``max_shard_bytes`` each.
 
-    def __init__(self, out_dir: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30):
+    Several writers (one per pipeline stage, in different processes) may share ``out_dir`` under
+    different ``part`` names; :func:`finalize_shards` then gives all parts their final
+    ``model-0000i-of-0000N.safetensors`` names in part order and writes the index.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, *, part: str = "0", max_shard_bytes: int = 5 * 2**30):
         self.out_dir = Path(out_dir)
+        self.part = part
         self.max_shard_bytes = max_shard_bytes
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
-        self._shards: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names)
-        self.total_bytes = 0
+        self._files: list[dict] = []
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         nbytes = tensor.numel() * tensor.element_size()
@@ -126,29 +131,40 @@ class ShardedSafetensorsWriter:
             self._flush()
         self._pending[name] = tensor.contiguous()
         self._pending_bytes += nbytes
-        self.total_bytes += nbytes
 
     def _flush(self) -> None:
-        tmp_name = f"shard-{len(self._shards):05d}.tmp"
-        save_file(self._pending, str(self.out_dir / tmp_name), metadata={"format": "pt"})
-        self._shards.append((tmp_name, list(self._pending)))
+        file = f"part-{self.part}-{len(self._files):05d}.tmp"
+        save_file(self._pending, str(self.out_dir / file), metadata={"format": "pt"})
+        self._files.append({"file": file, "names": list(self._pending), "bytes": self._pending_bytes})
         self._pending, self._pending_bytes = {}, 0
 
     def close(self) -> None:
-        """Write the last shard, give shards their final names and write the index."""
+        """Write the last part and a manifest of this writer's parts."""
         if self._pending:
             self._flush()
-        count = len(self._shards)
-        if count == 1:
-            os.replace(self.out_dir / self._shards[0][0], self.out_dir / SINGLE_NAME)
-            return
-        weight_map = {}
-        for i, (tmp_name, names) in enumerate(self._shards):
-            final = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
-            os.replace(self.out_dir / tmp_name, self.out_dir / final)
-            weight_map.update({name: final for name in names})
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        (self.out_dir / f"part-{self.part}.manifest.json").write_text(json.dumps(self._files))
+
+
+def finalize_shards(out_dir: str | os.PathLike, parts: list[str]) -> None:
+    """Rename the parts of every writer (in ``parts`` order) to final shard names; write the index."""
+    out_dir = Path(out_dir)
+    files = []
+    for part in parts:
+        manifest = out_dir / f"part-{part}.manifest.json"
+        files += json.loads(manifest.read_text())
+        manifest.unlink()
+    if len(files) == 1:
+        os.chmod(out_dir / files[0]["file"], 0o644)  # safetensors writes 0600
+        os.replace(out_dir / files[0]["file"], out_dir / SINGLE_NAME)
+        return
+    weight_map = {}
+    for i, entry in enumerate(files):
+        final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+        os.chmod(out_dir / entry["file"], 0o644)  # safetensors writes 0600
+        os.replace(out_dir / entry["file"], out_dir / final)
+        weight_map.update({name: final for name in entry["names"]})
+    index = {"metadata": {"total_size": sum(e["bytes"] for e in files)}, "weight_map": weight_map}
+    (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:

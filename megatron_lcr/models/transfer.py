@@ -1,19 +1,20 @@
-"""Move weights between a Hugging Face checkpoint and this rank's Megatron model chunks.
+"""Move weights between Hugging Face tensors and this rank's Megatron model chunks.
 
-Each rank reads only the Hugging Face tensors its own parameters are made of, fuses them into the
+Loading: each rank reads only the Hugging Face tensors its own parameters are made of, fuses them into the
 full Megatron layout and keeps its tensor-parallel shard (``weight_map``). The maps must cover the
 chunk's parameters exactly: a parameter without a map, or a map without a parameter, is an error
-rather than a silently random or missing weight.
+rather than a silently random or missing weight. Exporting is the inverse: TP shards are gathered
+per parameter and un-fused into Hugging Face names (checkpoint conversion and weight sync use it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
 from megatron_lcr.models.families import HFArch
-from megatron_lcr.models.weight_map import TensorMap, chunk_maps, tp_shard
+from megatron_lcr.models.weight_map import TensorMap, chunk_maps, tp_shard, tp_unshard
 
 
 def maps_for_rank(arch: HFArch, *, te: bool, padded_vocab: int, vp_stage: int | None = None) -> list[TensorMap]:
@@ -67,5 +68,31 @@ def load_hf_into_chunk(
                 f"TP rank {tp_rank}, the model expects {tuple(param.shape)}"
             )
         param.copy_(shard)
+        if on_tensor is not None:
+            on_tensor(tm.megatron)
+
+
+@torch.no_grad()
+def export_chunk_to_hf(
+    chunk: torch.nn.Module, maps: list[TensorMap], *, tp_group, on_tensor: Callable[[str], None] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(hf_name, tensor)`` for this chunk, on TP rank 0 only (every TP rank must iterate).
+
+    Per parameter: all-gather the TP shards (one collective per tensor), undo the shard layout, then
+    un-fuse into Hugging Face tensors. Peak extra memory is one full parameter.
+    """
+    params = check_coverage(chunk, maps)
+    tp_size = torch.distributed.get_world_size(tp_group)
+    tp_rank = torch.distributed.get_rank(tp_group)
+    for tm in maps:
+        shard = params[tm.megatron].detach().contiguous()
+        if tp_size > 1 and tm.tp != "replicated":
+            shards = [torch.empty_like(shard) for _ in range(tp_size)]
+            torch.distributed.all_gather(shards, shard, group=tp_group)
+            full = tp_unshard(shards, tm.tp)
+        else:
+            full = shard
+        if tp_rank == 0:
+            yield from zip(tm.hf, (t.cpu() for t in tm.split(full)))
         if on_tensor is not None:
             on_tensor(tm.megatron)
