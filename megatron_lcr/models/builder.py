@@ -26,6 +26,8 @@ class ModelConfig:
 
     hf_path: str = ""
     """Hugging Face model directory (config.json, weights, tokenizer); empty when loading a Megatron checkpoint."""
+    random_init: bool = False
+    """Initialise randomly (seeded) instead of loading weights; only for from-scratch demos and tests."""
     params_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """Dtype of parameters and activations (the optimizer keeps fp32 master weights)."""
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
