@@ -319,7 +319,31 @@ def _coerce_dataclass(cls: type, value: Any, key: str, ctx: _Ctx, base: Any) -> 
         return value
     if not isinstance(value, Mapping):
         raise _type_error(ctx, key, f"a mapping ({cls.__name__})", value)
+    aliases = getattr(cls, "ALIASES", None)
+    if aliases:
+        try:
+            value = expand_aliases(value, aliases, prefix=key)
+        except ValueError as exc:
+            raise ConfigError(f"{ctx.source}: {exc}") from None
     return _build_dataclass(cls, value, key, ctx, base)
+
+
+def expand_aliases(data: Mapping, aliases: Mapping[str, str], *, prefix: str = "") -> dict:
+    """Rewrite short alias keys (a dataclass's ``ALIASES``, e.g. ``tp``) to their field names.
+
+    Aliases are not fields, so ``to_dict`` and saved configs always use the full names. A key given
+    both as alias and full name must carry the same value in both.
+    """
+    out = {k: v for k, v in data.items() if k not in aliases}
+    for alias, name in aliases.items():
+        if alias not in data:
+            continue
+        if name in data and data[name] != data[alias]:
+            raise ValueError(
+                f"{_join(prefix, alias)}={data[alias]!r} conflicts with {_join(prefix, name)}={data[name]!r}"
+            )
+        out[name] = data[alias]
+    return out
 
 
 def _check_keys(cls: type, data: Mapping, prefix: str, ctx: _Ctx) -> None:

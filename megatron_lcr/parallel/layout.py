@@ -75,23 +75,6 @@ class ParallelConfig:
                 )
 
 
-def expand_aliases(d: dict) -> dict:
-    """Returns a copy of a `parallel:` section dict with short aliases ("tp") renamed to fields.
-
-    A key given both as alias and full name must carry the same value in both.
-    """
-    out = {k: v for k, v in d.items() if k not in ParallelConfig.ALIASES}
-    for alias, name in ParallelConfig.ALIASES.items():
-        if alias not in d:
-            continue
-        if name in d and d[name] != d[alias]:
-            raise ValueError(
-                f"parallel.{alias}={d[alias]!r} conflicts with parallel.{name}={d[name]!r}"
-            )
-        out[name] = d[alias]
-    return out
-
-
 @dataclass(frozen=True, kw_only=True)
 class ModelDims:
     """The model dimensions that parallel layouts must divide."""

@@ -1,0 +1,143 @@
+"""The ``lcr`` command.
+
+Subcommands (each has its own ``--help``):
+
+  lcr train CONFIG --out DIR [key=value ...]   train on Megatron (every rank runs this; use torchrun/srun for >1)
+  lcr convert hf-to-megatron --hf DIR --out DIR --tp N --pp N
+  lcr convert megatron-to-hf --ckpt DIR --out DIR
+  lcr config CONFIG [key=value ...]            print the resolved config (or every key with --keys)
+
+Errors in the input (config keys, model directories, checkpoints, layouts) end the command with one
+line on stderr naming the file or key, and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+from megatron_lcr import __version__
+
+
+def _train(args: argparse.Namespace) -> None:
+    import json
+
+    from megatron_lcr.config import load_config
+    from megatron_lcr.train.config import LMRunConfig
+    from megatron_lcr.train.lm_run import run_lm_training
+
+    cfg = load_config(LMRunConfig, args.config, args.overrides)
+    results = run_lm_training(cfg, args.out)
+    if _is_rank_zero():
+        print(json.dumps(results, indent=2))
+
+
+def _is_rank_zero() -> bool:
+    import os
+
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+
+
+def _config(args: argparse.Namespace) -> None:
+    import yaml
+
+    from megatron_lcr.config import config_help, load_config, to_dict
+    from megatron_lcr.train.config import LMRunConfig
+
+    if args.keys:
+        print(config_help(LMRunConfig))
+        return
+    cfg = load_config(LMRunConfig, args.config, args.overrides)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+
+
+def _hf_to_megatron(args: argparse.Namespace) -> None:
+    from megatron_lcr.models.convert import hf_to_megatron
+
+    meta = hf_to_megatron(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {args.out}: {meta.architecture}, TP={meta.tensor_model_parallel_size} "
+          f"PP={meta.pipeline_model_parallel_size}, {meta.params_dtype}")
+
+
+def _megatron_to_hf(args: argparse.Namespace) -> None:
+    from megatron_lcr.models.convert import megatron_to_hf
+
+    megatron_to_hf(args.ckpt, args.out, tp=args.tp, pp=args.pp,
+                   max_shard_bytes=int(args.max_shard_gb * 2**30), overwrite=args.overwrite)
+    print(f"wrote {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lcr", description="megatron_lcr: long-context reasoning post-training on Megatron-Core."
+    )
+    parser.add_argument("--version", action="version", version=f"megatron_lcr {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train a model from a YAML config",
+                           description="Train on Megatron-Core. Under torchrun or srun every rank runs this command.")
+    train.add_argument("config", help="YAML config (see examples/)")
+    train.add_argument("--out", required=True, help="output directory: config.yaml, metrics.jsonl, checkpoints/, results.json")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optimizer.lr=1e-6 parallel.tp=2")
+    train.set_defaults(func=_train)
+
+    config = sub.add_parser("config", help="print a resolved config, or every config key",
+                            description="Resolve CONFIG with overrides and print it as YAML, or list every key with --keys.")
+    config.add_argument("config", nargs="?", help="YAML config")
+    config.add_argument("overrides", nargs="*", metavar="key=value")
+    config.add_argument("--keys", action="store_true", help="list every key with its type, default and meaning")
+    config.set_defaults(func=_config)
+
+    convert = sub.add_parser("convert", help="convert checkpoints between Hugging Face and Megatron",
+                             description="Checkpoint conversion; both directions stream tensor by tensor.")
+    direction = convert.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
+    h2m = direction.add_parser("hf-to-megatron", help="Hugging Face directory -> Megatron distributed checkpoint",
+                               description="Write a Megatron dist checkpoint from a HF model, using TP x PP local worker processes.")
+    h2m.add_argument("--hf", required=True, help="Hugging Face model directory (config.json, safetensors, tokenizer)")
+    h2m.add_argument("--out", required=True, help="output checkpoint directory (must not exist, unless --overwrite)")
+    h2m.add_argument("--tp", type=int, default=1, help="tensor-parallel size to write at (default 1)")
+    h2m.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to write at (default 1)")
+    h2m.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                     help="stored dtype; auto keeps the HF checkpoint's (default)")
+    h2m.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    h2m.set_defaults(func=_hf_to_megatron)
+    m2h = direction.add_parser("megatron-to-hf", help="Megatron checkpoint -> Hugging Face directory",
+                               description="Write sharded safetensors + index, config.json and tokenizer files.")
+    m2h.add_argument("--ckpt", required=True, help="megatron_lcr checkpoint directory (converted or checkpoints/iter_N)")
+    m2h.add_argument("--out", required=True, help="output Hugging Face directory")
+    m2h.add_argument("--tp", type=int, default=None, help="reader TP size (default: the layout it was saved at)")
+    m2h.add_argument("--pp", type=int, default=None, help="reader PP size (default: the layout it was saved at)")
+    m2h.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard, GiB (default 5)")
+    m2h.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    m2h.set_defaults(func=_megatron_to_hf)
+    return parser
+
+
+def _one_line(err: BaseException) -> str:
+    """A worker's exception arrives wrapped with its traceback; keep only the final message."""
+    text = str(err).strip()
+    if "Traceback" in text:
+        text = text.splitlines()[-1]
+    return " ".join(text.split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("lcr: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the CLI's one place that turns errors into exit codes
+        import os
+
+        if os.environ.get("LCR_TRACEBACK"):
+            traceback.print_exc()
+        print(f"lcr: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""One supervised language-modelling optimizer step on Megatron (next-token cross-entropy).
+
+The step runs Megatron's pipeline schedule over the micro-batches of this data-parallel rank,
+reduces gradients over data-parallel ranks (``finalize_model_grads``), and steps the optimizer.
+Loss normalisation: each micro-batch contributes its token-mean loss, averaged over micro-batches
+and data-parallel ranks, so equal-sized micro-batches give the global-batch token mean whatever the
+DP x micro-batch split (the invariance the tests check).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from megatron_lcr.models.forward import causal_mask
+
+
+@dataclass
+class MicroBatch:
+    """Token ids of one micro-batch and which positions carry loss."""
+
+    input_ids: torch.Tensor
+    """``[B, S]`` int64 inputs."""
+    labels: torch.Tensor
+    """``[B, S]`` int64 next tokens (``input_ids`` shifted left by one)."""
+    loss_mask: torch.Tensor
+    """``[B, S]`` float, 1 where the label is trained on."""
+
+
+def micro_batches_from_sequences(tokens: torch.Tensor, micro_batch_size: int) -> list[MicroBatch]:
+    """``tokens [N, S+1]`` -> micro-batches of ``[micro_batch_size, S]`` inputs and labels."""
+    if tokens.shape[0] % micro_batch_size:
+        raise ValueError(f"{tokens.shape[0]} sequences do not split into micro-batches of {micro_batch_size}")
+    out = []
+    for chunk in tokens.split(micro_batch_size):
+        inputs, labels = chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
+        out.append(MicroBatch(inputs, labels, torch.ones_like(labels, dtype=torch.float32)))
+    return out
+
+
+def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Megatron loss_func: ``(sum, tokens, report)``; the schedule divides by tokens and micro-batches."""
+    mask = loss_mask.to(per_token_loss.device).float()
+    total = (per_token_loss.float() * mask).sum()
+    tokens = mask.sum().to(torch.int)
+    return total, tokens, {"lm_loss": torch.stack([total.detach(), mask.sum().detach()])}
+
+
+def lm_forward_step(data_iterator, model):
+    batch: MicroBatch = next(data_iterator)
+    device = next(model.parameters()).device
+    input_ids = batch.input_ids.to(device)
+    positions = torch.arange(input_ids.shape[1], device=device).expand_as(input_ids)
+    output = model(input_ids, positions, causal_mask(input_ids.shape[1]).to(device), labels=batch.labels.to(device))
+    return output, partial(_loss_func, batch.loss_mask)
+
+
+def reduce_lm_loss(reports: list[dict]) -> float | None:
+    """Token-mean loss over this step's micro-batches and all data-parallel ranks.
+
+    Only the last pipeline stage has reports; it returns the loss, other stages return None.
+    """
+    from megatron.core import parallel_state as ps
+
+    if not ps.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    totals = torch.stack([r["lm_loss"] for r in reports]).sum(0).float().cpu()
+    torch.distributed.all_reduce(totals, group=ps.get_data_parallel_group())
+    return (totals[0] / totals[1].clamp(min=1)).item()
+
+
+def lm_train_step(chunks, optimizer, scheduler, micro_batches: list[MicroBatch]) -> dict:
+    """One optimizer step; returns ``{"loss", "grad_norm", "lr", "skipped"}`` (loss on the last stage)."""
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    config = chunks[0].config
+    # Megatron's schedule calls this after the last backward: DP gradient all-reduce (or
+    # reduce-scatter for the distributed optimizer) and the tied-embedding all-reduce across stages.
+    config.finalize_model_grads_func = finalize_model_grads
+    for chunk in chunks:
+        chunk.train()
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    seq_len = micro_batches[0].input_ids.shape[1]
+    iterator = iter(micro_batches) if len(chunks) == 1 else [iter(micro_batches) for _ in chunks]
+    reports = get_forward_backward_func()(
+        forward_step_func=lm_forward_step,
+        data_iterator=iterator,
+        model=chunks,
+        num_microbatches=len(micro_batches),
+        seq_length=seq_len,
+        micro_batch_size=micro_batches[0].input_ids.shape[0],
+        forward_only=False,
+    )
+    updated, grad_norm, _ = optimizer.step()
+    if updated:
+        scheduler.step(increment=1)
+    return {
+        "loss": reduce_lm_loss(reports),
+        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "lr": optimizer.param_groups[0]["lr"],
+        "skipped": not updated,
+    }
