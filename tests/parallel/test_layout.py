@@ -2,11 +2,11 @@
 
 import pytest
 
+from megatron_lcr.config import ConfigError, from_dict, to_dict
 from megatron_lcr.parallel.layout import (
     MEGATRON_RANK_ORDER,
     ModelDims,
     ParallelConfig,
-    expand_aliases,
     padded_vocab_size,
     rank_coordinates,
     validate_layout,
@@ -69,41 +69,27 @@ def test_aliases_are_not_fields():
         ParallelConfig(tp=2)
 
 
-def test_expand_aliases_renames_and_keeps_other_keys():
-    section = {
-        "tp": 2,
-        "pp": 4,
-        "cp": 2,
-        "ep": 1,
-        "vpp": 2,
-        "sp": True,
-        "use_distributed_optimizer": True,
-    }
-    assert expand_aliases(section) == {
-        "tensor_model_parallel_size": 2,
-        "pipeline_model_parallel_size": 4,
-        "context_parallel_size": 2,
-        "expert_model_parallel_size": 1,
-        "virtual_pipeline_model_parallel_size": 2,
-        "sequence_parallel": True,
-        "use_distributed_optimizer": True,
-    }
-    assert section["tp"] == 2 and "tensor_model_parallel_size" not in section  # input untouched
-    assert ParallelConfig(**expand_aliases(section)).pipeline_model_parallel_size == 4
+def test_aliases_expand_through_the_config_loader():
+    section = {"tp": 2, "pp": 4, "cp": 2, "ep": 1, "vpp": 2, "sp": True, "use_distributed_optimizer": True}
+    cfg = from_dict(ParallelConfig, section)
+    assert (cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size) == (2, 4)
+    assert (cfg.context_parallel_size, cfg.expert_model_parallel_size) == (2, 1)
+    assert cfg.virtual_pipeline_model_parallel_size == 2
+    assert cfg.sequence_parallel and cfg.use_distributed_optimizer
+    # Aliases are input only: the resolved config names every field in full.
+    assert "tp" not in to_dict(cfg) and to_dict(cfg)["tensor_model_parallel_size"] == 2
 
 
-def test_expand_aliases_passes_unknown_keys_through_for_the_loader_to_reject():
-    assert expand_aliases({"tpp": 2}) == {"tpp": 2}
+def test_alias_typo_is_rejected_as_an_unknown_key():
+    with pytest.raises(ConfigError, match="unknown key 'tpp'"):
+        from_dict(ParallelConfig, {"tpp": 2})
 
 
-def test_expand_aliases_alias_and_full_name():
-    assert expand_aliases({"tp": 2, "tensor_model_parallel_size": 2}) == {
-        "tensor_model_parallel_size": 2
-    }
-    with pytest.raises(
-        ValueError, match="parallel.tp=2 conflicts with parallel.tensor_model_parallel_size=4"
-    ):
-        expand_aliases({"tp": 2, "tensor_model_parallel_size": 4})
+def test_alias_and_full_name_must_agree():
+    cfg = from_dict(ParallelConfig, {"tp": 2, "tensor_model_parallel_size": 2})
+    assert cfg.tensor_model_parallel_size == 2
+    with pytest.raises(ConfigError, match="parallel.tp=2 conflicts with parallel.tensor_model_parallel_size=4"):
+        from_dict(ParallelConfig, {"tp": 2, "tensor_model_parallel_size": 4}, prefix="parallel")
 
 
 def test_model_dims_rejects_heads_not_divisible_by_groups():
