@@ -11,6 +11,7 @@ per parameter gather the TP shards on TP rank 0 of each stage, un-fuse them into
 tensors and stream them into safetensors parts; the parent names the parts and writes the index.
 Peak memory per process is its shard plus one gathered parameter and one output shard.
 
+Workers receive the parsed architecture from the parent, so they never import ``transformers``.
 Both write into a temporary directory that is renamed into place only when complete.
 """
 
@@ -109,7 +110,7 @@ def hf_to_megatron(
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         torch.multiprocessing.start_processes(
             _hf_to_megatron_worker,
-            args=(tp * pp, _free_port(), str(hf_dir), str(tmp), model_cfg, parallel),
+            args=(tp * pp, _free_port(), str(hf_dir), str(tmp), arch, model_cfg, parallel),
             nprocs=tp * pp,
             start_method="spawn",
         )
@@ -121,7 +122,8 @@ def hf_to_megatron(
 
 
 def _hf_to_megatron_worker(
-    rank: int, world_size: int, port: int, hf_dir: str, out: str, model_cfg: ModelConfig, parallel: ParallelConfig
+    rank: int, world_size: int, port: int, hf_dir: str, out: str, arch: HFArch, model_cfg: ModelConfig,
+    parallel: ParallelConfig,
 ) -> None:
     """One rank of hf-to-megatron: build this rank's chunk, fill it from HF tensors, save."""
     from tqdm import tqdm
@@ -133,7 +135,6 @@ def _hf_to_megatron_worker(
     from megatron_lcr.parallel.state import destroy_megatron, initialize_megatron
 
     initialize_megatron(parallel)
-    arch = hf_arch(load_hf_config(hf_dir))
     chunk = build_gpt_model(
         arch, model_cfg, parallel, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage()
     )
@@ -175,7 +176,7 @@ def megatron_to_hf(
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         torch.multiprocessing.start_processes(
             _megatron_to_hf_worker,
-            args=(tp * pp, _free_port(), str(ckpt_dir), str(tmp), model_cfg, parallel, max_shard_bytes),
+            args=(tp * pp, _free_port(), str(ckpt_dir), str(tmp), arch, model_cfg, parallel, max_shard_bytes),
             nprocs=tp * pp,
             start_method="spawn",
         )
@@ -186,7 +187,7 @@ def megatron_to_hf(
 
 
 def _megatron_to_hf_worker(
-    rank: int, world_size: int, port: int, ckpt_dir: str, out: str, model_cfg: ModelConfig,
+    rank: int, world_size: int, port: int, ckpt_dir: str, out: str, arch: HFArch, model_cfg: ModelConfig,
     parallel: ParallelConfig, max_shard_bytes: int,
 ) -> None:
     """One rank of megatron-to-hf: load this rank's chunk, gather TP shards, stream HF tensors out."""
@@ -200,14 +201,11 @@ def _megatron_to_hf_worker(
     from megatron_lcr.parallel.state import destroy_megatron, initialize_megatron
 
     initialize_megatron(parallel)
-    arch = hf_arch(load_hf_config(Path(ckpt_dir) / HF_DIR))
     chunk = build_gpt_model(
         arch, model_cfg, parallel, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage()
     )
     load_model([chunk], ckpt_dir)
     maps = maps_for_rank(arch, te=False, padded_vocab=model_cfg.padded_vocab_size)
-    if arch.tie_word_embeddings:  # the last stage's copy of a tied embedding is not a HF tensor
-        maps = [tm for tm in maps if tm.megatron != "output_layer.weight"]
     stage = ps.get_pipeline_model_parallel_rank()
     writer = ShardedSafetensorsWriter(out, part=str(stage), max_shard_bytes=max_shard_bytes)
     bar = tqdm(total=len(maps), desc="megatron-to-hf (rank 0)", unit="tensor", disable=rank != 0, file=sys.stderr)

@@ -92,7 +92,7 @@ def export_chunk_to_hf(
             full = tp_unshard(shards, tm.tp)
         else:
             full = shard
-        if tp_rank == 0:
+        if tp_rank == 0 and tm.export:
             yield from zip(tm.hf, (t.cpu() for t in tm.split(full)))
         if on_tensor is not None:
             on_tensor(tm.megatron)

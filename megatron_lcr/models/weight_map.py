@@ -23,6 +23,7 @@ Megatron layouts, as Megatron-Core 0.16 builds them:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -48,6 +49,8 @@ class TensorMap:
     """HF tensors -> full (unsharded) Megatron tensor."""
     split: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
     """Full Megatron tensor -> HF tensors (inverse of ``fuse``)."""
+    export: bool = True
+    """False for a copy whose HF tensor another chunk exports (the last stage's tied embedding)."""
 
 
 # ---- pure layout transforms ---------------------------------------------------------------
@@ -203,7 +206,8 @@ def chunk_maps(
         if not arch.tie_word_embeddings:
             maps.append(_vocab("output_layer.weight", "lm_head.weight", arch, padded_vocab))
         elif not first:
-            maps.append(_vocab("output_layer.weight", "model.embed_tokens.weight", arch, padded_vocab))
+            tied = _vocab("output_layer.weight", "model.embed_tokens.weight", arch, padded_vocab)
+            maps.append(dataclasses.replace(tied, export=False))
     return maps
 
 
