@@ -93,6 +93,11 @@ def transformer_config(arch: HFArch, cfg: ModelConfig, parallel: ParallelConfig)
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     te = use_transformer_engine(cfg)
+    if parallel.context_parallel_size > 1 and not te:
+        # Megatron's context-parallel attention (ring exchange of K/V) exists only in TE.
+        raise RuntimeError(
+            f"context_parallel_size {parallel.context_parallel_size} needs Transformer Engine attention on a GPU"
+        )
     dtype = DTYPES[cfg.params_dtype]
     fp8 = {}
     if cfg.fp8 is not None:
