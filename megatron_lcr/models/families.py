@@ -1,10 +1,10 @@
 """Hugging Face model families megatron_lcr supports, and what distinguishes them.
 
 Llama 3.x, Qwen2/Qwen2.5 and Qwen3 dense decoders share one Megatron GPT layout (RMSNorm, RoPE,
-SwiGLU MLP, grouped-query attention). They differ in a few switches: QKV bias (Qwen2 always;
-Llama only with ``attention_bias``), per-head q/k RMSNorm (Qwen3), an explicit ``head_dim`` (Qwen3),
-tied embeddings (small Qwen and Llama 3.2 models) and RoPE scaling (Llama 3.1+). This module reads
-those switches from a ``transformers`` config into :class:`HFArch`, the only description of the
+SwiGLU MLP, grouped-query attention). They differ in a few switches: QKV bias (Qwen2), per-head
+q/k RMSNorm (Qwen3), an explicit ``head_dim`` (Qwen3), tied embeddings (small Qwen and Llama 3.2
+models) and RoPE scaling (Llama 3.1+). Llama/Qwen3 configs with ``attention_bias`` are rejected (it
+also biases o_proj, which Megatron cannot express alone). This module reads those switches from a ``transformers`` config into :class:`HFArch`, the only description of the
 model the rest of the package needs, and rejects anything it cannot represent exactly.
 """
 
@@ -120,9 +120,13 @@ def hf_arch(hf) -> HFArch:
         raise UnsupportedModelError("sliding-window attention (use_sliding_window: true) is not supported")
     if getattr(hf, "mlp_bias", False):
         raise UnsupportedModelError("mlp_bias: true is not supported")
+    if arch != "Qwen2ForCausalLM" and getattr(hf, "attention_bias", False):
+        # Llama/Qwen3 attention_bias also biases o_proj; Megatron can add a bias to the output
+        # projection only together with every other linear (add_bias_linear), so it cannot be exact.
+        raise UnsupportedModelError(f"attention_bias: true is not supported for {arch} (o_proj bias)")
     heads = hf.num_attention_heads
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
-    qkv_bias = True if arch == "Qwen2ForCausalLM" else bool(getattr(hf, "attention_bias", False))
+    qkv_bias = arch == "Qwen2ForCausalLM"
     return HFArch(
         architecture=arch,
         num_layers=hf.num_hidden_layers,

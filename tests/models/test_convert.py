@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megatron_lcr.models.hf_checkpoint import SafetensorsReader
-from tiny_hf import hf_logits, make_tiny_hf
+from tests.tiny_hf import hf_logits, make_tiny_hf
 
 REPO = Path(__file__).resolve().parents[2]
 
