@@ -26,7 +26,7 @@ import torch
 
 from megatron_lcr.atomic import atomic_dir
 from megatron_lcr.models.builder import DTYPES, ModelConfig, build_gpt_model, resolved_vocab_size
-from megatron_lcr.models.families import HFArch, hf_arch
+from megatron_lcr.models.families import HFArch, hf_arch, model_dims
 from megatron_lcr.models.hf_checkpoint import (
     HFCheckpointError,
     SafetensorsReader,
@@ -45,18 +45,7 @@ from megatron_lcr.models.megatron_checkpoint import (
     write_meta,
 )
 from megatron_lcr.models.weight_map import hf_names
-from megatron_lcr.parallel.layout import ModelDims, ParallelConfig, validate_layout
-
-
-def model_dims(arch: HFArch) -> ModelDims:
-    return ModelDims(
-        num_layers=arch.num_layers,
-        hidden_size=arch.hidden_size,
-        num_attention_heads=arch.num_attention_heads,
-        num_query_groups=arch.num_query_groups,
-        ffn_hidden_size=arch.ffn_hidden_size,
-        vocab_size=arch.vocab_size,
-    )
+from megatron_lcr.parallel.layout import ParallelConfig, validate_layout
 
 
 def _hf_dtype(hf_config, dtype: str) -> str:

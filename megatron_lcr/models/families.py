@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_lcr.parallel.layout import ModelDims
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
@@ -167,3 +169,15 @@ def rope_inv_freq(rope: RopeSpec, head_dim: int) -> torch.Tensor:
     smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return torch.where(medium, smoothed, scaled)
+
+
+def model_dims(arch: HFArch) -> ModelDims:
+    """The sizes parallel-layout validation checks (heads, groups, layers, FFN) of ``arch``."""
+    return ModelDims(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        vocab_size=arch.vocab_size,
+    )

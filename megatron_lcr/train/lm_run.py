@@ -18,8 +18,7 @@ import torch
 from megatron_lcr.atomic import atomic_write_text
 from megatron_lcr.config import save_resolved
 from megatron_lcr.data.synthetic_lm import arithmetic_sequences
-from megatron_lcr.models.convert import model_dims
-from megatron_lcr.models.families import hf_arch
+from megatron_lcr.models.families import hf_arch, model_dims
 from megatron_lcr.models.hf_checkpoint import load_hf_config
 from megatron_lcr.models.megatron_checkpoint import HF_DIR
 from megatron_lcr.parallel.state import destroy_megatron, initialize_megatron
