@@ -134,6 +134,9 @@ def validate_layout(
     )
     if world_size < 1:
         raise ValueError(f"world size must be >= 1, got {world_size}")
+    # The model's dimensions first: no world size fixes a layout the model cannot be split by.
+    if dims is not None:
+        _check_dims(cfg, dims)
     model_parallel = tp * pp * cp
     if world_size % model_parallel:
         raise ValueError(
@@ -146,8 +149,6 @@ def validate_layout(
             f"world size {world_size} is not divisible by "
             f"tp({tp}) x ep({ep}) x pp({pp}) = {tp * ep * pp}"
         )
-    if dims is not None:
-        _check_dims(cfg, dims)
     if seq_length is not None:
         _check_seq_length(cfg, seq_length)
     return world_size // model_parallel

@@ -11,6 +11,7 @@ import json
 import math
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -44,7 +45,7 @@ def _rank_slice(tokens: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_loss(chunks, micro_batches: list[MicroBatch]) -> float | None:
+def evaluate_loss(chunks, micro_batches: list[MicroBatch], *, vocab_size: int) -> float | None:
     """Held-out token-mean loss (forward only, through the pipeline schedule); last stage only."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -52,7 +53,7 @@ def evaluate_loss(chunks, micro_batches: list[MicroBatch]) -> float | None:
         chunk.eval()
     iterator = iter(micro_batches) if len(chunks) == 1 else [iter(micro_batches) for _ in chunks]
     reports = get_forward_backward_func()(
-        forward_step_func=lm_forward_step, data_iterator=iterator, model=chunks,
+        forward_step_func=partial(lm_forward_step, vocab_size=vocab_size), data_iterator=iterator, model=chunks,
         num_microbatches=len(micro_batches), seq_length=micro_batches[0].input_ids.shape[1],
         micro_batch_size=micro_batches[0].input_ids.shape[0], forward_only=True,
     )
@@ -93,14 +94,15 @@ def run_lm_training(cfg: LMRunConfig, out_dir: str | Path) -> dict:
     eval_mbs = micro_batches_from_sequences(
         _rank_slice(arithmetic_sequences(cfg.data, trainer.eval_sequences, length, stream=1)), trainer.micro_batch_size
     )
-    base_loss = _from_last_stage(evaluate_loss(policy.chunks, eval_mbs))
+    base_loss = _from_last_stage(evaluate_loss(policy.chunks, eval_mbs, vocab_size=policy.arch.vocab_size))
     train_tokens = arithmetic_sequences(cfg.data, trainer.steps * trainer.global_batch_size, length, stream=0)
     metrics_file = (out_dir / "metrics.jsonl").open("w") if is_main else None
     bar = tqdm(range(1, trainer.steps + 1), desc="train", disable=not is_main, file=sys.stderr, mininterval=2.0)
     for step in bar:
         batch = train_tokens[(step - 1) * trainer.global_batch_size: step * trainer.global_batch_size]
         metrics = lm_train_step(policy.chunks, optimizer, scheduler,
-                                micro_batches_from_sequences(_rank_slice(batch), trainer.micro_batch_size))
+                                micro_batches_from_sequences(_rank_slice(batch), trainer.micro_batch_size),
+                                vocab_size=policy.arch.vocab_size)
         metrics["loss"] = _from_last_stage(metrics["loss"])
         if metrics["loss"] is None or not math.isfinite(metrics["loss"]):
             raise FloatingPointError(f"step {step}: loss is {metrics['loss']}")
@@ -111,7 +113,7 @@ def run_lm_training(cfg: LMRunConfig, out_dir: str | Path) -> dict:
         if trainer.save_interval and step % trainer.save_interval == 0 and step != trainer.steps:
             save_checkpoint(policy, cfg.parallel, out_dir, step=step, keep_last=trainer.keep_last)
     final = save_checkpoint(policy, cfg.parallel, out_dir, step=trainer.steps, keep_last=trainer.keep_last)
-    trained_loss = _from_last_stage(evaluate_loss(policy.chunks, eval_mbs))
+    trained_loss = _from_last_stage(evaluate_loss(policy.chunks, eval_mbs, vocab_size=policy.arch.vocab_size))
     wall = time.time() - started
     results = {
         "base": {"eval_loss": base_loss},

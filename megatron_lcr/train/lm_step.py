@@ -48,12 +48,32 @@ def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     return total, tokens, {"lm_loss": torch.stack([total.detach(), mask.sum().detach()])}
 
 
-def lm_forward_step(data_iterator, model):
+def vocab_masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Per-token cross-entropy ``[B, S]`` from this TP rank's logits ``[B, S, V_padded/tp]``.
+
+    Megatron pads the vocabulary so that TP ranks hold equal slices; the padding columns (logit ~0)
+    must not enter the softmax, or every log-prob is off by ~log(1 + pad/V) from the HF model's.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    local = logits.shape[-1]
+    start = ps.get_tensor_model_parallel_rank() * local
+    padding = torch.arange(start, start + local, device=logits.device) >= vocab_size
+    return tensor_parallel.vocab_parallel_cross_entropy(logits.float().masked_fill(padding, float("-inf")), labels)
+
+
+def lm_forward_step(data_iterator, model, *, vocab_size: int):
+    """Megatron forward_step_func; bind ``vocab_size`` (the tokenizer's, unpadded) with functools.partial."""
+    from megatron.core.utils import get_attr_wrapped_model
+
     batch: MicroBatch = next(data_iterator)
     device = next(model.parameters()).device
     input_ids = batch.input_ids.to(device)
     positions = torch.arange(input_ids.shape[1], device=device).expand_as(input_ids)
-    output = model(input_ids, positions, causal_mask(input_ids.shape[1]).to(device), labels=batch.labels.to(device))
+    output = model(input_ids, positions, causal_mask(input_ids.shape[1]).to(device))
+    if get_attr_wrapped_model(model, "post_process"):  # logits [B, S, V/tp]; else hidden states for the next stage
+        output = vocab_masked_cross_entropy(output, batch.labels.to(device), vocab_size)
     return output, partial(_loss_func, batch.loss_mask)
 
 
@@ -71,7 +91,7 @@ def reduce_lm_loss(reports: list[dict]) -> float | None:
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
-def lm_train_step(chunks, optimizer, scheduler, micro_batches: list[MicroBatch]) -> dict:
+def lm_train_step(chunks, optimizer, scheduler, micro_batches: list[MicroBatch], *, vocab_size: int) -> dict:
     """One optimizer step; returns ``{"loss", "grad_norm", "lr", "skipped"}`` (loss on the last stage)."""
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -87,7 +107,7 @@ def lm_train_step(chunks, optimizer, scheduler, micro_batches: list[MicroBatch])
     seq_len = micro_batches[0].input_ids.shape[1]
     iterator = iter(micro_batches) if len(chunks) == 1 else [iter(micro_batches) for _ in chunks]
     reports = get_forward_backward_func()(
-        forward_step_func=lm_forward_step,
+        forward_step_func=partial(lm_forward_step, vocab_size=vocab_size),
         data_iterator=iterator,
         model=chunks,
         num_microbatches=len(micro_batches),

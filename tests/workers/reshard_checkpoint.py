@@ -30,7 +30,8 @@ def save_case(case: dict, spec: dict, parallel, out_dir: Path) -> tuple[dict, di
     from megatron_lcr.train.model_setup import build_policy
     from megatron_lcr.train.optimizer import OptimizerConfig, build_optimizer
 
-    policy = build_policy(ModelConfig(hf_path=case["model"], params_dtype="float32", transformer_impl="local"), parallel)
+    model_cfg = ModelConfig(hf_path=case["model"], params_dtype="float32", transformer_impl="local")
+    policy = build_policy(model_cfg, parallel)
     ids = torch.load(spec["ids"])
     logits = {"step0": logits_of(policy, ids)}
     optimizer, scheduler = build_optimizer(
@@ -38,7 +39,7 @@ def save_case(case: dict, spec: dict, parallel, out_dir: Path) -> tuple[dict, di
         use_distributed_optimizer=False, total_steps=spec["steps"],
     )  # fmt: skip
     batch = micro_batches_from_sequences(arithmetic_sequences(SyntheticLMConfig(), 2, 17), 2)
-    losses = [lm_train_step(policy.chunks, optimizer, scheduler, batch)["loss"] for _ in range(spec["steps"])]
+    losses = [lm_train_step(policy.chunks, optimizer, scheduler, batch, vocab_size=policy.arch.vocab_size)["loss"] for _ in range(spec["steps"])]
     logits["trained"] = logits_of(policy, ids)
     ckpt = save_checkpoint(policy, parallel, out_dir / case["name"], step=spec["steps"], keep_last=1)
     return logits, {"checkpoint": str(ckpt), "losses": losses, **shapes(policy)}

@@ -36,7 +36,7 @@ def train_run(model_dir: str, run: dict, tokens: torch.Tensor, steps: int) -> di
     )  # fmt: skip
     share = tokens.chunk(ps.get_data_parallel_world_size())[ps.get_data_parallel_rank()]
     micro_batches = micro_batches_from_sequences(share, run["micro_batch_size"])
-    curve = [lm_train_step(policy.chunks, optimizer, scheduler, micro_batches) for _ in range(steps)]
+    curve = [lm_train_step(policy.chunks, optimizer, scheduler, micro_batches, vocab_size=policy.arch.vocab_size) for _ in range(steps)]
     return {
         "num_micro_batches": len(micro_batches),
         "data_parallel_size": ps.get_data_parallel_world_size(),
@@ -46,7 +46,7 @@ def train_run(model_dir: str, run: dict, tokens: torch.Tensor, steps: int) -> di
         "grad_norm": [m["grad_norm"] for m in curve],
         "lr": [m["lr"] for m in curve],
         "skipped": [m["skipped"] for m in curve],
-        "final_loss": evaluate_loss(policy.chunks, micro_batches),
+        "final_loss": evaluate_loss(policy.chunks, micro_batches, vocab_size=policy.arch.vocab_size),
     }
 
 
