@@ -9,13 +9,15 @@ from __future__ import annotations
 import torch
 
 
-def causal_mask(seq_len: int) -> torch.Tensor:
-    """Megatron's boolean attention mask ``[1, 1, S, S]``: True where attention is *not* allowed.
+def causal_mask(seq_len: int, device: torch.device) -> torch.Tensor | None:
+    """The attention mask to pass Megatron for causal attention.
 
-    Passed explicitly with the local (non-TE) spec: Megatron's default causal mask is created on the
-    CUDA device, and an explicit mask keeps CPU and GPU runs identical.
+    None on GPU, where the causal attention kernels need no mask; on CPU an explicit boolean
+    ``[1, 1, S, S]`` (True = masked), because Megatron's default causal mask is built on CUDA.
     """
-    return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool), diagonal=1)[None, None]
+    if device.type == "cuda":
+        return None
+    return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)[None, None]
 
 
 def gather_vocab_parallel(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -44,7 +46,7 @@ def forward_logits(chunks: list[torch.nn.Module], input_ids: torch.Tensor, *, vo
     device = next(chunks[0].parameters()).device
     input_ids = input_ids.to(device)
     positions = torch.arange(seq_len, device=device).expand(batch, seq_len)
-    mask = causal_mask(seq_len).to(device)
+    mask = causal_mask(seq_len, device)
 
     def forward_step(data_iterator, model):
         del data_iterator  # a single micro-batch, captured above

@@ -71,7 +71,7 @@ def lm_forward_step(data_iterator, model, *, vocab_size: int):
     device = next(model.parameters()).device
     input_ids = batch.input_ids.to(device)
     positions = torch.arange(input_ids.shape[1], device=device).expand_as(input_ids)
-    output = model(input_ids, positions, causal_mask(input_ids.shape[1]).to(device))
+    output = model(input_ids, positions, causal_mask(input_ids.shape[1], device))
     if get_attr_wrapped_model(model, "post_process"):  # logits [B, S, V/tp]; else hidden states for the next stage
         output = vocab_masked_cross_entropy(output, batch.labels.to(device), vocab_size)
     return output, partial(_loss_func, batch.loss_mask)
