@@ -6,6 +6,9 @@ Subcommands (each has its own ``--help``):
   lcr convert hf-to-megatron --hf DIR --out DIR --tp N --pp N
   lcr convert megatron-to-hf --ckpt DIR --out DIR
   lcr config CONFIG [key=value ...]            print the resolved config (or every key with --keys)
+  lcr data longblocks --out FILE --num N [--seed S --short-tokens A --long-tokens B --tokenizer DIR --families ...]
+  lcr data contexts --source FILE --format musique|hotpotqa|2wiki|longbench|lcr --out FILE [...]
+  lcr data stats FILE [FILE ...]
 
 Errors in the input (config keys, model directories, checkpoints, layouts) end the command with one
 line on stderr naming the file or key, and exit status 1.
@@ -111,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     m2h.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard, GiB (default 5)")
     m2h.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     m2h.set_defaults(func=_megatron_to_hf)
+
+    from megatron_lcr.data.commands import add_parser as add_data_parser
+
+    add_data_parser(sub)
     return parser
 
 
