@@ -29,7 +29,7 @@ def longblocks(args: argparse.Namespace) -> None:
         num_samples=args.num, seed=args.seed, short_tokens=args.short_tokens, long_tokens=args.long_tokens,
         **({"families": tuple(args.families)} if args.families else {}),
     )
-    samples = generate(cfg, _counter(args.tokenizer))
+    samples = generate(cfg, _counter(args.tokenizer), progress=True)
     write_samples(args.out, samples)
     print(f"wrote {len(samples)} samples to {args.out}", file=sys.stderr)
 
@@ -58,7 +58,7 @@ def contexts(args: argparse.Namespace) -> None:
     records = load_qa(args.source, args.format)
     pool = distractor_pool(records, read_documents(args.distractors) if args.distractors else ())
     cfg = ContextConfig(short_tokens=args.short_tokens, long_tokens=args.long_tokens, seed=args.seed)
-    samples = build_samples(records, pool, _counter(args.tokenizer), cfg)
+    samples = build_samples(records, pool, _counter(args.tokenizer), cfg, progress=True)
     write_samples(args.out, samples)
     print(f"wrote {len(samples)} samples to {args.out}", file=sys.stderr)
 

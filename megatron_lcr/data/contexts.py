@@ -134,10 +134,14 @@ def distractor_pool(records: Iterable[QARecord], extra: Iterable[Document] = ())
 
 
 def build_samples(
-    records: Sequence[QARecord], pool: Sequence[Document], count_tokens: Callable[[str], int], cfg: ContextConfig
+    records: Sequence[QARecord], pool: Sequence[Document], count_tokens: Callable[[str], int], cfg: ContextConfig,
+    *, progress: bool = False,
 ) -> list[Sample]:
     """One sample per record; see the module docstring. ``pool`` is usually :func:`distractor_pool`."""
+    from tqdm import tqdm
+
     tokens = _TokenCache(count_tokens)
+    records = tqdm(records, desc="contexts", unit="sample", disable=not progress, mininterval=1.0)
     return [_eval_only_sample(record, tokens) if record.eval_only else _sample(record, pool, tokens, cfg)
             for record in records]
 

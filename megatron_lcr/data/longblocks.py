@@ -580,7 +580,7 @@ def _sample(cfg: LongBlocksConfig, index: int, lengths: _Lengths) -> Sample:
     )
 
 
-def generate(cfg: LongBlocksConfig, count_tokens: Callable[[str], int]) -> list[Sample]:
+def generate(cfg: LongBlocksConfig, count_tokens: Callable[[str], int], *, progress: bool = False) -> list[Sample]:
     """``cfg.num_samples`` LongBlocks samples; budgets are in ``count_tokens`` units (of the rendered context).
 
     Deterministic: the same ``cfg`` gives the same samples; sample ``i`` uses only the random
@@ -589,8 +589,11 @@ def generate(cfg: LongBlocksConfig, count_tokens: Callable[[str], int]) -> list[
     contexts), ``short_tokens`` / ``long_tokens`` (rendered lengths), ``seed``, ``index``; grounding
     also ``near_duplicates`` and ``near_duplicate_positions_short`` / ``_long``.
     """
+    from tqdm import tqdm
+
     lengths = _Lengths(count_tokens)
-    return [_sample(cfg, index, lengths) for index in range(cfg.num_samples)]
+    indices = tqdm(range(cfg.num_samples), desc="longblocks", unit="sample", disable=not progress, mininterval=1.0)
+    return [_sample(cfg, index, lengths) for index in indices]
 
 
 # --------------------------------------------------------------------------- rule-based solver
