@@ -7,13 +7,12 @@ one-line :class:`~megatron_lcr.data.schema.DataError` naming the file and line.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from megatron_lcr.data.schema import DataError, Document, Sample, read_samples, render_context, write_samples
+from megatron_lcr.data.schema import DataError, Document, Sample, iter_jsonl, read_samples, render_context, write_samples
 
 
 def _counter(tokenizer_dir: str | None) -> Callable[[str], int]:
@@ -37,17 +36,10 @@ def longblocks(args: argparse.Namespace) -> None:
 def read_documents(path: str) -> list[Document]:
     """A distractor file: JSONL of ``{"title": ..., "text": ...}`` objects."""
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("title"), str) or not isinstance(record.get("text"), str):
-                raise DataError(f"{path}:{lineno}: expected an object with string fields 'title' and 'text'")
-            docs.append(Document(title=record["title"], text=record["text"]))
+    for lineno, record in iter_jsonl(path):
+        if not isinstance(record, dict) or not isinstance(record.get("title"), str) or not isinstance(record.get("text"), str):
+            raise DataError(f"{path}:{lineno}: expected an object with string fields 'title' and 'text'")
+        docs.append(Document(title=record["title"], text=record["text"]))
     return docs
 
 

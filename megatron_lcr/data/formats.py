@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from megatron_lcr.data.schema import DataError, Document, read_samples
+from megatron_lcr.data.schema import DataError, Document, iter_jsonl, read_samples
 
 logger = logging.getLogger(__name__)
 
@@ -101,13 +101,7 @@ def _raw_records(path: str) -> Iterator[tuple[int, int | None, Any]]:
             yield from _json_array_records(path, head + f.read(), first)
             return
         f.seek(0)
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
+        for lineno, record in iter_jsonl(path, f):
             yield lineno, None, record
 
 

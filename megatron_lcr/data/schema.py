@@ -10,7 +10,9 @@ datasets read by ``formats.py``.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -109,23 +111,31 @@ def render_context(documents: list[Document]) -> str:
     return "\n\n".join(f"Document [{i}] {doc.title}\n{doc.text}" for i, doc in enumerate(documents, start=1))
 
 
-def read_samples(path: str) -> list[Sample]:
-    """Read a megatron_lcr JSONL file; every error names ``path:line``."""
-    samples, seen = [], {}
-    with open(path, encoding="utf-8") as f:
+def iter_jsonl(path: str, file=None) -> Iterator[tuple[int, Any]]:
+    """``(line number, decoded object)`` for each non-blank line; bad JSON names ``path:line``.
+
+    ``file``: an already open text file to read instead of opening ``path``.
+    """
+    with contextlib.nullcontext(file) if file is not None else open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
-                record = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
-            sample = Sample.from_record(record, where=where)
-            if sample.id in seen:
-                raise DataError(f"{where}: duplicate id '{sample.id}' (first at line {seen[sample.id]})")
-            seen[sample.id] = lineno
-            samples.append(sample)
+                raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
+
+
+def read_samples(path: str) -> list[Sample]:
+    """Read a megatron_lcr JSONL file; every error names ``path:line``."""
+    samples, seen = [], {}
+    for lineno, record in iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        sample = Sample.from_record(record, where=where)
+        if sample.id in seen:
+            raise DataError(f"{where}: duplicate id '{sample.id}' (first at line {seen[sample.id]})")
+        seen[sample.id] = lineno
+        samples.append(sample)
     if not samples:
         raise DataError(f"{path}: no samples")
     return samples
