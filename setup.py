@@ -35,6 +35,7 @@ setup(
         "tqdm",
         "psutil",
         "numpy",
+        "aiohttp",
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout"],
