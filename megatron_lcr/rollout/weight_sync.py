@@ -20,14 +20,24 @@ Trainer side of the sync (engines implement the SGLang endpoints it calls):
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import datetime
+import socket
+import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 
+from megatron_lcr.atomic import atomic_dir
 from megatron_lcr.models.builder import use_transformer_engine
+from megatron_lcr.models.hf_checkpoint import ShardedSafetensorsWriter, finalize_shards
 from megatron_lcr.models.transfer import export_chunk_to_hf, maps_for_rank
+from megatron_lcr.rollout.checksum import tensor_checksum
 
 
 @dataclass(kw_only=True)
@@ -114,3 +124,163 @@ def buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
         size += nbytes
     if bucket:
         yield bucket
+
+
+# ---- transport (source rank) ------------------------------------------------------------------
+
+
+class EventLoopThread:
+    """An asyncio loop in a daemon thread, so the (synchronous) trainer can drive the async client
+    while its own thread runs the broadcasts the engines are waiting for."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="lcr-weight-sync", daemon=True)
+        self._thread.start()
+
+    def submit(self, coro) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro, timeout: float | None = None):
+        return self.submit(coro).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """SGLang's dtype spelling in update requests (``bfloat16``, not ``torch.bfloat16``)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def create_update_group(master_address: str, master_port: int, world_size: int, timeout_s: float):
+    """Rank 0 of the trainer+engines group: hosts the TCP store, returns a gloo or NCCL process group.
+
+    A standalone group object, not the default group: the trainer's Megatron world stays untouched.
+    """
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = torch.distributed.TCPStore(master_address, master_port, world_size, is_master=True,
+                                       timeout=timeout, wait_for_workers=False)
+    if torch.cuda.is_available():
+        return store, torch.distributed.ProcessGroupNCCL(store, 0, world_size)
+    return store, torch.distributed.ProcessGroupGloo(store, 0, world_size, timeout)
+
+
+def broadcast_from_source(group, tensor: torch.Tensor) -> None:
+    opts = torch.distributed.BroadcastOptions()
+    opts.rootRank = 0
+    group.broadcast([tensor.contiguous()], opts).wait()
+
+
+class WeightSyncer:
+    """Drives weight updates of a set of engines (an ``SGLangClient``) from the trainer.
+
+    Construct it on every rank; only global rank 0 talks to engines (pass ``client`` there; the
+    syncer owns it from then on and closes it). ``connect()`` once, then ``sync(policy, version)``
+    after every optimizer step (every rank calls it), ``close()`` at the end. Client calls made
+    outside the syncer must go through ``syncer.run(coro)``: the client lives on the syncer's loop.
+    """
+
+    def __init__(self, cfg: WeightSyncConfig, client=None, *, master_address: str = "127.0.0.1",
+                 master_port: int = 0, timeout_s: float = 600.0) -> None:
+        self.cfg = cfg
+        self.client = client
+        self.master_address = master_address
+        self.master_port = master_port
+        self.timeout_s = timeout_s
+        self.is_source = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        self._loop = EventLoopThread() if self.is_source else None
+        self._group = None
+        self._store = None
+
+    def connect(self) -> None:
+        """Form the trainer+engines process group (mode 'distributed'); a no-op for 'disk'."""
+        if not self.is_source or self.cfg.mode != "distributed":
+            return
+        if not self.master_port:
+            with socket.socket() as s:
+                s.bind((self.master_address, 0))
+                self.master_port = s.getsockname()[1]
+        world = 1 + len(self.client.urls)
+        joined = self._loop.submit(self.client.init_weights_update_group(
+            master_address=self.master_address, master_port=self.master_port, world_size=world,
+            group_name=self.cfg.group_name, backend="nccl" if torch.cuda.is_available() else "gloo",
+        ))
+        self._store, self._group = create_update_group(self.master_address, self.master_port, world, self.timeout_s)
+        joined.result(self.timeout_s)
+
+    def sync(self, policy, version: str) -> dict:
+        """Push every weight of ``policy`` to the engines as ``version``; returns timing and byte counts."""
+        started = time.perf_counter()
+        tensors = hf_tensors_on_source(policy)
+        if not self.is_source:
+            for _ in tensors:  # drives this rank's part of the gather
+                pass
+            return {}
+        self._loop.run(self.client.pause(), self.timeout_s)
+        sent, checksums = 0, {}
+        try:
+            if self.cfg.mode == "distributed":
+                for bucket in buckets(tensors, self.cfg.bucket_bytes):
+                    sent += self._push_bucket(bucket, version)
+                    if self.cfg.checksum:
+                        checksums.update((name, tensor_checksum(t)) for name, t in bucket)
+            else:
+                sent, checksums = self._push_disk(tensors, version)
+            self._loop.run(self.client.flush_cache(), self.timeout_s)
+        finally:
+            self._loop.run(self.client.resume(), self.timeout_s)
+        stats = {"bytes": sent, "seconds": time.perf_counter() - started, "weight_version": version}
+        if self.cfg.checksum:
+            stats["checksum_mismatches"] = self._compare_checksums(checksums, version)
+        return stats
+
+    def run(self, coro):
+        """Run a coroutine (e.g. a client call) on the syncer's event loop; source rank only."""
+        return self._loop.run(coro, self.timeout_s)
+
+    def _push_bucket(self, bucket: list[tuple[str, torch.Tensor]], version: str) -> int:
+        done = self._loop.submit(self.client.update_weights_from_distributed(
+            names=[n for n, _ in bucket], dtypes=[dtype_name(t.dtype) for _, t in bucket],
+            shapes=[list(t.shape) for _, t in bucket], group_name=self.cfg.group_name,
+            weight_version=version, flush_cache=False,
+        ))
+        for _, tensor in bucket:
+            broadcast_from_source(self._group, tensor)
+        done.result(self.timeout_s)
+        return sum(t.numel() * t.element_size() for _, t in bucket)
+
+    def _push_disk(self, tensors, version: str) -> tuple[int, dict]:
+        out = Path(self.cfg.disk_dir) / f"weights-{version}"
+        sent, checksums = 0, {}
+        with atomic_dir(out, overwrite=True) as tmp:
+            writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=self.cfg.bucket_bytes)
+            for name, tensor in tensors:
+                writer.add(name, tensor)
+                sent += tensor.numel() * tensor.element_size()
+                if self.cfg.checksum:
+                    checksums[name] = tensor_checksum(tensor)
+            writer.close()
+            finalize_shards(tmp, [writer.part])
+        self._loop.run(self.client.update_weights_from_disk(str(out), weight_version=version), self.timeout_s)
+        return sent, checksums
+
+    def _compare_checksums(self, expected: dict[str, str], version: str) -> int:
+        """Number of (engine, tensor) pairs whose checksum differs from the trainer's (0 = exact)."""
+        answers = self._loop.run(self.client.weights_checksums(), self.timeout_s)
+        mismatches = 0
+        for url, answer in answers.items():
+            if answer.get("weight_version") != version:
+                raise RuntimeError(f"{url} reports weight_version {answer.get('weight_version')!r}, expected {version!r}")
+            got = answer.get("checksums", {})
+            mismatches += sum(got.get(name) != digest for name, digest in expected.items())
+        return mismatches
+
+    def close(self) -> None:
+        """Leave the update group and close the client (its HTTP session lives on this syncer's loop)."""
+        if self._loop is not None:
+            if self._group is not None:
+                self._loop.run(self.client.destroy_weights_update_group(self.cfg.group_name), self.timeout_s)
+            self._loop.run(self.client.close(), self.timeout_s)
+            self._loop.close()
