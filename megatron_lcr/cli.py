@@ -9,6 +9,7 @@ Subcommands (each has its own ``--help``):
   lcr data longblocks --out FILE --num N [--seed S --short-tokens A --long-tokens B --tokenizer DIR --families ...]
   lcr data contexts --source FILE --format musique|hotpotqa|2wiki|longbench|lcr --out FILE [...]
   lcr data stats FILE [FILE ...]
+  lcr serve --model DIR --port P [--host H --api-key KEY ...]   CPU rollout server speaking SGLang's HTTP API
 
 Errors in the input (config keys, model directories, checkpoints, layouts) end the command with one
 line on stderr naming the file or key, and exit status 1.
@@ -71,6 +72,13 @@ def _megatron_to_hf(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from megatron_lcr.rollout.reference_server import ServeConfig, serve
+
+    serve(ServeConfig(model=args.model, port=args.port, host=args.host, api_key=args.api_key,
+                      dtype=args.dtype, seed=args.seed, max_batch=args.max_batch))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lcr", description="megatron_lcr: long-context reasoning post-training on Megatron-Core."
@@ -114,6 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
     m2h.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard, GiB (default 5)")
     m2h.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     m2h.set_defaults(func=_megatron_to_hf)
+
+    serve = sub.add_parser("serve", help="serve a HF model over SGLang's HTTP API on CPU (rollouts, weight sync)",
+                           description="A CPU reference rollout server speaking SGLang's native HTTP API "
+                                       "(/generate, weight updates, pause/abort). Prints 'lcr serve: ready on URL' "
+                                       "to stderr when listening; stops on SIGINT/SIGTERM.")
+    serve.add_argument("--model", required=True, help="Hugging Face model directory (config.json, safetensors, tokenizer)")
+    serve.add_argument("--port", type=int, required=True, help="TCP port (0: the OS picks one; see the ready line)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: loopback only)")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every endpoint but /health*")
+    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                       help="parameter dtype (default float32)")
+    serve.add_argument("--seed", type=int, default=0, help="seeds requests without sampling_seed, with their rid (default 0)")
+    serve.add_argument("--max-batch", type=int, default=64, help="most sequences decoded together (default 64)")
+    serve.set_defaults(func=_serve)
 
     from megatron_lcr.data.commands import add_parser as add_data_parser
 

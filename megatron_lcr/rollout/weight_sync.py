@@ -211,14 +211,22 @@ class WeightSyncer:
         joined.result(self.timeout_s)
 
     def sync(self, policy, version: str) -> dict:
-        """Push every weight of ``policy`` to the engines as ``version``; returns timing and byte counts."""
-        started = time.perf_counter()
+        """Push every weight of ``policy`` to the engines as ``version`` (every rank calls this)."""
         tensors = hf_tensors_on_source(policy)
         if not self.is_source:
             for _ in tensors:  # drives this rank's part of the gather
                 pass
             return {}
-        self._loop.run(self.client.pause(), self.timeout_s)
+        return self.sync_tensors(tensors, version)
+
+    def sync_tensors(self, tensors: Iterable[tuple[str, torch.Tensor]], version: str) -> dict:
+        """Push ``(hf_name, tensor)`` pairs to the engines as ``version`` (source rank only).
+
+        Returns ``{"bytes", "seconds", "weight_version"}`` and, with checksums on,
+        ``"checksum_mismatches"`` (0 means every engine holds exactly these tensors).
+        """
+        started = time.perf_counter()
+        self.run(self.client.pause())
         sent, checksums = 0, {}
         try:
             if self.cfg.mode == "distributed":
@@ -228,9 +236,9 @@ class WeightSyncer:
                         checksums.update((name, tensor_checksum(t)) for name, t in bucket)
             else:
                 sent, checksums = self._push_disk(tensors, version)
-            self._loop.run(self.client.flush_cache(), self.timeout_s)
+            self.run(self.client.flush_cache())
         finally:
-            self._loop.run(self.client.resume(), self.timeout_s)
+            self.run(self.client.resume())
         stats = {"bytes": sent, "seconds": time.perf_counter() - started, "weight_version": version}
         if self.cfg.checksum:
             stats["checksum_mismatches"] = self._compare_checksums(checksums, version)
