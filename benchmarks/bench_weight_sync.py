@@ -152,7 +152,7 @@ def main() -> None:
     Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# Weight sync on {result['machine']['device']}, {result['machine']['platform']}",
              f"python {result['machine']['python']}, torch {result['machine']['torch']}, {result['machine']['date']}",
-             "", "| model | params | MB | servers | sync s (median) | sync GB/s | raw gloo GB/s | sync / raw |",
+             "", "| model | params | MB | servers | sync s (median) | sync GB/s | raw gloo GB/s | sync speed / raw speed |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(f"| {r['size']} | {r['parameters']:,} | {r['bytes'] / 2**20:.0f} | {r['servers']} | "
