@@ -30,12 +30,8 @@ sys.path.insert(0, str(REPO))
 
 from megatron_lcr.rollout.client import ClientConfig, SGLangClient  # noqa: E402
 from megatron_lcr.rollout.sglang import SGLangLaunchConfig, launch_servers, stop_servers  # noqa: E402
-from megatron_lcr.rollout.weight_sync import (  # noqa: E402
-    WeightSyncConfig,
-    WeightSyncer,
-    broadcast_from_source,
-    create_update_group,
-)
+from megatron_lcr.rollout.update_group import broadcast_from_source, join_update_group  # noqa: E402
+from megatron_lcr.rollout.weight_sync import WeightSyncConfig, WeightSyncer  # noqa: E402
 
 SIZES = {
     # name: (hidden, intermediate, layers, heads, kv_heads, vocab, dtype)
@@ -69,7 +65,8 @@ def raw_broadcast_seconds(sizes: list[int], receivers: int, port: int) -> float:
     procs = [ctx.Process(target=_receiver, args=(port, i + 1, receivers + 1, sizes)) for i in range(receivers)]
     for p in procs:
         p.start()
-    _, group = create_update_group("127.0.0.1", port, receivers + 1, 600)
+    group = join_update_group(backend="gloo", master_address="127.0.0.1", master_port=port,
+                              world_size=receivers + 1, rank=0, group_name="raw", timeout_s=600)
     buffers = [torch.empty(n, dtype=torch.uint8) for n in sizes]
     broadcast_from_source(group, torch.empty(1, dtype=torch.uint8))  # warm-up: every receiver connected
     started = time.perf_counter()
@@ -82,14 +79,11 @@ def raw_broadcast_seconds(sizes: list[int], receivers: int, port: int) -> float:
 
 
 def _receiver(port: int, rank: int, world: int, sizes: list[int]) -> None:
-    store = torch.distributed.TCPStore("127.0.0.1", port, world, is_master=False,
-                                       timeout=datetime.timedelta(seconds=600))
-    group = torch.distributed.ProcessGroupGloo(store, rank, world, datetime.timedelta(seconds=600))
-    opts = torch.distributed.BroadcastOptions()
-    opts.rootRank = 0
-    group.broadcast([torch.empty(1, dtype=torch.uint8)], opts).wait()
+    group = join_update_group(backend="gloo", master_address="127.0.0.1", master_port=port, world_size=world,
+                              rank=rank, group_name="raw", timeout_s=600)
+    broadcast_from_source(group, torch.empty(1, dtype=torch.uint8))
     for buffer in [torch.empty(n, dtype=torch.uint8) for n in sizes]:
-        group.broadcast([buffer], opts).wait()
+        broadcast_from_source(group, buffer)
 
 
 def free_port() -> int:

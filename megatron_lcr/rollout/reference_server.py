@@ -17,10 +17,9 @@ with attention masks and position ids, prefilled once and decoded step by step w
 finish reason), ``in_place`` and ``retract`` (both freeze running requests between steps); new requests
 wait until ``/continue_generation``. Weight updates wait for running batches, unless paused.
 
-Weight-update group protocol (what a trainer must do; TP 1, one rank per server): the trainer is rank 0
-and hosts ``torch.distributed.TCPStore(master_address, master_port, world_size, is_master=True)``; this
-server joins with ``TCPStore(..., is_master=False)`` and ``ProcessGroupGloo(store, rank_offset,
-world_size)`` used directly (no default process group, no prefix store). For each name of an
+Weight-update group protocol (TP 1, one rank per server): the trainer is rank 0 and hosts the store;
+everyone joins through ``update_group.join_update_group`` (SGLang's tcp:// rendezvous + PrefixStore
++ torch's group factory, so a trainer that works with this server works with SGLang). For each name of an
 ``/update_weights_from_distributed`` call, in order, the trainer broadcasts one tensor of the announced
 shape and dtype from rank 0 (``pg.broadcast([t], opts)`` with ``opts.rootRank = 0``). The server
 receives everything, validates names and shapes, and only then copies (all or nothing).
@@ -70,7 +69,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DEFAULT_GROUP = "weight_update_group"
 MEMORY_TAGS = ("weights", "kv_cache")
 # Rendezvous and collective timeouts of a weight-update group.
-_STORE_TIMEOUT = datetime.timedelta(seconds=300)
 _COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=1800)
 _HEALTH_TIMEOUT_S = 20.0
 _FLUSH_MESSAGE = (
@@ -278,27 +276,20 @@ def read_safetensors_dir(model_path: str) -> list[tuple[str, torch.Tensor]]:
 class _UpdateGroup:
     """This server's membership (one rank) of a trainer's gloo weight-update group."""
 
-    def __init__(self, master_address: str, master_port: int, rank: int, world_size: int) -> None:
-        import torch.distributed as dist
+    def __init__(self, master_address: str, master_port: int, rank: int, world_size: int, group_name: str) -> None:
+        from megatron_lcr.rollout.update_group import join_update_group
 
-        self.store = dist.TCPStore(master_address, master_port, world_size, is_master=False,
-                                   timeout=_STORE_TIMEOUT)
-        self.pg = dist.ProcessGroupGloo(self.store, rank, world_size, _COLLECTIVE_TIMEOUT)
+        self.pg = join_update_group(backend="gloo", master_address=master_address, master_port=master_port,
+                                    world_size=world_size, rank=rank, group_name=group_name,
+                                    timeout_s=_COLLECTIVE_TIMEOUT.total_seconds())
         self.lock = threading.Lock()
 
     def receive(self, shapes: list[list[int]], dtypes: list[torch.dtype]) -> list[torch.Tensor]:
         """One broadcast from rank 0 per tensor, in order."""
-        import torch.distributed as dist
+        from megatron_lcr.rollout.update_group import broadcast_from_source
 
-        opts = dist.BroadcastOptions()
-        opts.rootRank = 0
-        tensors = []
         with self.lock:
-            for shape, dtype in zip(shapes, dtypes):
-                tensor = torch.empty(shape, dtype=dtype)
-                self.pg.broadcast([tensor], opts).wait()
-                tensors.append(tensor)
-        return tensors
+            return [broadcast_from_source(self.pg, torch.empty(shape, dtype=dtype)) for shape, dtype in zip(shapes, dtypes)]
 
 
 def _in_daemon_thread(fn: Callable, *args: Any) -> asyncio.Future:
@@ -670,7 +661,7 @@ class ReferenceServer:
 
     async def _join_group(self, name: str, address: str, port: int, rank: int, world_size: int) -> web.Response:
         try:
-            self._groups[name] = await _in_daemon_thread(_UpdateGroup, address, port, rank, world_size)
+            self._groups[name] = await _in_daemon_thread(_UpdateGroup, address, port, rank, world_size, name)
         except Exception as err:  # noqa: BLE001 - any rendezvous failure is reported to the caller
             return _outcome(False, f"Failed to init group {name!r} at {address}:{port}: {err}")
         return _outcome(True, "Succeeded to initialize custom process group.")

@@ -10,7 +10,7 @@ Trainer side of the sync (engines implement the SGLang endpoints it calls):
    request and one round of broadcasts per bucket instead of per tensor).
 3. Transport, by ``mode``:
    ``distributed``  a process group of the source (rank 0, hosting the store) and every engine rank
-                    (``/init_weights_update_group``); per bucket the source POSTs
+                    (``/init_weights_update_group``, formed as SGLang does: ``update_group.py``); per bucket the source POSTs
                     ``/update_weights_from_distributed`` and broadcasts each tensor in order
                     (gloo on CPU, NCCL on GPU);
    ``disk``         safetensors shards in a directory, then ``/update_weights_from_disk`` on each engine.
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import datetime
 import socket
 import threading
 import time
@@ -38,6 +37,7 @@ from megatron_lcr.models.builder import use_transformer_engine
 from megatron_lcr.models.hf_checkpoint import ShardedSafetensorsWriter, finalize_shards
 from megatron_lcr.models.transfer import export_chunk_to_hf, maps_for_rank
 from megatron_lcr.rollout.checksum import tensor_checksum
+from megatron_lcr.rollout.update_group import broadcast_from_source, join_update_group
 
 
 @dataclass(kw_only=True)
@@ -54,8 +54,12 @@ class WeightSyncConfig:
     """Name of the trainer+engines process group."""
     disk_dir: str = ""
     """Directory for mode 'disk' (must be visible to every engine)."""
+    engine_tp_size: int = 1
+    """Tensor-parallel ranks per engine: each joins the update group (SGLang --tp-size)."""
 
     def __post_init__(self) -> None:
+        if self.engine_tp_size < 1:
+            raise ValueError(f"engine_tp_size must be >= 1, got {self.engine_tp_size}")
         if self.bucket_bytes < 1:
             raise ValueError(f"bucket_bytes must be >= 1, got {self.bucket_bytes}")
         if self.mode == "disk" and not self.disk_dir:
@@ -154,25 +158,6 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def create_update_group(master_address: str, master_port: int, world_size: int, timeout_s: float):
-    """Rank 0 of the trainer+engines group: hosts the TCP store, returns a gloo or NCCL process group.
-
-    A standalone group object, not the default group: the trainer's Megatron world stays untouched.
-    """
-    timeout = datetime.timedelta(seconds=timeout_s)
-    store = torch.distributed.TCPStore(master_address, master_port, world_size, is_master=True,
-                                       timeout=timeout, wait_for_workers=False)
-    if torch.cuda.is_available():
-        return store, torch.distributed.ProcessGroupNCCL(store, 0, world_size)
-    return store, torch.distributed.ProcessGroupGloo(store, 0, world_size, timeout)
-
-
-def broadcast_from_source(group, tensor: torch.Tensor) -> None:
-    opts = torch.distributed.BroadcastOptions()
-    opts.rootRank = 0
-    group.broadcast([tensor.contiguous()], opts).wait()
-
-
 class WeightSyncer:
     """Drives weight updates of a set of engines (an ``SGLangClient``) from the trainer.
 
@@ -192,7 +177,6 @@ class WeightSyncer:
         self.is_source = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
         self._loop = EventLoopThread() if self.is_source else None
         self._group = None
-        self._store = None
 
     def connect(self) -> None:
         """Form the trainer+engines process group (mode 'distributed'); a no-op for 'disk'."""
@@ -202,12 +186,17 @@ class WeightSyncer:
             with socket.socket() as s:
                 s.bind((self.master_address, 0))
                 self.master_port = s.getsockname()[1]
-        world = 1 + len(self.client.urls)
+        world = 1 + len(self.client.urls) * self.cfg.engine_tp_size
         joined = self._loop.submit(self.client.init_weights_update_group(
             master_address=self.master_address, master_port=self.master_port, world_size=world,
             group_name=self.cfg.group_name, backend="nccl" if torch.cuda.is_available() else "gloo",
+            ranks_per_engine=self.cfg.engine_tp_size,
         ))
-        self._store, self._group = create_update_group(self.master_address, self.master_port, world, self.timeout_s)
+        self._group = join_update_group(
+            backend="nccl" if torch.cuda.is_available() else "gloo", master_address=self.master_address,
+            master_port=self.master_port, world_size=world, rank=0, group_name=self.cfg.group_name,
+            timeout_s=self.timeout_s,
+        )
         joined.result(self.timeout_s)
 
     def sync(self, policy, version: str) -> dict:
@@ -255,7 +244,7 @@ class WeightSyncer:
             weight_version=version, flush_cache=False,
         ))
         for _, tensor in bucket:
-            broadcast_from_source(self._group, tensor)
+            broadcast_from_source(self._group, tensor.contiguous())
         done.result(self.timeout_s)
         return sum(t.numel() * t.element_size() for _, t in bucket)
 

@@ -6,7 +6,6 @@ the weights restore the original checkpoint before they end.
 
 from __future__ import annotations
 
-import datetime
 import json
 import socket
 import subprocess
@@ -453,30 +452,27 @@ def _free_port() -> int:
 
 def _trainer_update(server: Server, pg, named: dict[str, torch.Tensor], version: str) -> tuple[int, dict]:
     """POST the update in a thread while this process (rank 0) broadcasts each tensor in order."""
-    import torch.distributed as dist
+    from megatron_lcr.rollout.update_group import broadcast_from_source
 
     body = {"names": list(named), "dtypes": [str(t.dtype).removeprefix("torch.") for t in named.values()],
             "shapes": [list(t.shape) for t in named.values()], "group_name": "g", "weight_version": version}
     with ThreadPoolExecutor(1) as pool:
         reply = pool.submit(server.call, "/update_weights_from_distributed", body)
-        opts = dist.BroadcastOptions()
-        opts.rootRank = 0
         for tensor in named.values():
-            pg.broadcast([tensor.clone()], opts).wait()
+            broadcast_from_source(pg, tensor.clone())
         return reply.result(timeout=60)
 
 
 def test_update_weights_from_distributed(server, hf, model_dir):
-    import torch.distributed as dist
+    from megatron_lcr.rollout.update_group import join_update_group
 
     port = _free_port()
-    store = dist.TCPStore("127.0.0.1", port, 2, is_master=True, timeout=datetime.timedelta(seconds=60),
-                          wait_for_workers=False)
     body = {"master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2,
             "group_name": "g", "backend": "gloo"}
     with ThreadPoolExecutor(1) as pool:
         joined = pool.submit(server.ok, "/init_weights_update_group", body)
-        pg = dist.ProcessGroupGloo(store, 0, 2, datetime.timedelta(seconds=60))
+        pg = join_update_group(backend="gloo", master_address="127.0.0.1", master_port=port, world_size=2, rank=0,
+                               group_name="g", timeout_s=60)
         assert joined.result(timeout=60)["success"]
     original = _file_checksums(model_dir)
     score = {"input_ids": PROMPTS[0], "sampling_params": {"max_new_tokens": 0}, "return_logprob": True,
