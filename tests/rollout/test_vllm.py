@@ -134,7 +134,7 @@ def test_engine_kwargs_name_an_importable_worker_extension():
 def _member_receives(port: int, queue) -> None:
     got = torch.zeros(3, 4)
     _UpdateGroupMember(master_address="127.0.0.1", master_port=port, rank=1, world_size=2, backend="gloo",
-                       group_name="g").receive(got)
+                       group_name=f"vllm-test-{port}").receive(got)
     queue.put(got.tolist())
 
 
@@ -148,8 +148,9 @@ def test_worker_group_member_joins_the_trainers_update_group():
     member = ctx.Process(target=_member_receives, args=(port, queue))
     member.start()
     sent = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    # Group names are process-wide in torch; other tests in this process may have used "g".
     group = join_update_group(backend="gloo", master_address="127.0.0.1", master_port=port, world_size=2, rank=0,
-                              group_name="g", timeout_s=60)
+                              group_name=f"vllm-test-{port}", timeout_s=60)
     broadcast_from_source(group, sent)
     got = torch.tensor(queue.get(timeout=60))
     member.join(60)
