@@ -28,6 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from megatron_lcr.parallel.env import free_port  # noqa: E402
 from megatron_lcr.rollout.client import ClientConfig, SGLangClient  # noqa: E402
 from megatron_lcr.rollout.sglang import SGLangLaunchConfig, launch_servers, stop_servers  # noqa: E402
 from megatron_lcr.rollout.update_group import broadcast_from_source, join_update_group  # noqa: E402
@@ -84,14 +85,6 @@ def _receiver(port: int, rank: int, world: int, sizes: list[int]) -> None:
     broadcast_from_source(group, torch.empty(1, dtype=torch.uint8))
     for buffer in [torch.empty(n, dtype=torch.uint8) for n in sizes]:
         broadcast_from_source(group, buffer)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def bench_size(size: str, servers: int, repeats: int, bucket_bytes: int, root: Path) -> dict:

@@ -18,6 +18,7 @@ line on stderr naming the file or key, and exit status 1.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 
@@ -38,8 +39,6 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _is_rank_zero() -> bool:
-    import os
-
     return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
 
 
@@ -166,8 +165,6 @@ def main(argv: list[str] | None = None) -> int:
         print("lcr: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - the CLI's one place that turns errors into exit codes
-        import os
-
         if os.environ.get("LCR_TRACEBACK"):
             traceback.print_exc()
         print(f"lcr: error: {_one_line(err)}", file=sys.stderr)

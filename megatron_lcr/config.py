@@ -25,13 +25,14 @@ import inspect
 import os
 import pathlib
 import re
-import tempfile
 import textwrap
 import types
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
+
+from megatron_lcr.atomic import atomic_write_text
 
 __all__ = [
     "ConfigError",
@@ -532,37 +533,12 @@ def _dump_yaml(data: Any) -> str:
 def save_resolved(cfg: Any, path: str | os.PathLike) -> None:
     """Atomically write ``to_dict(cfg)`` as YAML to ``path``, creating parent directories.
 
-    The file is written to a temp file in the same directory, fsynced, then renamed over
-    ``path``, so readers (and a crash) see either the old file or the complete new one.
+    Written through :func:`megatron_lcr.atomic.atomic_write_text` (temp file, fsync, rename), so
+    readers (and a crash) see either the old file or the complete new one.
     Guarantees ``load_config(type(cfg), path) == cfg``.
     """
-    target = pathlib.Path(path)
     text = _dump_yaml(to_dict(cfg))  # serialise first: a bad value must not touch disk
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)  # reopen in text mode below; keeps the cleanup path to a single unlink
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; resolved configs are meant to be shared
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(target.parent)
-
-
-def _fsync_dir(directory: pathlib.Path) -> None:
-    # Persist the rename itself; best effort because some filesystems refuse dir fsync.
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    atomic_write_text(path, text)
 
 
 # --------------------------------------------------------------------------- help

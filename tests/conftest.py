@@ -1,9 +1,10 @@
 """Shared pytest hooks: skip GPU tests on CPU machines; hand out free loopback ports."""
 
-import socket
 
 import pytest
 import torch
+
+from megatron_lcr.parallel.env import free_port as env_free_port
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -17,7 +18,5 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it; we release it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    return env_free_port()

@@ -18,7 +18,6 @@ Both write into a temporary directory that is renamed into place only when compl
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -31,20 +30,20 @@ from megatron_lcr.models.hf_checkpoint import (
     HFCheckpointError,
     SafetensorsReader,
     ShardedSafetensorsWriter,
-    copy_tokenizer_files,
+    copy_hf_metadata,
     finalize_shards,
     load_hf_config,
 )
 from megatron_lcr.models.megatron_checkpoint import (
-    FORMAT_VERSION,
     HF_DIR,
-    MODEL_DIR,
     CheckpointMeta,
+    checkpoint_meta,
     read_meta,
     save_model,
     write_meta,
 )
 from megatron_lcr.models.weight_map import hf_names
+from megatron_lcr.parallel.env import free_port
 from megatron_lcr.parallel.layout import ParallelConfig, validate_layout
 
 
@@ -61,12 +60,6 @@ def _set_worker_env(rank: int, world_size: int, port: int) -> None:
     """torchrun-style variables for a conversion worker on this machine."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- Hugging Face -> Megatron ------------------------------------------------------------------
@@ -87,25 +80,15 @@ def hf_to_megatron(
     if missing:
         raise HFCheckpointError(f"{hf_dir}: tensor '{missing[0]}' is missing ({len(missing)} missing in all)")
     model_cfg = ModelConfig(params_dtype=_hf_dtype(hf_config, dtype), transformer_impl="local")
-    meta = CheckpointMeta(
-        format_version=FORMAT_VERSION,
-        architecture=arch.architecture,
-        vocab_size=arch.vocab_size,
-        padded_vocab_size=resolved_vocab_size(arch, model_cfg, parallel),
-        params_dtype=model_cfg.params_dtype,
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-    )
+    meta = checkpoint_meta(arch, model_cfg, parallel)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         torch.multiprocessing.start_processes(
             _hf_to_megatron_worker,
-            args=(tp * pp, _free_port(), str(hf_dir), str(tmp), arch, model_cfg, parallel),
+            args=(tp * pp, free_port(), str(hf_dir), str(tmp), arch, model_cfg, parallel),
             nprocs=tp * pp,
             start_method="spawn",
         )
-        (tmp / HF_DIR).mkdir()
-        (tmp / HF_DIR / "config.json").write_bytes((hf_dir / "config.json").read_bytes())
-        copy_tokenizer_files(hf_dir, tmp / HF_DIR)
+        copy_hf_metadata(hf_dir, tmp / HF_DIR)
         write_meta(tmp, meta)
     return meta
 
@@ -165,13 +148,12 @@ def megatron_to_hf(
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         torch.multiprocessing.start_processes(
             _megatron_to_hf_worker,
-            args=(tp * pp, _free_port(), str(ckpt_dir), str(tmp), arch, model_cfg, parallel, max_shard_bytes),
+            args=(tp * pp, free_port(), str(ckpt_dir), str(tmp), arch, model_cfg, parallel, max_shard_bytes),
             nprocs=tp * pp,
             start_method="spawn",
         )
         finalize_shards(tmp, [str(stage) for stage in range(pp)])
-        (tmp / "config.json").write_bytes((ckpt_dir / HF_DIR / "config.json").read_bytes())
-        copy_tokenizer_files(ckpt_dir / HF_DIR, tmp)
+        copy_hf_metadata(ckpt_dir / HF_DIR, tmp)
     return meta
 
 

@@ -167,9 +167,12 @@ def finalize_shards(out_dir: str | os.PathLike, parts: list[str]) -> None:
     (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
-    """Copy whichever tokenizer/generation files exist in ``src`` to ``dst``; returns their names."""
-    copied = []
+def copy_hf_metadata(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copy ``config.json`` (required) and whichever tokenizer/generation files exist from ``src`` to
+    ``dst`` (created if needed); returns the names copied. Everything but the weights."""
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(Path(src) / "config.json", Path(dst) / "config.json")
+    copied = ["config.json"]
     for name in TOKENIZER_FILES:
         if (Path(src) / name).is_file():
             shutil.copy2(Path(src) / name, Path(dst) / name)

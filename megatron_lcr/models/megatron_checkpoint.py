@@ -55,6 +55,22 @@ class CheckpointMeta:
     """Optimizer steps taken when it was saved (0 for converted checkpoints)."""
 
 
+def checkpoint_meta(arch, model_cfg, parallel, *, iteration: int = 0) -> CheckpointMeta:
+    """The metadata of a checkpoint of ``arch`` built with ``model_cfg`` at the ``parallel`` layout."""
+    from megatron_lcr.models.builder import resolved_vocab_size
+
+    return CheckpointMeta(
+        format_version=FORMAT_VERSION,
+        architecture=arch.architecture,
+        vocab_size=arch.vocab_size,
+        padded_vocab_size=resolved_vocab_size(arch, model_cfg, parallel),
+        params_dtype=model_cfg.params_dtype,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        iteration=iteration,
+    )
+
+
 def write_meta(ckpt_dir: str | os.PathLike, meta: CheckpointMeta) -> None:
     (Path(ckpt_dir) / META_NAME).write_text(json.dumps(asdict(meta), indent=2) + "\n")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal, Mapping
@@ -65,6 +66,13 @@ class DistEnv:
             raise ValueError(f"master_port {self.master_port} is not a TCP port (1..65535)")
         if self.launcher not in ("torchrun", "slurm", "single"):
             raise ValueError(f"launcher {self.launcher!r} is not one of torchrun, slurm, single")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that was free a moment ago (the OS picks it; we release it)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def read_dist_env(environ: Mapping[str, str]) -> DistEnv:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -36,6 +35,7 @@ from megatron_lcr.atomic import atomic_dir
 from megatron_lcr.models.builder import use_transformer_engine
 from megatron_lcr.models.hf_checkpoint import ShardedSafetensorsWriter, finalize_shards
 from megatron_lcr.models.transfer import export_chunk_to_hf, maps_for_rank
+from megatron_lcr.parallel.env import free_port
 from megatron_lcr.rollout.checksum import tensor_checksum
 from megatron_lcr.rollout.update_group import broadcast_from_source, join_update_group
 
@@ -182,10 +182,7 @@ class WeightSyncer:
         """Form the trainer+engines process group (mode 'distributed'); a no-op for 'disk'."""
         if not self.is_source or self.cfg.mode != "distributed":
             return
-        if not self.master_port:
-            with socket.socket() as s:
-                s.bind((self.master_address, 0))
-                self.master_port = s.getsockname()[1]
+        self.master_port = self.master_port or free_port(self.master_address)
         world = 1 + len(self.client.urls) * self.cfg.engine_tp_size
         joined = self._loop.submit(self.client.init_weights_update_group(
             master_address=self.master_address, master_port=self.master_port, world_size=world,
@@ -260,12 +257,12 @@ class WeightSyncer:
                     checksums[name] = tensor_checksum(tensor)
             writer.close()
             finalize_shards(tmp, [writer.part])
-        self._loop.run(self.client.update_weights_from_disk(str(out), weight_version=version), self.timeout_s)
+        self.run(self.client.update_weights_from_disk(str(out), weight_version=version))
         return sent, checksums
 
     def _compare_checksums(self, expected: dict[str, str], version: str) -> int:
         """Number of (engine, tensor) pairs whose checksum differs from the trainer's (0 = exact)."""
-        answers = self._loop.run(self.client.weights_checksums(), self.timeout_s)
+        answers = self.run(self.client.weights_checksums())
         mismatches = 0
         for url, answer in answers.items():
             if answer.get("weight_version") != version:
@@ -278,6 +275,6 @@ class WeightSyncer:
         """Leave the update group and close the client (its HTTP session lives on this syncer's loop)."""
         if self._loop is not None:
             if self._group is not None:
-                self._loop.run(self.client.destroy_weights_update_group(self.cfg.group_name), self.timeout_s)
-            self._loop.run(self.client.close(), self.timeout_s)
+                self.run(self.client.destroy_weights_update_group(self.cfg.group_name))
+            self.run(self.client.close())
             self._loop.close()

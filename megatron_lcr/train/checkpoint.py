@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from megatron_lcr.models.hf_checkpoint import copy_tokenizer_files
-from megatron_lcr.models.megatron_checkpoint import FORMAT_VERSION, HF_DIR, CheckpointMeta, save_model, write_meta
+from megatron_lcr.models.hf_checkpoint import copy_hf_metadata
+from megatron_lcr.models.megatron_checkpoint import HF_DIR, checkpoint_meta, save_model, write_meta
 from megatron_lcr.parallel.layout import ParallelConfig
 
 
@@ -37,19 +37,8 @@ def save_checkpoint(policy, parallel: ParallelConfig, out_dir: str | os.PathLike
     save_model([chunk.module for chunk in policy.chunks], tmp)
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
-        (tmp / HF_DIR).mkdir()
-        shutil.copy2(policy.hf_config_dir / "config.json", tmp / HF_DIR / "config.json")
-        copy_tokenizer_files(policy.hf_config_dir, tmp / HF_DIR)
-        write_meta(tmp, CheckpointMeta(
-            format_version=FORMAT_VERSION,
-            architecture=policy.arch.architecture,
-            vocab_size=policy.arch.vocab_size,
-            padded_vocab_size=policy.model_cfg.padded_vocab_size,
-            params_dtype=policy.model_cfg.params_dtype,
-            tensor_model_parallel_size=parallel.tensor_model_parallel_size,
-            pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
-            iteration=step,
-        ))
+        copy_hf_metadata(policy.hf_config_dir, tmp / HF_DIR)
+        write_meta(tmp, checkpoint_meta(policy.arch, policy.model_cfg, parallel, iteration=step))
         os.chmod(tmp, 0o755)
         if final.exists():
             shutil.rmtree(final)

@@ -11,7 +11,6 @@ import json
 import math
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,13 +24,7 @@ from megatron_lcr.models.megatron_checkpoint import HF_DIR
 from megatron_lcr.parallel.state import destroy_megatron, initialize_megatron
 from megatron_lcr.train.checkpoint import save_checkpoint
 from megatron_lcr.train.config import LMRunConfig
-from megatron_lcr.train.lm_step import (
-    MicroBatch,
-    lm_forward_step,
-    lm_train_step,
-    micro_batches_from_sequences,
-    reduce_lm_loss,
-)
+from megatron_lcr.train.lm_step import evaluate_loss, lm_train_step, micro_batches_from_sequences
 from megatron_lcr.train.model_setup import build_policy
 from megatron_lcr.train.optimizer import build_optimizer
 
@@ -42,22 +35,6 @@ def _rank_slice(tokens: torch.Tensor) -> torch.Tensor:
 
     dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     return tokens.chunk(dp)[rank]
-
-
-@torch.no_grad()
-def evaluate_loss(chunks, micro_batches: list[MicroBatch], *, vocab_size: int) -> float | None:
-    """Held-out token-mean loss (forward only, through the pipeline schedule); last stage only."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    for chunk in chunks:
-        chunk.eval()
-    iterator = iter(micro_batches) if len(chunks) == 1 else [iter(micro_batches) for _ in chunks]
-    reports = get_forward_backward_func()(
-        forward_step_func=partial(lm_forward_step, vocab_size=vocab_size), data_iterator=iterator, model=chunks,
-        num_microbatches=len(micro_batches), seq_length=micro_batches[0].input_ids.shape[1],
-        micro_batch_size=micro_batches[0].input_ids.shape[0], forward_only=True,
-    )
-    return reduce_lm_loss(reports)
 
 
 def _from_last_stage(value):

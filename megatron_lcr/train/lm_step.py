@@ -91,10 +91,33 @@ def reduce_lm_loss(reports: list[dict]) -> float | None:
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
+def _run_schedule(chunks, micro_batches: list[MicroBatch], *, vocab_size: int, forward_only: bool) -> list[dict]:
+    """Megatron's pipeline schedule over the micro-batches; the loss reports of the last stage."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    iterator = iter(micro_batches) if len(chunks) == 1 else [iter(micro_batches) for _ in chunks]
+    return get_forward_backward_func()(
+        forward_step_func=partial(lm_forward_step, vocab_size=vocab_size),
+        data_iterator=iterator,
+        model=chunks,
+        num_microbatches=len(micro_batches),
+        seq_length=micro_batches[0].input_ids.shape[1],
+        micro_batch_size=micro_batches[0].input_ids.shape[0],
+        forward_only=forward_only,
+    )
+
+
+@torch.no_grad()
+def evaluate_loss(chunks, micro_batches: list[MicroBatch], *, vocab_size: int) -> float | None:
+    """Held-out token-mean loss (forward only, through the pipeline schedule); last stage only."""
+    for chunk in chunks:
+        chunk.eval()
+    return reduce_lm_loss(_run_schedule(chunks, micro_batches, vocab_size=vocab_size, forward_only=True))
+
+
 def lm_train_step(chunks, optimizer, scheduler, micro_batches: list[MicroBatch], *, vocab_size: int) -> dict:
     """One optimizer step; returns ``{"loss", "grad_norm", "lr", "skipped"}`` (loss on the last stage)."""
     from megatron.core.distributed import finalize_model_grads
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     config = chunks[0].config
     # Megatron's schedule calls this after the last backward: DP gradient all-reduce (or
@@ -104,17 +127,7 @@ def lm_train_step(chunks, optimizer, scheduler, micro_batches: list[MicroBatch],
         chunk.train()
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    seq_len = micro_batches[0].input_ids.shape[1]
-    iterator = iter(micro_batches) if len(chunks) == 1 else [iter(micro_batches) for _ in chunks]
-    reports = get_forward_backward_func()(
-        forward_step_func=partial(lm_forward_step, vocab_size=vocab_size),
-        data_iterator=iterator,
-        model=chunks,
-        num_microbatches=len(micro_batches),
-        seq_length=seq_len,
-        micro_batch_size=micro_batches[0].input_ids.shape[0],
-        forward_only=False,
-    )
+    reports = _run_schedule(chunks, micro_batches, vocab_size=vocab_size, forward_only=False)
     updated, grad_norm, _ = optimizer.step()
     if updated:
         scheduler.step(increment=1)

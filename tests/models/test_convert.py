@@ -102,7 +102,7 @@ def test_unknown_architecture_is_rejected(tmp_path, llama_dir):
 
 def test_tp_that_does_not_divide_heads_is_rejected(tmp_path, llama_dir):
     proc = lcr("convert", "hf-to-megatron", "--hf", str(llama_dir), "--out", str(tmp_path / "out"), "--tp", "3")
-    assert_one_line_error(proc, "3", "8")  # tp 3 vs 8 attention heads
+    assert_one_line_error(proc, "num_attention_heads 8 is not divisible by tp(3)")
     assert not (tmp_path / "out").exists()
 
 

@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from megatron_lcr.parallel.env import free_port
 from megatron_lcr.rollout.checksum import tensor_checksum
 from tests.tiny_hf import make_tiny_hf
 
@@ -444,12 +445,6 @@ def test_update_weights_from_disk(server, model_dir, tmp_path):
         _restore(server, model_dir)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _trainer_update(server: Server, pg, named: dict[str, torch.Tensor], version: str) -> tuple[int, dict]:
     """POST the update in a thread while this process (rank 0) broadcasts each tensor in order."""
     from megatron_lcr.rollout.update_group import broadcast_from_source
@@ -466,7 +461,7 @@ def _trainer_update(server: Server, pg, named: dict[str, torch.Tensor], version:
 def test_update_weights_from_distributed(server, hf, model_dir):
     from megatron_lcr.rollout.update_group import join_update_group
 
-    port = _free_port()
+    port = free_port()
     body = {"master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2,
             "group_name": "g", "backend": "gloo"}
     with ThreadPoolExecutor(1) as pool:

@@ -7,6 +7,7 @@ import socket
 
 import pytest
 
+from megatron_lcr.parallel.env import free_port
 from megatron_lcr.rollout.sglang import (
     SGLangLaunchConfig,
     ServerStartError,
@@ -18,12 +19,6 @@ from megatron_lcr.rollout.sglang import (
     stop_servers,
 )
 from tests.tiny_hf import make_tiny_hf
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _port_listened(port: int) -> bool:
@@ -99,7 +94,7 @@ def test_launch_config_rejects(kwargs, message):
 def test_launch_fails_with_log_tail_on_port_taken_and_bad_model(model_dir, tmp_path):
     """(Restarting a handle is tested with the client: tests/rollout/test_client.py kills and restarts one.)"""
     # A healthy server on the port must not be mistaken for the one we start there.
-    port = _free_port()
+    port = free_port()
     cfg = dict(backend="reference", startup_timeout_s=120, ports=[port], env={"OMP_NUM_THREADS": "1"})
     (holder,) = launch_servers(SGLangLaunchConfig(model_path=str(model_dir), log_dir=str(tmp_path / "a"), **cfg))
     try:
@@ -115,5 +110,5 @@ def test_launch_fails_with_log_tail_on_port_taken_and_bad_model(model_dir, tmp_p
     assert not holder.alive() and not _port_listened(port)
     with pytest.raises(ServerStartError, match="does not exist") as err:
         launch_servers(SGLangLaunchConfig(model_path=str(tmp_path / "missing"), log_dir=str(tmp_path / "c"),
-                                          backend="reference", ports=[_free_port()]))
+                                          backend="reference", ports=[free_port()]))
     assert "\n" not in str(err.value)

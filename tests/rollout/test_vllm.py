@@ -10,13 +10,13 @@ group is checked against the trainer's side on gloo.
 from __future__ import annotations
 
 import importlib
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pytest
 import torch
 
+from megatron_lcr.parallel.env import free_port
 from megatron_lcr.rollout.engine import GenerateRequest, RolloutEngine, SamplingParams, expand_samples
 from megatron_lcr.rollout.vllm import (
     WORKER_EXTENSION,
@@ -70,12 +70,6 @@ class FlatPositions(Sequence):
 
     def __getitem__(self, i):
         return self._positions[i]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _spec(**sampling):
@@ -143,7 +137,7 @@ def test_worker_group_member_joins_the_trainers_update_group():
     # The vLLM worker side of a weight update against the trainer side, on gloo, in two processes
     # (as in production: a process holds one membership of a named group).
     ctx = torch.multiprocessing.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     queue = ctx.Queue()
     member = ctx.Process(target=_member_receives, args=(port, queue))
     member.start()

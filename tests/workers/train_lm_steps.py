@@ -22,7 +22,7 @@ def train_run(model_dir: str, run: dict, tokens: torch.Tensor, steps: int) -> di
 
     from megatron_lcr.models.builder import ModelConfig
     from megatron_lcr.parallel.layout import ParallelConfig
-    from megatron_lcr.train.lm_run import evaluate_loss
+    from megatron_lcr.train.lm_step import evaluate_loss
     from megatron_lcr.train.lm_step import lm_train_step, micro_batches_from_sequences
     from megatron_lcr.train.model_setup import build_policy
     from megatron_lcr.train.optimizer import OptimizerConfig, build_optimizer
