@@ -68,11 +68,25 @@ class DistEnv:
             raise ValueError(f"launcher {self.launcher!r} is not one of torchrun, slurm, single")
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct TCP ports on ``host`` that were free a moment ago.
+
+    All sockets are held open together so the OS hands out different ports; `base_port + k` is not
+    safe because a neighbouring port may already be taken.
+    """
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port on ``host`` that was free a moment ago (the OS picks it; we release it)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    return free_ports(1, host)[0]
 
 
 def read_dist_env(environ: Mapping[str, str]) -> DistEnv:

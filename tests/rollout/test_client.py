@@ -13,7 +13,6 @@ import json
 import math
 import os
 import signal
-import socket
 import time
 import urllib.request
 
@@ -31,20 +30,11 @@ from megatron_lcr.rollout.client import (
     parse_score_response,
 )
 from megatron_lcr.rollout.engine import GenerateRequest, RolloutEngine, SamplingParams, expand_samples
+from megatron_lcr.parallel.env import free_ports
 from megatron_lcr.rollout.sglang import SGLangLaunchConfig, launch_servers, restart_callback, stop_servers
 from tests.tiny_hf import hf_logits, make_tiny_hf
 
 API_KEY = "test-key"
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _post(url: str, path: str, body: dict, api_key: str | None = API_KEY) -> None:
@@ -58,7 +48,7 @@ def _post(url: str, path: str, body: dict, api_key: str | None = API_KEY) -> Non
 
 
 def _launch(model_dir, tmp_dir, n: int, **kw):
-    cfg = SGLangLaunchConfig(backend="reference", model_path=str(model_dir), num_servers=n, ports=_free_ports(n),
+    cfg = SGLangLaunchConfig(backend="reference", model_path=str(model_dir), num_servers=n, ports=free_ports(n),
                              log_dir=str(tmp_dir), startup_timeout_s=120,
                              env={"OMP_NUM_THREADS": "1"},  # two servers on a small CPU: no thread oversubscription
                              **kw)
@@ -142,7 +132,7 @@ def test_client_config_validation():
 
 def test_no_server_listening_fails_fast():
     async def run():
-        async with _client([f"http://127.0.0.1:{_free_ports(1)[0]}"], health_timeout_s=2) as client:
+        async with _client([f"http://127.0.0.1:{free_ports(1)[0]}"], health_timeout_s=2) as client:
             with pytest.raises(NoHealthyServerError):
                 await client.generate([GenerateRequest(input_ids=[5, 6])])
 

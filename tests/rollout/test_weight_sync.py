@@ -43,13 +43,14 @@ def test_config_validation():
 
 
 @pytest.fixture
-def two_reference_servers(tmp_path, free_port):
+def two_reference_servers(tmp_path):
     """Two real `lcr serve` processes holding a *different* model (seed 1) than the trainer's."""
+    from megatron_lcr.parallel.env import free_ports
     from megatron_lcr.rollout.sglang import SGLangLaunchConfig, launch_servers, stop_servers
 
     other = make_tiny_hf("llama", tmp_path / "other", seed=1)
     cfg = SGLangLaunchConfig(backend="reference", model_path=str(other), num_servers=2, dtype="float32",
-                             base_port=free_port, log_dir=str(tmp_path / "logs"), startup_timeout_s=120)
+                             ports=free_ports(2), log_dir=str(tmp_path / "logs"), startup_timeout_s=120)
     handles = launch_servers(cfg)
     yield [h.url for h in handles]
     stop_servers(handles)
