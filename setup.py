@@ -36,6 +36,8 @@ setup(
         "psutil",
         "numpy",
         "aiohttp",
+        "math-verify",
+        "tensorboard",
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout"],

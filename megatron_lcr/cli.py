@@ -2,10 +2,12 @@
 
 Subcommands (each has its own ``--help``):
 
-  lcr train CONFIG --out DIR [key=value ...]   train on Megatron (every rank runs this; use torchrun/srun for >1)
+  lcr train CONFIG --out DIR [key=value ...]   RL / DePO on Megatron with rollout servers (every rank runs this)
+  lcr sft CONFIG --out DIR [key=value ...]     supervised fine-tuning on chosen answers; exports hf/
+  lcr pretrain CONFIG --out DIR [...]          next-token training on synthetic sequences (stack smoke test)
   lcr convert hf-to-megatron --hf DIR --out DIR --tp N --pp N
   lcr convert megatron-to-hf --ckpt DIR --out DIR
-  lcr config CONFIG [key=value ...]            print the resolved config (or every key with --keys)
+  lcr config CONFIG [--kind K] [key=value ...] print the resolved config (or every key with --keys)
   lcr data longblocks --out FILE --num N [--seed S --short-tokens A --long-tokens B --tokenizer DIR --families ...]
   lcr data contexts --source FILE --format musique|hotpotqa|2wiki|longbench|lcr --out FILE [...]
   lcr data stats FILE [FILE ...]
@@ -25,15 +27,34 @@ import traceback
 from megatron_lcr import __version__
 
 
-def _train(args: argparse.Namespace) -> None:
+def _config_class(command: str):
+    """The run config of ``lcr train`` / ``sft`` / ``pretrain``."""
+    if command == "sft":
+        from megatron_lcr.train.sft import SFTRunConfig
+
+        return SFTRunConfig
+    if command == "pretrain":
+        from megatron_lcr.train.config import LMRunConfig
+
+        return LMRunConfig
+    from megatron_lcr.train.rl_config import RLRunConfig
+
+    return RLRunConfig
+
+
+def _run(args: argparse.Namespace) -> None:
     import json
 
     from megatron_lcr.config import load_config
-    from megatron_lcr.train.config import LMRunConfig
-    from megatron_lcr.train.lm_run import run_lm_training
 
-    cfg = load_config(LMRunConfig, args.config, args.overrides)
-    results = run_lm_training(cfg, args.out)
+    cfg = load_config(_config_class(args.command), args.config, args.overrides)
+    if args.command == "sft":
+        from megatron_lcr.train.sft import run_sft as run
+    elif args.command == "pretrain":
+        from megatron_lcr.train.lm_run import run_lm_training as run
+    else:
+        from megatron_lcr.train.rl_run import run_rl as run
+    results = run(cfg, args.out)
     if _is_rank_zero():
         print(json.dumps(results, indent=2))
 
@@ -46,12 +67,14 @@ def _config(args: argparse.Namespace) -> None:
     import yaml
 
     from megatron_lcr.config import config_help, load_config, to_dict
-    from megatron_lcr.train.config import LMRunConfig
 
+    cls = _config_class(args.kind)
     if args.keys:
-        print(config_help(LMRunConfig))
+        print(config_help(cls))
         return
-    cfg = load_config(LMRunConfig, args.config, args.overrides)
+    if not args.config:
+        raise ValueError("lcr config needs a CONFIG file (or --keys)")
+    cfg = load_config(cls, args.config, args.overrides)
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
 
 
@@ -85,18 +108,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"megatron_lcr {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = sub.add_parser("train", help="train a model from a YAML config",
-                           description="Train on Megatron-Core. Under torchrun or srun every rank runs this command.")
-    train.add_argument("config", help="YAML config (see examples/)")
-    train.add_argument("--out", required=True, help="output directory: config.yaml, metrics.jsonl, checkpoints/, results.json")
-    train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optimizer.lr=1e-6 parallel.tp=2")
-    train.set_defaults(func=_train)
+    runs = (
+        ("train", "RL (GRPO/DAPO/GSPO) with optional DePO / DePO-IW, rollouts from SGLang or lcr serve",
+         "examples/tiny/depo.yaml", "checkpoints/, metrics.jsonl, tensorboard/, results.json"),
+        ("sft", "supervised fine-tuning on chosen answers (SFT baseline; makes the tiny base model)",
+         "examples/tiny/sft_base.yaml", "checkpoints/, metrics.jsonl, hf/, results.json"),
+        ("pretrain", "next-token training on synthetic sequences (a smoke test of the Megatron stack)",
+         "examples/tiny/train_lm.yaml", "checkpoints/, metrics.jsonl, results.json"),
+    )
+    for name, summary, example, outputs in runs:
+        run = sub.add_parser(name, help=summary,
+                             description=f"{summary}. Under torchrun or srun every rank runs this command.")
+        run.add_argument("config", help=f"YAML config (e.g. {example})")
+        run.add_argument("--out", required=True, help=f"output directory: config.yaml, {outputs}")
+        run.add_argument("overrides", nargs="*", metavar="key=value",
+                         help="dotted overrides, e.g. optimizer.lr=1e-6 parallel.tp=2")
+        run.set_defaults(func=_run)
 
     config = sub.add_parser("config", help="print a resolved config, or every config key",
                             description="Resolve CONFIG with overrides and print it as YAML, or list every key with --keys.")
     config.add_argument("config", nargs="?", help="YAML config")
     config.add_argument("overrides", nargs="*", metavar="key=value")
     config.add_argument("--keys", action="store_true", help="list every key with its type, default and meaning")
+    config.add_argument("--kind", choices=("train", "sft", "pretrain"), default="train",
+                        help="which command's config (default: train)")
     config.set_defaults(func=_config)
 
     convert = sub.add_parser("convert", help="convert checkpoints between Hugging Face and Megatron",

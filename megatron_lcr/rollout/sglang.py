@@ -25,6 +25,7 @@ balances over the servers itself.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -38,6 +39,8 @@ from pathlib import Path
 from typing import Literal
 
 import psutil
+
+from megatron_lcr.parallel.env import free_ports
 
 ROUTER_POLICIES = ("random", "round_robin", "cache_aware", "power_of_two")
 SGLANG_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
@@ -56,7 +59,7 @@ class SGLangLaunchConfig:
     backend: Literal["sglang", "reference"] = "sglang"
     """'sglang': python -m sglang.launch_server on GPUs; 'reference': lcr serve on CPU."""
     model_path: str = ""
-    """Hugging Face model directory every server loads."""
+    """Hugging Face model directory every server loads; empty: the trainer fills in its policy's weights."""
     num_servers: int = 1
     """Independent servers (data-parallel engines)."""
     tp_size: int = 1
@@ -66,7 +69,7 @@ class SGLangLaunchConfig:
     ports: list[int] = field(default_factory=list)
     """One port per server; empty: base_port, base_port + 1, ..."""
     base_port: int = 30000
-    """First port when ports is empty."""
+    """First port when ports is empty; 0: ports the OS reports free (loopback runs, tests)."""
     gpu_ids: list[int] = field(default_factory=list)
     """GPUs, tp_size per server in order (numbered as this process sees them); empty: 0 .. servers * tp - 1."""
     mem_fraction_static: float | None = None
@@ -101,13 +104,11 @@ class SGLangLaunchConfig:
     def __post_init__(self) -> None:
         if self.backend not in ("sglang", "reference"):
             raise ValueError(f"backend must be 'sglang' or 'reference', got {self.backend!r}")
-        if not self.model_path:
-            raise ValueError("model_path must name a Hugging Face model directory")
         if self.num_servers < 1 or self.tp_size < 1:
             raise ValueError(f"num_servers ({self.num_servers}) and tp_size ({self.tp_size}) must be >= 1")
         if self.ports and len(self.ports) != self.num_servers:
             raise ValueError(f"ports lists {len(self.ports)} ports but num_servers is {self.num_servers}")
-        if len(set(self.server_ports())) != self.num_servers:
+        if self.ports and len(set(self.ports)) != self.num_servers:
             raise ValueError(f"ports must be distinct, got {self.server_ports()}")
         if self.gpu_ids and len(self.gpu_ids) != self.num_servers * self.tp_size:
             raise ValueError(f"gpu_ids lists {len(self.gpu_ids)} GPUs but num_servers ({self.num_servers}) "
@@ -364,6 +365,10 @@ def _start_and_wait(handles: Sequence[ServerHandle], timeout_s: float) -> None:
 
 def launch_servers(cfg: SGLangLaunchConfig) -> list[ServerHandle]:
     """Start ``cfg.num_servers`` servers and return once every one is ready."""
+    if not cfg.model_path:
+        raise ValueError("model_path must name a Hugging Face model directory")
+    if not cfg.ports and cfg.base_port == 0:
+        cfg = dataclasses.replace(cfg, ports=free_ports(cfg.num_servers))
     handles = _make_handles(cfg)
     _start_and_wait(handles, cfg.startup_timeout_s)
     return handles

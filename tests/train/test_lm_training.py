@@ -148,7 +148,7 @@ def test_lcr_train_end_to_end_and_export(tmp_path):
     from megatron_lcr.train.config import LMRunConfig
 
     out = tmp_path / "run"
-    proc = lcr("train", str(EXAMPLE), "--out", str(out), f"trainer.steps={E2E_STEPS}")
+    proc = lcr("pretrain", str(EXAMPLE), "--out", str(out), f"trainer.steps={E2E_STEPS}")
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     results = json.loads((out / "results.json").read_text())
@@ -179,7 +179,7 @@ def test_lcr_train_on_gpu_in_bf16(tmp_path):
     # Megatron on CUDA (NCCL, Transformer Engine layers where installed), bf16 weights with fp32
     # master weights in Megatron's optimizer: the same task must still be learned.
     out = tmp_path / "run"
-    proc = lcr("train", str(EXAMPLE), "--out", str(out), f"trainer.steps={E2E_STEPS}",
+    proc = lcr("pretrain", str(EXAMPLE), "--out", str(out), f"trainer.steps={E2E_STEPS}",
                "model.params_dtype=bfloat16", "model.transformer_impl=auto")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
@@ -191,7 +191,7 @@ def test_lcr_train_rejects_unknown_yaml_key(tmp_path):
     cfg["trainer"]["stepz"] = 10
     bad = tmp_path / "typo.yaml"
     bad.write_text(yaml.safe_dump(cfg))
-    proc = lcr("train", str(bad), "--out", str(tmp_path / "out"))
+    proc = lcr("pretrain", str(bad), "--out", str(tmp_path / "out"))
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     [line] = error_lines(proc.stderr)
@@ -201,7 +201,7 @@ def test_lcr_train_rejects_unknown_yaml_key(tmp_path):
 
 def test_lcr_train_rejects_tp_that_does_not_divide_heads(tmp_path):
     out = tmp_path / "out"
-    proc = lcr("train", str(EXAMPLE), "--out", str(out), "parallel.tp=3")
+    proc = lcr("pretrain", str(EXAMPLE), "--out", str(out), "parallel.tp=3")
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     [line] = error_lines(proc.stderr)
@@ -214,7 +214,7 @@ def test_lcr_train_rejects_model_dir_without_config(tmp_path):
     empty = tmp_path / "not_a_model"
     empty.mkdir()
     out = tmp_path / "out"
-    proc = lcr("train", str(EXAMPLE), "--out", str(out), f"model.hf_path={empty}")
+    proc = lcr("pretrain", str(EXAMPLE), "--out", str(out), f"model.hf_path={empty}")
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     [line] = error_lines(proc.stderr)

@@ -1,0 +1,143 @@
+"""Prompt + response sequences -> packed micro-batches under a token budget, and back.
+
+A micro-batch is one row ``[1, L]`` holding several whole sequences end to end (``data.packing``
+plans which, balanced over data-parallel ranks). Attention must not cross sequences: on CPU (and
+with Megatron's local layer spec) the row gets a block-diagonal causal mask; with Transformer Engine
+it gets THD ``PackedSeqParams`` (``cu_seqlens``), which FlashAttention-style kernels use instead of a
+mask. Position ids restart at 0 for every sequence, so a packed sequence sees exactly what it would
+alone.
+
+Only response tokens carry loss. For each sequence the trainer needs per-token values (log-probs,
+advantages, masks) laid out as padded rows ``[n, R]`` (n sequences, R = longest response), which is
+what ``rl.losses`` consumes: ``response_index [n, R]`` holds, for response token j of sequence k,
+the row position whose logits predict it (``start + len(prompt) + j - 1``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from megatron_lcr.data.packing import cu_seqlens, pack_sequences, packed_position_ids
+
+
+@dataclass
+class TokenSequence:
+    """One training sequence and the values its response tokens carry."""
+
+    prompt: list[int]
+    """Prompt token ids (never trained on)."""
+    response: list[int]
+    """Response token ids."""
+    token_values: dict[str, list[float]] = field(default_factory=dict)
+    """Per-response-token values (each of len(response)), e.g. ``old_logp``."""
+    values: dict[str, float] = field(default_factory=dict)
+    """Per-sequence values, e.g. ``advantage``, ``px`` (1.0 if in the policy loss)."""
+
+    def __len__(self) -> int:
+        return len(self.prompt) + len(self.response)
+
+
+@dataclass
+class PackedBatch:
+    """One packed micro-batch (row of sequences) and the padded per-response-token layout."""
+
+    input_ids: torch.Tensor
+    """``[1, L]`` int64 token ids (padding id after the last sequence)."""
+    position_ids: torch.Tensor
+    """``[1, L]`` int64, restarting at 0 for each sequence."""
+    labels: torch.Tensor
+    """``[1, L]`` int64 next token of each position (0 where nothing is predicted)."""
+    lengths: list[int]
+    """Segment lengths in the row, padding segment included (sums to L)."""
+    sequence_ids: list[int]
+    """Indices of the sequences (into the caller's list), in row order."""
+    response_index: torch.Tensor
+    """``[n, R]`` int64 row positions predicting each response token (0 where masked)."""
+    response_mask: torch.Tensor
+    """``[n, R]`` float32, 1 for real response tokens."""
+    token_values: dict[str, torch.Tensor]
+    """``name -> [n, R]`` float32 (0 where masked)."""
+    values: dict[str, torch.Tensor]
+    """``name -> [n]`` float32."""
+
+    def attention_inputs(self, device: torch.device, *, thd: bool):
+        """``(attention_mask, packed_seq_params)`` for Megatron's GPTModel.forward.
+
+        ``thd``: Transformer Engine attention with THD packing (no mask); else a boolean
+        ``[1, 1, L, L]`` mask, True where attention is masked (causal within each segment).
+        """
+        if thd:
+            from megatron.core.packed_seq_params import PackedSeqParams
+
+            offsets = cu_seqlens(self.lengths).to(device)
+            longest = max(self.lengths)
+            return None, PackedSeqParams(qkv_format="thd", cu_seqlens_q=offsets, cu_seqlens_kv=offsets,
+                                         max_seqlen_q=longest, max_seqlen_kv=longest)
+        segment = torch.repeat_interleave(torch.arange(len(self.lengths)), torch.tensor(self.lengths)).to(device)
+        total = segment.numel()
+        causal = torch.ones(total, total, dtype=torch.bool, device=device).tril()
+        allowed = causal & (segment[:, None] == segment[None, :])
+        return ~allowed[None, None], None
+
+    def gather(self, per_position: torch.Tensor) -> torch.Tensor:
+        """``[1, L]`` or ``[L]`` per-position values -> ``[n, R]`` per response token (0 where masked)."""
+        flat = per_position.reshape(-1)
+        return flat[self.response_index.to(flat.device)] * self.response_mask.to(flat.device, flat.dtype)
+
+
+def pack_micro_batch(sequences: Sequence[TokenSequence], ids: Sequence[int], *, pad_id: int,
+                     pad_to: int) -> PackedBatch:
+    """Pack ``sequences[i] for i in ids`` into one row of ``pad_to`` tokens (or just enough, if 0).
+
+    An empty ``ids`` gives a row of padding with no response tokens (a DP rank with nothing to do
+    still runs a micro-batch so that collectives match).
+    """
+    chosen = [sequences[i] for i in ids]
+    used = sum(len(s) for s in chosen)
+    total = max(pad_to, used, 1)
+    lengths = [len(s) for s in chosen] + ([total - used] if total > used else [])
+    tokens = [t for s in chosen for t in (*s.prompt, *s.response)] + [pad_id] * (total - used)
+    input_ids = torch.tensor(tokens, dtype=torch.int64)
+    labels = torch.zeros_like(input_ids)
+    longest = max((len(s.response) for s in chosen), default=1) or 1
+    index = torch.zeros(len(chosen), longest, dtype=torch.int64)
+    mask = torch.zeros(len(chosen), longest)
+    start = 0
+    for k, seq in enumerate(chosen):
+        first = start + len(seq.prompt) - 1  # the prompt's last token predicts response token 0
+        n = len(seq.response)
+        index[k, :n] = torch.arange(first, first + n)
+        mask[k, :n] = 1.0
+        labels[first:first + n] = torch.tensor(seq.response, dtype=torch.int64)
+        start += len(seq)
+    names = {name for s in chosen for name in s.token_values}
+    token_values = {name: _rows([s.token_values.get(name, []) for s in chosen], longest) for name in names}
+    scalar_names = {name for s in chosen for name in s.values}
+    values = {name: torch.tensor([s.values.get(name, 0.0) for s in chosen], dtype=torch.float32)
+              for name in scalar_names}
+    return PackedBatch(input_ids=input_ids[None], position_ids=packed_position_ids(lengths)[None],
+                       labels=labels[None], lengths=lengths, sequence_ids=list(ids), response_index=index,
+                       response_mask=mask, token_values=token_values, values=values)
+
+
+def _rows(lists: list[list[float]], width: int) -> torch.Tensor:
+    out = torch.zeros(len(lists), width)
+    for k, row in enumerate(lists):
+        out[k, :len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out
+
+
+def plan_micro_batches(sequences: Sequence[TokenSequence], *, token_budget: int, dp_size: int, dp_rank: int,
+                       pad_id: int, fixed_length: bool) -> list[PackedBatch]:
+    """This DP rank's packed micro-batches; every rank gets the same number.
+
+    ``fixed_length`` pads every row to ``token_budget`` (pipeline parallelism needs one activation
+    shape for all micro-batches); otherwise a row is as long as its sequences.
+    """
+    plan = pack_sequences([len(s) for s in sequences], token_budget=token_budget, num_ranks=dp_size,
+                          allow_empty=True)
+    pad_to = token_budget if fixed_length else 0
+    return [pack_micro_batch(sequences, ids, pad_id=pad_id, pad_to=pad_to) for ids in plan[dp_rank]]

@@ -1,0 +1,134 @@
+"""The configuration of ``lcr train``: RL (GRPO / DAPO / GSPO) with optional DePO, section by section."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from megatron_lcr.data.prompts import PromptConfig
+from megatron_lcr.data.tasks import TaskDataConfig
+from megatron_lcr.distill.depo import DePOConfig
+from megatron_lcr.kernels.config import KernelConfig
+from megatron_lcr.models.builder import ModelConfig
+from megatron_lcr.parallel.layout import ParallelConfig
+from megatron_lcr.rl.advantages import AdvantageConfig
+from megatron_lcr.rl.losses import PolicyLossConfig
+from megatron_lcr.rl.rewards import REWARDS
+from megatron_lcr.train.engines import RolloutConfig
+from megatron_lcr.train.evaluate import EvalConfig
+from megatron_lcr.train.optimizer import OptimizerConfig
+
+# The importance-ratio level each algorithm is defined with; its other settings (clip range,
+# dynamic sampling, aggregation) are explicit config values, see examples/ for each recipe.
+ALGORITHM_RATIO = {"grpo": "token", "dapo": "token", "gspo": "sequence"}
+
+
+@dataclass(kw_only=True)
+class RLConfig:
+    """The RL algorithm: what is sampled, how it is rewarded, and the policy loss."""
+
+    algorithm: Literal["grpo", "dapo", "gspo"] = "grpo"
+    """Base algorithm; sets the importance-ratio level (token for GRPO/DAPO, sequence for GSPO)."""
+    context: Literal["short", "long", "short_long"] = "short"
+    """Contexts the RL rollouts see: the paper's GRPO(Short), GRPO(Long) and GRPO(Short-Long)."""
+    group_size: int = 8
+    """Responses sampled per prompt (a GRPO group; >= 2)."""
+    reward: str = ""
+    """Reward function name (em, f1, sub_em, math, rougeL); empty: each sample's family default."""
+    temperature: float = 0.7
+    """Rollout sampling temperature (the trainer's log-probs use the same)."""
+    top_p: float = 1.0
+    """Rollout nucleus sampling (must be 1.0 for exact log-probs: the trainer does not truncate)."""
+    max_new_tokens: int = 1024
+    """Longest response (tokens)."""
+    loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    """Clipping, aggregation, KL and entropy terms (loss.ratio follows algorithm)."""
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    """Group advantages, dynamic sampling, overlong shaping."""
+
+    def __post_init__(self) -> None:
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 for group-relative advantages ({self.algorithm}), "
+                             f"got {self.group_size}")
+        if self.reward and self.reward not in REWARDS:
+            raise ValueError(f"unknown reward {self.reward!r}; valid rewards: {', '.join(REWARDS)}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for RL rollouts, got {self.temperature}")
+        if self.top_p != 1.0:
+            raise ValueError(f"top_p must be 1.0 (the trainer's log-probs are over the full vocabulary), got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        ratio = ALGORITHM_RATIO[self.algorithm]
+        if self.loss.ratio != ratio and self.loss.ratio != PolicyLossConfig().ratio:
+            raise ValueError(f"loss.ratio={self.loss.ratio!r} conflicts with algorithm={self.algorithm!r} ({ratio})")
+        self.loss.ratio = ratio
+
+
+@dataclass(kw_only=True)
+class RLTrainerConfig:
+    """The step loop."""
+
+    steps: int = 100
+    """Optimizer steps (one rollout batch each)."""
+    prompts_per_step: int = 64
+    """Prompts per rollout batch (each sampled group_size times)."""
+    token_budget: int = 8192
+    """Tokens per packed micro-batch (prompt + response; gradient accumulation over micro-batches)."""
+    seed: int = 1234
+    """Seed of initialisation, data order and rollout sampling."""
+    save_interval: int = 0
+    """Steps between checkpoints (model, optimizer, RNG, data cursor); 0: only at the end."""
+    keep_last: int = 2
+    """Checkpoints kept on disk."""
+    load: str | None = None
+    """megatron_lcr checkpoint to start the policy from instead of model.hf_path's weights."""
+    resume: bool = True
+    """Continue from the newest checkpoint under --out when there is one."""
+    max_bad_steps: int = 3
+    """Consecutive steps with a non-finite loss or gradient that are skipped before the run stops."""
+    tensorboard: bool = True
+    """Also write metrics as TensorBoard events under --out/tensorboard."""
+    check_rollout_logprobs: bool = True
+    """Report max |trainer log-prob - engine log-prob| every step (a sync/numerics check)."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "prompts_per_step", "token_budget", "keep_last", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.save_interval < 0:
+            raise ValueError(f"save_interval must be >= 0, got {self.save_interval}")
+
+
+@dataclass(kw_only=True)
+class RLRunConfig:
+    """``lcr train``: every section of an RL / DePO run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy network."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """TP/PP/CP/DP layout of the trainer."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """AdamW and the LR schedule (warmup, decay)."""
+    trainer: RLTrainerConfig = field(default_factory=RLTrainerConfig)
+    """The step loop."""
+    data: TaskDataConfig = field(default_factory=TaskDataConfig)
+    """Train and held-out samples."""
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    """Prompt template and answer extraction."""
+    rl: RLConfig = field(default_factory=RLConfig)
+    """The RL algorithm."""
+    depo: DePOConfig = field(default_factory=DePOConfig)
+    """DePO / DePO-IW: short-to-long self-distillation."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation (before, every eval.interval steps, after)."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Rollout servers and weight sync."""
+    kernels: KernelConfig = field(default_factory=KernelConfig)
+    """Log-prob / entropy / KL implementation."""
+
+    def __post_init__(self) -> None:
+        if not self.model.hf_path and not self.trainer.load:
+            raise ValueError("model.hf_path (a Hugging Face model directory) or trainer.load must be set")
+        if self.depo.enabled and self.rl.context != "short":
+            raise ValueError(f"depo.enabled needs rl.context='short' (DePO runs RL on the short context), "
+                             f"got rl.context={self.rl.context!r}")

@@ -1,0 +1,164 @@
+"""One RL optimizer step on Megatron: rollouts -> sequences -> old log-probs -> loss -> guarded update.
+
+Sequences of a step (``TokenSequence``, packed into micro-batches by token budget):
+
+* ``px``: prompt with the rollout's own context + response; the policy-gradient loss (L_PX).
+* ``aux`` (DePO): the long-context prompt + the same response; KD (rollouts with reward >= tau) or
+  DePO-IW (all rollouts). Its teacher / behaviour log-probs are the short sequence's old log-probs:
+  the policy at the start of the step on the short context, which is the sampling policy (the
+  trainer holds exactly the engines' weights) and, with one update per rollout batch as in the
+  paper, the current policy detached.
+
+Losses are normalised by global counts (``rl.losses.Normaliser``) and scaled by micro-batches x
+data-parallel size, undoing Megatron's division by the number of micro-batches and DDP's gradient
+averaging, so the update is that of the global-batch loss whatever the split (tested).
+
+A step whose loss or gradients are not finite on any rank is skipped on all ranks: gradients are
+dropped, the optimizer and LR schedule do not move, and the step is reported as skipped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from megatron_lcr.distill.depo import DePOConfig, DePOInputs, depo_loss
+from megatron_lcr.rl.losses import Normaliser, metric_reduction, policy_loss
+from megatron_lcr.train.micro_batches import PackedBatch, TokenSequence, plan_micro_batches
+from megatron_lcr.train.rl_config import RLRunConfig
+from megatron_lcr.train.rollouts import Rollout
+from megatron_lcr.train.token_logprobs import ScoringSpec, run_packed_schedule, score_sequences
+
+
+def build_sequences(rollouts: list[Rollout], depo: DePOConfig, long_prompt, *, mask_truncated: bool) -> list[TokenSequence]:
+    """The step's training sequences; ``long_prompt(sample) -> ids`` gives DePO's long-context prompt."""
+    sequences = []
+    for k, r in enumerate(rollouts):
+        if not r.response:
+            continue  # nothing to score (an engine that returned no token)
+        px = r.in_policy_loss and not (mask_truncated and r.finish_reason == "length")
+        aux = depo.enabled and (depo.importance != "none" or r.reward >= depo.tau)
+        if not (px or aux):
+            continue
+        common = {"advantage": r.advantage, "reward": r.reward, "rollout": float(k)}
+        sequences.append(TokenSequence(r.prompt, r.response, token_values={"engine_logp": r.engine_logp},
+                                       values={**common, "px": float(px), "aux": 0.0}))
+        if aux:
+            sequences.append(TokenSequence(long_prompt(r.sample), r.response, values={**common, "px": 0.0, "aux": 1.0}))
+    return sequences
+
+
+def _gather_scores(local: dict[int, dict[str, list[float]]]) -> dict[int, dict[str, list[float]]]:
+    """Merge per-rank score dicts (last pipeline stages hold them, one share per DP rank) on every rank."""
+    everyone = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, local)
+    merged: dict[int, dict[str, list[float]]] = {}
+    for part in everyone:
+        merged.update(part)
+    return merged
+
+
+def score(chunks, sequences: list[TokenSequence], ids: list[int], spec: ScoringSpec, *, token_budget: int,
+          fixed_length: bool) -> dict[int, dict[str, list[float]]]:
+    """Forward-only per-token log-probs of ``sequences[i] for i in ids`` on every rank: ``{i: {"logp": [...]}}``."""
+    from megatron.core import parallel_state as ps
+
+    subset = [sequences[i] for i in ids]
+    batches = plan_micro_batches(subset, token_budget=token_budget, dp_size=ps.get_data_parallel_world_size(),
+                                 dp_rank=ps.get_data_parallel_rank(), pad_id=0, fixed_length=fixed_length)
+    local = score_sequences(chunks, batches, spec) if batches else {}
+    keep = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_last_stage(ignore_virtual=True)
+    scores = _gather_scores(local if keep else {})
+    return {ids[j]: value for j, value in scores.items()}
+
+
+@dataclass(frozen=True)
+class StepNorms:
+    """Global normalisers of the step's two loss terms."""
+
+    px: Normaliser
+    aux: Normaliser
+    num_rollouts: int
+
+
+def step_norms(sequences: list[TokenSequence], max_response_len: int, num_rollouts: int) -> StepNorms:
+    def norm(role: str) -> Normaliser:
+        chosen = [s for s in sequences if s.values[role]]
+        return Normaliser(num_tokens=sum(len(s.response) for s in chosen), num_sequences=len(chosen),
+                          max_response_len=max_response_len)
+
+    return StepNorms(px=norm("px"), aux=norm("aux"), num_rollouts=num_rollouts)
+
+
+def make_loss_fn(cfg: RLRunConfig, norms: StepNorms, scale: float):
+    """The micro-batch loss: ``L_PX`` (+ ``lam * L_KD|IW``), times ``scale`` for Megatron's reductions."""
+
+    def loss_fn(logp: torch.Tensor, entropy: torch.Tensor | None, batch: PackedBatch):
+        device = logp.device
+        mask = batch.response_mask.to(device)
+        values = {k: v.to(device) for k, v in batch.values.items()}
+        tokens = {k: v.to(device) for k, v in batch.token_values.items()}
+        for name in ("old_logp", "teacher_logp"):  # absent when no sequence of this micro-batch has that role
+            tokens.setdefault(name, torch.zeros_like(mask))
+        px = policy_loss(logp, tokens["old_logp"], values["advantage"], mask * values["px"][:, None], cfg.rl.loss,
+                         norms.px, ref_logp=tokens.get("ref_logp"), entropy=entropy)
+        inputs = DePOInputs(long_logp=logp, mask=mask * values["aux"][:, None], rewards=values["reward"],
+                            short_logp=tokens["teacher_logp"], advantages=values["advantage"],
+                            num_rollouts=norms.num_rollouts)
+        loss, metrics = depo_loss(px, inputs, cfg.depo, norms.aux, aggregation=cfg.rl.loss.aggregation)
+        return loss * scale, metrics
+
+    return loss_fn
+
+
+def reduce_reports(reports: list[dict]) -> dict[str, float]:
+    """Micro-batch metrics -> step metrics (sum or max over micro-batches and DP ranks), on every rank."""
+    from megatron.core import parallel_state as ps
+
+    names = sorted({k for r in reports for k in r})
+    sums = [k for k in names if metric_reduction(k) == "sum"]
+    maxes = [k for k in names if metric_reduction(k) == "max"]
+    totals = torch.tensor([sum(float(r.get(k, 0.0)) for r in reports) for k in sums], dtype=torch.float64)
+    peaks = torch.tensor([max(float(r.get(k, -math.inf)) for r in reports) for k in maxes], dtype=torch.float64)
+    if ps.is_pipeline_last_stage(ignore_virtual=True):
+        group = ps.get_data_parallel_group()
+        torch.distributed.all_reduce(totals, group=group)
+        torch.distributed.all_reduce(peaks, op=torch.distributed.ReduceOp.MAX, group=group)
+    box = [dict(zip(sums + maxes, totals.tolist() + peaks.tolist()))]
+    torch.distributed.broadcast_object_list(box, src=torch.distributed.get_world_size() - 1)
+    return box[0]
+
+
+def _grads_finite(chunks) -> bool:
+    """True on every rank iff every gradient on every rank is finite."""
+    ok = all(bool(torch.isfinite(buffer.grad_data).all()) for chunk in chunks for buffer in chunk.buffers)
+    flag = torch.tensor([1.0 if ok else 0.0])
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def guarded_update(chunks, optimizer, scheduler, micro_batches: list[PackedBatch], spec: ScoringSpec, loss_fn) -> dict:
+    """Forward/backward over the micro-batches, then the optimizer step unless anything is non-finite."""
+    from megatron.core.distributed import finalize_model_grads
+
+    config = chunks[0].config
+    config.finalize_model_grads_func = finalize_model_grads
+    for chunk in chunks:
+        chunk.train()
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    reports = run_packed_schedule(chunks, micro_batches, spec, loss_fn, forward_only=False)
+    metrics = reduce_reports(reports)
+    if not (math.isfinite(metrics.get("loss", 0.0)) and _grads_finite(chunks)):
+        for chunk in chunks:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        return {**metrics, "skipped": 1.0, "grad_norm": float("nan"), "lr": optimizer.param_groups[0]["lr"]}
+    updated, grad_norm, _ = optimizer.step()
+    if updated:
+        scheduler.step(increment=1)
+    return {**metrics, "skipped": 0.0 if updated else 1.0,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "lr": optimizer.param_groups[0]["lr"]}

@@ -1,0 +1,178 @@
+"""``lcr sft``: supervised fine-tuning on chosen answers (the paper's SFT baseline; makes the tiny base model).
+
+Each sample becomes ``prompt(question, context) -> "Answer: <first gold answer>" + EOS``; the loss is
+next-token cross-entropy on the response tokens only (token mean over the global batch). The
+context is the short one by default: the tiny base model is trained on short contexts only, which
+is what gives it the long-context problem DePO fixes.
+
+Outputs under ``--out``: ``config.yaml``, ``metrics.jsonl``, ``checkpoints/iter_N``, ``hf/`` (the
+trained model as a Hugging Face directory: what rollout servers and ``lcr train`` load) and
+``results.json`` with held-out EM on the short and the long context (through a reference/SGLang
+server serving ``hf/``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from megatron_lcr.atomic import atomic_write_text
+from megatron_lcr.config import save_resolved
+from megatron_lcr.data.prompts import PromptConfig
+from megatron_lcr.data.schema import Sample
+from megatron_lcr.data.tasks import TaskDataConfig, data_order, load_task_samples
+from megatron_lcr.models.builder import ModelConfig
+from megatron_lcr.models.families import hf_arch, model_dims
+from megatron_lcr.models.hf_checkpoint import load_hf_config
+from megatron_lcr.models.megatron_checkpoint import HF_DIR
+from megatron_lcr.parallel.layout import ParallelConfig
+from megatron_lcr.parallel.state import destroy_megatron, initialize_megatron
+from megatron_lcr.train.checkpoint import save_checkpoint
+from megatron_lcr.train.engines import Engines, RolloutConfig
+from megatron_lcr.train.evaluate import EvalConfig
+from megatron_lcr.train.export import export_hf
+from megatron_lcr.train.lm_step import MicroBatch, lm_train_step
+from megatron_lcr.train.model_setup import build_policy
+from megatron_lcr.train.optimizer import OptimizerConfig, build_optimizer
+from megatron_lcr.train.task import TaskContext
+
+
+@dataclass(kw_only=True)
+class SFTTrainerConfig:
+    """The SFT step loop."""
+
+    steps: int = 1000
+    """Optimizer steps."""
+    global_batch_size: int = 32
+    """Samples per optimizer step, over all data-parallel ranks."""
+    micro_batch_size: int = 8
+    """Samples per forward/backward pass on one rank."""
+    context: Literal["short", "long"] = "short"
+    """Which context the prompts carry."""
+    seed: int = 1234
+    """Seed of initialisation and data order."""
+    save_interval: int = 0
+    """Steps between checkpoints; 0: only at the end."""
+    keep_last: int = 1
+    """Checkpoints kept on disk."""
+    load: str | None = None
+    """megatron_lcr checkpoint to start from instead of model.hf_path's weights."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.global_batch_size % self.micro_batch_size:
+            raise ValueError(f"steps ({self.steps}) must be >= 1 and global_batch_size ({self.global_batch_size}) "
+                             f"a multiple of micro_batch_size ({self.micro_batch_size})")
+
+
+@dataclass(kw_only=True)
+class SFTRunConfig:
+    """``lcr sft``: every section of the run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The network."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """TP/PP/CP/DP layout."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """AdamW and the LR schedule."""
+    trainer: SFTTrainerConfig = field(default_factory=SFTTrainerConfig)
+    """The step loop."""
+    data: TaskDataConfig = field(default_factory=TaskDataConfig)
+    """Train and held-out samples."""
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    """Prompt template and answer extraction."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation after training."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Servers that generate the held-out answers (they load the exported model)."""
+
+    def __post_init__(self) -> None:
+        if not self.model.hf_path and not self.trainer.load:
+            raise ValueError("model.hf_path (a Hugging Face model directory) or trainer.load must be set")
+
+
+def sft_pairs(samples: list[Sample], task: TaskContext, context: str) -> list[tuple[list[int], list[int]]]:
+    """``(prompt ids, response ids)`` per sample: the response is ``"<answer_prefix> <answer>"`` + EOS."""
+    return list(zip(task.prompts(samples, context), (task.response_ids(s.answers[0]) for s in samples)))
+
+
+def padded_micro_batches(pairs: list[tuple[list[int], list[int]]], micro_batch_size: int, pad_id: int) -> list[MicroBatch]:
+    """Right-padded ``[mbs, S]`` micro-batches (S: the longest sequence of the step) with loss on responses."""
+    width = max(len(p) + len(r) for p, r in pairs) - 1
+    out = []
+    for start in range(0, len(pairs), micro_batch_size):
+        chunk = pairs[start:start + micro_batch_size]
+        inputs = torch.full((len(chunk), width), pad_id, dtype=torch.int64)
+        labels = torch.zeros_like(inputs)
+        mask = torch.zeros(len(chunk), width)
+        for k, (prompt, response) in enumerate(chunk):
+            seq = torch.tensor(prompt + response)
+            inputs[k, :len(seq) - 1] = seq[:-1]
+            labels[k, :len(seq) - 1] = seq[1:]
+            mask[k, len(prompt) - 1:len(seq) - 1] = 1.0
+        out.append(MicroBatch(inputs, labels, mask))
+    return out
+
+
+def run_sft(cfg: SFTRunConfig, out_dir: str | Path) -> dict:
+    """Train per ``cfg``; every rank runs this. Returns the results (also in ``out_dir/results.json``)."""
+    from megatron.core import parallel_state as ps
+    from tqdm import tqdm
+
+    started = time.time()
+    out_dir = Path(out_dir)
+    trainer = cfg.trainer
+    config_dir = Path(trainer.load) / HF_DIR if trainer.load else Path(cfg.model.hf_path)
+    task = TaskContext.create(cfg.data, cfg.prompt, config_dir)
+    train = load_task_samples(cfg.data, "train", task.count_tokens)
+    held_out = load_task_samples(cfg.data, "eval", task.count_tokens)
+    pairs = sft_pairs(train, task, trainer.context)
+    dp = initialize_megatron(cfg.parallel, seed=trainer.seed, dims=model_dims(hf_arch(load_hf_config(config_dir))))
+    if trainer.global_batch_size % (dp * trainer.micro_batch_size):
+        raise ValueError(f"global_batch_size ({trainer.global_batch_size}) must be divisible by data-parallel size "
+                         f"({dp}) x micro_batch_size ({trainer.micro_batch_size})")
+    is_main = torch.distributed.get_rank() == 0
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved(cfg, out_dir / "config.yaml")
+    policy = build_policy(cfg.model, cfg.parallel, load=trainer.load)
+    optimizer, scheduler = build_optimizer(cfg.optimizer, policy.chunks, params_dtype=policy.chunks[0].config.params_dtype,
+                                           use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+                                           total_steps=trainer.steps)
+    metrics_file = (out_dir / "metrics.jsonl").open("w") if is_main else None
+    bar = tqdm(range(1, trainer.steps + 1), desc="sft", disable=not is_main, file=sys.stderr, mininterval=2.0)
+    for step in bar:
+        chosen = [pairs[i] for i in data_order(len(pairs), trainer.seed, step, trainer.global_batch_size)]
+        mine = chosen[ps.get_data_parallel_rank()::dp]
+        metrics = lm_train_step(policy.chunks, optimizer, scheduler,
+                                padded_micro_batches(mine, trainer.micro_batch_size, task.pad_id),
+                                vocab_size=policy.arch.vocab_size)
+        box = [metrics["loss"]]
+        torch.distributed.broadcast_object_list(box, src=torch.distributed.get_world_size() - 1)
+        metrics["loss"] = box[0]
+        if not math.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"step {step}: loss is {metrics['loss']}")
+        if is_main:
+            metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
+            metrics_file.flush()
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+        if trainer.save_interval and step % trainer.save_interval == 0 and step != trainer.steps:
+            save_checkpoint(policy, cfg.parallel, out_dir, step=step, keep_last=trainer.keep_last)
+    final = save_checkpoint(policy, cfg.parallel, out_dir, step=trainer.steps, keep_last=trainer.keep_last)
+    hf_dir = export_hf(policy, out_dir / "hf")
+    with Engines(cfg.rollout, model_path=str(hf_dir), log_dir=str(out_dir / "rollout_logs")) as engines:
+        trained = task.evaluate(engines.generate, held_out, cfg.eval)
+    results = {"trained": trained, "steps": trainer.steps, "wall_seconds": time.time() - started,
+               "checkpoint": str(final), "hf": str(hf_dir)}
+    if is_main:
+        metrics_file.close()
+        atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
+        print(json.dumps(results), file=sys.stderr)
+    destroy_megatron()
+    return results

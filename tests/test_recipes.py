@@ -1,0 +1,229 @@
+"""examples/depo/*.yaml: every GPU recipe resolves as an ``RLRunConfig`` and its layout fits its hardware.
+
+No GPU and no model download: Hugging Face configs cannot be fetched here, so the published
+dimensions of each architecture are written below (from each model's ``config.json``:
+hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, intermediate_size,
+vocab_size) and ``validate_layout`` checks the recipe's layout against them. The hardware each
+recipe is written for is its machine-readable header line ``# recipe: nodes=N gpus_per_node=G
+rollout_servers=node0``; ``node0`` means trainer rank 0 launches the servers on the first node's GPUs.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megatron_lcr.cli import main as lcr_main
+from megatron_lcr.config import load_config
+from megatron_lcr.parallel.layout import ModelDims, validate_layout
+from megatron_lcr.train.rl_config import RLRunConfig
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE_DIR = REPO / "examples" / "depo"
+SBATCH = REPO / "examples" / "slurm" / "depo_8b.sbatch"
+RECIPES = sorted(RECIPE_DIR.glob("*.yaml"))
+
+# Published dimensions, keyed by the model directory name that model.hf_path ends in.
+DIMS = {
+    "Qwen2.5-7B-Instruct": ModelDims(num_layers=28, hidden_size=3584, num_attention_heads=28, num_query_groups=4,
+                                     ffn_hidden_size=18944, vocab_size=152064),
+    "Llama-3.1-8B-Instruct": ModelDims(num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
+                                       ffn_hidden_size=14336, vocab_size=128256),
+    "Llama-3.1-70B-Instruct": ModelDims(num_layers=80, hidden_size=8192, num_attention_heads=64, num_query_groups=8,
+                                        ffn_hidden_size=28672, vocab_size=128256),
+}
+# Tokens around the context in a prompt (instruction, question, chat template): an allowance.
+PROMPT_OVERHEAD_TOKENS = 512
+# Transformer Engine's FP8 GEMMs need every matrix dimension, tokens included, to be a multiple of 16.
+FP8_TOKEN_MULTIPLE = 16
+
+
+@dataclass(frozen=True)
+class Recipe:
+    path: Path
+    cfg: RLRunConfig
+    nodes: int
+    gpus_per_node: int
+    rollout_servers: str
+    dims: ModelDims
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+def read_header(path: Path) -> dict[str, str]:
+    """The ``# recipe: key=value ...`` line of a recipe, as a dict."""
+    lines = [line for line in path.read_text().splitlines() if line.startswith("# recipe:")]
+    assert len(lines) == 1, f"{path.name}: expected one '# recipe:' header line, found {len(lines)}"
+    return dict(item.split("=", 1) for item in lines[0].removeprefix("# recipe:").split())
+
+
+def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
+    header = read_header(path)
+    cfg = load_config(RLRunConfig, path, overrides or [])
+    return Recipe(path=path, cfg=cfg, nodes=int(header["nodes"]), gpus_per_node=int(header["gpus_per_node"]),
+                  rollout_servers=header["rollout_servers"], dims=DIMS[Path(cfg.model.hf_path).name])
+
+
+@pytest.fixture(params=RECIPES, ids=[p.name for p in RECIPES])
+def recipe(request) -> Recipe:
+    return load_recipe(request.param)
+
+
+def test_the_recipe_set():
+    assert [p.name for p in RECIPES] == [
+        "llama3.1-70b-dapo.yaml", "llama3.1-8b-dapo.yaml", "llama3.1-8b-gspo.yaml",
+        "qwen2.5-7b-dapo.yaml", "qwen2.5-7b-gspo.yaml",
+    ]
+
+
+def test_lcr_config_prints_the_resolved_recipe(recipe, capsys):
+    assert lcr_main(["config", "--kind", "train", str(recipe.path)]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["parallel"]["tensor_model_parallel_size"] == recipe.cfg.parallel.tensor_model_parallel_size
+    assert printed["rollout"]["server"]["tp_size"] == recipe.cfg.rollout.server.tp_size
+    assert printed["rl"]["loss"]["ratio"] == recipe.cfg.rl.loss.ratio
+
+
+def test_layout_fits_the_nodes_and_the_model(recipe):
+    par, trainer = recipe.cfg.parallel, recipe.cfg.trainer
+    tp, pp, cp = (par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.context_parallel_size)
+    dp = validate_layout(par, world_size=recipe.world_size, dims=recipe.dims, seq_length=trainer.token_budget)
+    assert dp >= 1 and tp * pp * cp * dp == recipe.world_size
+    rollouts = trainer.prompts_per_step * recipe.cfg.rl.group_size
+    assert rollouts % dp == 0, f"{rollouts} rollouts per step do not split evenly over dp={dp}"
+    assert par.use_distributed_optimizer
+    # Megatron's interleaved schedule needs a micro-batch count divisible by PP; RL steps' counts vary.
+    assert par.virtual_pipeline_model_parallel_size is None
+
+
+def test_token_budget_holds_the_longest_sequence(recipe):
+    cfg = recipe.cfg
+    lb = cfg.data.longblocks
+    longest = math.ceil(lb.long_tokens * (1 + lb.tolerance)) + PROMPT_OVERHEAD_TOKENS + cfg.rl.max_new_tokens
+    assert longest <= cfg.trainer.token_budget, f"long prompt + response up to {longest} tokens"
+
+
+def test_split_sequences_have_fixed_length_rows(recipe):
+    """CP's zigzag split and SP's scatter need the packed row length divisible (checked above for
+    token_budget); the trainer pads every row to token_budget only under pipeline parallelism."""
+    par, budget = recipe.cfg.parallel, recipe.cfg.trainer.token_budget
+    tp, cp = par.tensor_model_parallel_size, par.context_parallel_size
+    if par.sequence_parallel or cp > 1:
+        assert par.pipeline_model_parallel_size > 1
+    if cp > 1 or recipe.cfg.model.fp8 is not None:
+        assert recipe.cfg.model.transformer_impl == "transformer_engine"
+    if recipe.cfg.model.fp8 is not None:
+        per_rank = budget // (cp * (tp if par.sequence_parallel else 1))
+        assert per_rank * cp * (tp if par.sequence_parallel else 1) == budget
+        assert per_rank % FP8_TOKEN_MULTIPLE == 0
+
+
+def test_rollout_servers_fit_beside_the_trainer(recipe):
+    rollout, dims = recipe.cfg.rollout, recipe.dims
+    server = rollout.server
+    assert server.backend == "sglang" and not rollout.urls
+    assert recipe.rollout_servers == "node0"  # rank 0 launches them on its own node's GPUs
+    gpus = server.gpu_ids or list(range(server.num_servers * server.tp_size))
+    assert len(gpus) == server.num_servers * server.tp_size <= recipe.gpus_per_node
+    assert all(0 <= g < recipe.gpus_per_node for g in gpus)
+    # Colocated with trainer ranks: SGLang must leave most of each GPU to Megatron.
+    assert server.mem_fraction_static is not None and server.mem_fraction_static <= 0.5
+    # SGLang shards query heads over its TP ranks and splits (or replicates) KV heads.
+    assert dims.num_attention_heads % server.tp_size == 0
+    kv = dims.num_query_groups
+    assert kv % server.tp_size == 0 or server.tp_size % kv == 0
+    assert rollout.sync.mode == "distributed"
+    assert rollout.sync.engine_tp_size == server.tp_size
+
+
+def test_paper_setting(recipe):
+    cfg = recipe.cfg
+    assert cfg.model.hf_path == f"/models/{Path(cfg.model.hf_path).name}"  # a placeholder to replace
+    assert cfg.optimizer.lr == 5e-7
+    assert (cfg.trainer.prompts_per_step, cfg.rl.group_size) == (64, 8)
+    assert (cfg.rl.temperature, cfg.rl.max_new_tokens, cfg.rl.reward) == (0.7, 1000, "em")
+    assert (cfg.data.longblocks.short_tokens, cfg.data.longblocks.long_tokens) == (1024, 15360)
+    assert cfg.rl.context == "short"
+    assert cfg.depo.enabled and 0.5 <= cfg.depo.lam <= 1.0 and cfg.depo.tau == 1.0
+    assert cfg.rl.loss.kl_coef == 0.0
+
+
+def test_algorithm_settings(recipe):
+    rl = recipe.cfg.rl
+    assert rl.algorithm in recipe.path.stem
+    if rl.algorithm == "dapo":
+        assert rl.loss.ratio == "token"
+        assert rl.loss.eps_high > rl.loss.eps_low
+        assert rl.loss.aggregation == "token-mean"
+        assert rl.advantage.dynamic_sampling
+    else:
+        assert rl.algorithm == "gspo"
+        assert rl.loss.ratio == "sequence"
+        assert rl.loss.aggregation == "seq-mean-token-mean"
+        assert rl.loss.eps_low <= rl.loss.eps_high <= 1e-3
+
+
+def test_70b_layout():
+    r = load_recipe(RECIPE_DIR / "llama3.1-70b-dapo.yaml")
+    par = r.cfg.parallel
+    assert (par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.context_parallel_size) == (8, 4, 2)
+    assert par.use_distributed_optimizer and r.cfg.model.fp8 is not None
+    assert r.cfg.rollout.server.tp_size == 8
+
+
+def test_dims_are_what_the_checks_use():
+    """A layout the architecture cannot take fails: Qwen2.5-7B's 28 heads do not split over TP=8."""
+    r = load_recipe(RECIPE_DIR / "qwen2.5-7b-dapo.yaml", ["parallel.tp=8", "parallel.pp=1"])
+    with pytest.raises(ValueError, match=r"num_attention_heads 28 is not divisible by tp\(8\)"):
+        validate_layout(r.cfg.parallel, world_size=r.world_size, dims=r.dims, seq_length=r.cfg.trainer.token_budget)
+
+
+def _readme_rows() -> dict[str, list[str]]:
+    rows = {}
+    for line in (RECIPE_DIR / "README.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells and re.fullmatch(r"`[^`]+\.yaml`", cells[0]):
+            rows[cells[0].strip("`")] = cells
+    return rows
+
+
+def test_readme_table_matches_the_recipes(recipe):
+    cells = _readme_rows()[recipe.path.name]
+    par = recipe.cfg.parallel
+    dp = recipe.world_size // (par.tensor_model_parallel_size * par.pipeline_model_parallel_size
+                               * par.context_parallel_size)
+    assert cells[1] == Path(recipe.cfg.model.hf_path).name
+    assert cells[3] == f"{recipe.nodes} x {recipe.gpus_per_node}"
+    assert cells[4] == (f"{par.tensor_model_parallel_size}/{par.pipeline_model_parallel_size}/"
+                        f"{par.context_parallel_size}/{dp}")
+    assert recipe.path.name in cells[-1]
+
+
+def _sbatch_default(option: str) -> str:
+    values = re.findall(rf"^#SBATCH --{option}=(\S+)$", SBATCH.read_text(), flags=re.M)
+    assert len(values) == 1, option
+    return values[0]
+
+
+def test_sbatch_script_parses():
+    subprocess.run(["bash", "-n", str(SBATCH)], check=True)
+    assert _sbatch_default("ntasks-per-node") == _sbatch_default("gpus-per-node")  # one task per GPU
+
+
+def test_launch_lines_request_the_recipes_nodes(recipe):
+    """The header's sbatch command gets the recipe's node count (given, or the script's default)."""
+    text = recipe.path.read_text()
+    match = re.search(r"sbatch (.*?)examples/slurm/depo_8b\.sbatch\s+(?:\\\n#\s*)?(\S+)", text)
+    assert match, f"{recipe.path.name}: no sbatch launch line"
+    given = re.search(r"--nodes=(\d+)", match.group(1))
+    assert int(given.group(1) if given else _sbatch_default("nodes")) == recipe.nodes
+    assert int(_sbatch_default("gpus-per-node")) == recipe.gpus_per_node
+    assert match.group(2) == f"examples/depo/{recipe.path.name}"

@@ -1,0 +1,72 @@
+"""The RL update on Megatron (gloo): packing- and DP-invariant, NaN-guarded; and the packed layout itself.
+
+- ``pack_micro_batch``: row layout, labels, response positions and the block-diagonal causal mask,
+  against hand-written tensors.
+- One ``guarded_update`` (GRPO + DePO-KD terms) gives the same global loss and gradient norm with
+  token budgets 4096 and 200 (1 vs several micro-batches) and with DP=1 vs DP=2: the normalisers
+  are global and the scaling undoes Megatron's per-micro-batch and DDP averaging.
+- A NaN loss on one micro-batch: the step is skipped, weights and LR schedule stay where they were.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from megatron_lcr.train.micro_batches import TokenSequence, pack_micro_batch
+from tests.distributed import WORKERS, run_torchrun
+from tests.tiny_hf import make_tiny_hf
+
+
+def test_packed_row_layout_and_mask():
+    seqs = [TokenSequence([5, 6, 7], [8, 9], token_values={"old_logp": [-1.0, -2.0]}, values={"px": 1.0}),
+            TokenSequence([1, 2], [3], values={"px": 0.0})]
+    batch = pack_micro_batch(seqs, [0, 1], pad_id=0, pad_to=10)
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9, 1, 2, 3, 0, 0]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 0, 1]]
+    assert batch.lengths == [5, 3, 2]
+    # Position 2 (token 7) predicts 8, position 3 predicts 9, position 6 (token 2) predicts 3.
+    assert batch.labels.tolist() == [[0, 0, 8, 9, 0, 0, 3, 0, 0, 0]]
+    assert batch.response_index.tolist() == [[2, 3], [6, 0]]
+    assert batch.response_mask.tolist() == [[1.0, 1.0], [1.0, 0.0]]
+    assert batch.token_values["old_logp"].tolist() == [[-1.0, -2.0], [0.0, 0.0]]
+    assert batch.values["px"].tolist() == [1.0, 0.0]
+    mask, packed = batch.attention_inputs(torch.device("cpu"), thd=False)
+    assert packed is None
+    allowed = ~mask[0, 0]
+    expected = torch.zeros(10, 10, dtype=torch.bool)
+    for start, length in ((0, 5), (5, 3), (8, 2)):
+        expected[start:start + length, start:start + length] = torch.ones(length, length, dtype=torch.bool).tril()
+    assert torch.equal(allowed, expected)
+    per_position = torch.arange(10.0)
+    assert batch.gather(per_position).tolist() == [[2.0, 3.0], [6.0, 0.0]]
+
+
+def test_empty_micro_batch_is_padding_only():
+    batch = pack_micro_batch([], [], pad_id=0, pad_to=4)
+    assert batch.input_ids.tolist() == [[0, 0, 0, 0]] and batch.lengths == [4]
+    assert batch.response_mask.sum() == 0
+
+
+@pytest.mark.dist
+def test_update_is_invariant_to_packing_and_dp_and_skips_nan(tmp_path):
+    model = make_tiny_hf("llama", tmp_path / "llama", num_layers=2)
+    runs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"dp{nproc}.json"
+        run_torchrun(WORKERS / "rl_update.py", nproc, [str(model), str(out)])
+        runs[nproc] = json.loads(out.read_text())
+    reference = runs[1]["runs"]["4096"]
+    assert reference["micro_batches"] == 1 and runs[1]["runs"]["200"]["micro_batches"] > 2
+    assert reference["skipped"] == 0.0 and reference["grad_norm"] > 0
+    for nproc, result in runs.items():
+        assert result["dp"] == nproc
+        for budget, got in result["runs"].items():
+            assert got["loss"] == pytest.approx(reference["loss"], rel=1e-5, abs=1e-7), (nproc, budget)
+            assert got["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-5), (nproc, budget)
+            assert got["depo/kd_loss"] == pytest.approx(reference["depo/kd_loss"], rel=1e-5, abs=1e-7)
+        nan = result["nan_step"]
+        assert nan["skipped"] == 1.0 and nan["weights_unchanged"] and nan["lr_unchanged"]
+        assert nan["scheduler_steps"] == 1  # only the good update moved the schedule
