@@ -40,7 +40,7 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout"],
+        "dev": ["pytest>=8", "pytest-timeout", "triton"],  # triton: its CPU interpreter tests the kernels
         # CUDA-only engines; CPU code never imports them at module level.
         "gpu": ["transformer-engine[pytorch]", "sglang", "vllm"],
     },

@@ -1,14 +1,18 @@
 """Benchmark: weight sync into real reference servers vs the raw gloo broadcast rate, same run.
 
-    python benchmarks/bench_weight_sync.py [--servers 2] [--sizes tiny 1b] [--repeats 3] [--bucket-mb 512]
+    python benchmarks/bench_weight_sync.py [--servers 2] [--sizes tiny 1b] [--modes distributed tensor]
+                                           [--repeats 3] [--bucket-mb 512]
 
 For each model size a random Llama-shaped Hugging Face model is written to a temp directory, N
 ``lcr serve`` processes load it, and this process (the sync source) pushes a fresh set of tensors
-with ``WeightSyncer.sync_tensors`` (mode distributed: pause, bucketed update requests + gloo
-broadcasts, flush, continue). Then N receiver processes join a plain gloo group of the same size
-and this process broadcasts the same tensors' bytes, one broadcast per tensor as the sync does:
-the transport's ceiling on this machine, so sync / raw is the share of time that is transfer. Results go to benchmarks/results/weight_sync.{json,md} with machine info.
-CPU only: no GPU figure is measured here.
+with ``WeightSyncer.sync_tensors`` in each mode: ``distributed`` (pause, bucketed update requests +
+gloo broadcasts, flush, continue) and ``tensor`` (pause, one ``/update_weights_from_tensor`` request
+per bucket and server carrying base64 safetensors, the CPU format, flush, continue). Then N receiver
+processes join a plain gloo group of the same size and this process broadcasts the same tensors'
+bytes, one broadcast per tensor as the distributed sync does: that transport's ceiling on this
+machine, so sync / raw is the share of time that is transfer (for ``tensor``, a comparison with the
+same ceiling). Results go to benchmarks/results/weight_sync.{json,md} with machine info.
+CPU only: no GPU figure (NCCL, CUDA IPC) is measured here.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from megatron_lcr.parallel.env import free_port  # noqa: E402
+from megatron_lcr.parallel.env import free_port, free_ports  # noqa: E402
 from megatron_lcr.rollout.client import ClientConfig, SGLangClient  # noqa: E402
 from megatron_lcr.rollout.sglang import SGLangLaunchConfig, launch_servers, stop_servers  # noqa: E402
 from megatron_lcr.rollout.update_group import broadcast_from_source, join_update_group  # noqa: E402
@@ -66,8 +70,9 @@ def raw_broadcast_seconds(sizes: list[int], receivers: int, port: int) -> float:
     procs = [ctx.Process(target=_receiver, args=(port, i + 1, receivers + 1, sizes)) for i in range(receivers)]
     for p in procs:
         p.start()
+    # Group names are process-wide in torch: one per measurement (the port is unique).
     group = join_update_group(backend="gloo", master_address="127.0.0.1", master_port=port,
-                              world_size=receivers + 1, rank=0, group_name="raw", timeout_s=600)
+                              world_size=receivers + 1, rank=0, group_name=f"raw-{port}", timeout_s=600)
     buffers = [torch.empty(n, dtype=torch.uint8) for n in sizes]
     broadcast_from_source(group, torch.empty(1, dtype=torch.uint8))  # warm-up: every receiver connected
     started = time.perf_counter()
@@ -81,41 +86,58 @@ def raw_broadcast_seconds(sizes: list[int], receivers: int, port: int) -> float:
 
 def _receiver(port: int, rank: int, world: int, sizes: list[int]) -> None:
     group = join_update_group(backend="gloo", master_address="127.0.0.1", master_port=port, world_size=world,
-                              rank=rank, group_name="raw", timeout_s=600)
+                              rank=rank, group_name=f"raw-{port}", timeout_s=600)
     broadcast_from_source(group, torch.empty(1, dtype=torch.uint8))
     for buffer in [torch.empty(n, dtype=torch.uint8) for n in sizes]:
         broadcast_from_source(group, buffer)
 
 
-def bench_size(size: str, servers: int, repeats: int, bucket_bytes: int, root: Path) -> dict:
+def sync_runs(urls: list[str], state: dict[str, torch.Tensor], mode: str, repeats: int, bucket_bytes: int,
+              checksum: bool) -> list[dict]:
+    """``repeats`` syncs of freshly perturbed copies of ``state`` in ``mode``; the syncer's stats of each."""
+    client = SGLangClient(ClientConfig(urls=urls))
+    # Group names are process-wide in torch: one per set of servers.
+    cfg = WeightSyncConfig(mode=mode, bucket_bytes=bucket_bytes, checksum=checksum, tensor_format="safetensors",
+                           group_name=f"bench-{urls[0].rsplit(':', 1)[1]}")
+    syncer = WeightSyncer(cfg, client)
+    syncer.connect()
+    runs = []
+    try:
+        for r in range(repeats):
+            fresh = {name: t + 1e-3 * (r + 1) for name, t in state.items()}
+            runs.append(syncer.sync_tensors(fresh.items(), f"{mode}-{r + 1}"))
+            del fresh
+    finally:
+        syncer.close()
+    return runs
+
+
+def bench_size(size: str, servers: int, modes: list[str], repeats: int, bucket_bytes: int, root: Path) -> list[dict]:
     model_dir = root / size
     state, params = make_model(size, model_dir)
     total = sum(t.numel() * t.element_size() for t in state.values())
     launch = SGLangLaunchConfig(backend="reference", model_path=str(model_dir), num_servers=servers,
-                                dtype=str(SIZES[size][6]).removeprefix("torch."), base_port=free_port(),
+                                dtype=str(SIZES[size][6]).removeprefix("torch."), ports=free_ports(servers),
                                 log_dir=str(root / f"logs-{size}"), startup_timeout_s=600)
     handles = launch_servers(launch)
     try:
-        client = SGLangClient(ClientConfig(urls=[h.url for h in handles]))
-        syncer = WeightSyncer(WeightSyncConfig(bucket_bytes=bucket_bytes, checksum=size == "tiny"), client)
-        syncer.connect()
-        runs = []
-        for r in range(repeats):
-            fresh = {name: t + 1e-3 * (r + 1) for name, t in state.items()}
-            runs.append(syncer.sync_tensors(fresh.items(), str(r + 1)))
-        syncer.close()
+        runs = {mode: sync_runs([h.url for h in handles], state, mode, repeats, bucket_bytes, size == "tiny")
+                for mode in modes}
     finally:
         stop_servers(handles)
     sizes = [t.numel() * t.element_size() for t in state.values()]
     raw = [raw_broadcast_seconds(sizes, servers, free_port()) for _ in range(repeats)]
-    sync_s = statistics.median(run["seconds"] for run in runs)
     raw_s = statistics.median(raw)
-    return {
-        "size": size, "parameters": params, "bytes": total, "servers": servers, "bucket_bytes": bucket_bytes,
-        "sync_seconds": [run["seconds"] for run in runs], "raw_broadcast_seconds": raw,
-        "sync_GBps": total / sync_s / 1e9, "raw_GBps": total / raw_s / 1e9, "sync_vs_raw": raw_s / sync_s,
-        "checksum_mismatches": runs[-1].get("checksum_mismatches"),
-    }
+    rows = []
+    for mode, mode_runs in runs.items():
+        sync_s = statistics.median(run["seconds"] for run in mode_runs)
+        rows.append({
+            "size": size, "mode": mode, "parameters": params, "bytes": total, "servers": servers,
+            "bucket_bytes": bucket_bytes, "sync_seconds": [run["seconds"] for run in mode_runs],
+            "raw_broadcast_seconds": raw, "sync_GBps": total / sync_s / 1e9, "raw_GBps": total / raw_s / 1e9,
+            "sync_vs_raw": raw_s / sync_s, "checksum_mismatches": mode_runs[-1].get("checksum_mismatches"),
+        })
+    return rows
 
 
 def machine() -> dict:
@@ -128,21 +150,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["tiny", "1b"], choices=sorted(SIZES))
     parser.add_argument("--servers", type=int, default=2)
+    parser.add_argument("--modes", nargs="+", default=["distributed", "tensor"], choices=["distributed", "tensor"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bucket-mb", type=int, default=512)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "weight_sync"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [bench_size(size, args.servers, args.repeats, args.bucket_mb * 2**20, Path(tmp)) for size in args.sizes]
+        rows = [row for size in args.sizes
+                for row in bench_size(size, args.servers, args.modes, args.repeats, args.bucket_mb * 2**20, Path(tmp))]
     result = {"machine": machine(), "results": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# Weight sync on {result['machine']['device']}, {result['machine']['platform']}",
              f"python {result['machine']['python']}, torch {result['machine']['torch']}, {result['machine']['date']}",
-             "", "| model | params | MB | servers | sync s (median) | sync GB/s | raw gloo GB/s | sync speed / raw speed |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "", "| model | mode | params | MB | servers | sync s (median) | sync GB/s | raw gloo GB/s "
+             "| sync speed / raw speed |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r['size']} | {r['parameters']:,} | {r['bytes'] / 2**20:.0f} | {r['servers']} | "
+        lines.append(f"| {r['size']} | {r['mode']} | {r['parameters']:,} | {r['bytes'] / 2**20:.0f} | {r['servers']} | "
                      f"{statistics.median(r['sync_seconds']):.3f} | {r['sync_GBps']:.3f} | {r['raw_GBps']:.3f} | "
                      f"{r['sync_vs_raw']:.2f} |")
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")

@@ -25,7 +25,7 @@ class KernelConfig:
 
     impl: str = "auto"
     """"auto" (Triton on CUDA when installed, else torch), "triton" or "torch"."""
-    token_chunk_size: int = 1024
+    token_chunk_size: int = 512
     """torch path: tokens (rows) per logits tile."""
     vocab_chunk_size: int = 8192
     """Vocabulary columns per tile (torch path) and per backward chunk of the Triton path (columns)."""

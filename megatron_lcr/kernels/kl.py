@@ -41,7 +41,13 @@ from megatron_lcr.kernels.logprob import (
     reduce_hidden_grad,
     scattered,
 )
-from megatron_lcr.kernels.vocab_parallel import Head, gather_across_ranks, make_shard, merge_kl_partials, sum_across_ranks
+from megatron_lcr.kernels.vocab_parallel import (
+    Head,
+    gather_across_ranks,
+    make_shard,
+    merge_kl_partials,
+    sum_across_ranks,
+)
 
 KL_KINDS = ("forward", "reverse", "jsd")
 

@@ -71,7 +71,9 @@ class _LogprobEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, logits, labels, shard, inv_temp, config, impl, reduce_grad_hidden):
         ctx.set_materialize_grads(False)
         head = Head(hidden=hidden, weight=weight, logits=logits)
-        parts = implementation(impl).logprob_partials(head, labels, inv_temp=inv_temp, n_valid=shard.num_valid, config=config)
+        parts = implementation(impl).logprob_partials(
+            head, labels, inv_temp=inv_temp, n_valid=shard.num_valid, config=config
+        )
         stats = merge_logprob_partials(parts)
         if shard.group is not None:
             stats = merge_logprob_partials(gather_across_ranks(stats, shard))
@@ -103,16 +105,21 @@ class _LogprobEntropy(torch.autograd.Function):
 def check_hidden_head(hidden: torch.Tensor, weight: torch.Tensor, name: str = "") -> None:
     """``hidden [T, H]`` and ``weight [V_local, H]``: 2-D, one float dtype, one device, same H."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"{name}hidden [T, H] and weight [V_local, H] expected, got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+        raise ValueError(
+            f"{name}hidden [T, H] and weight [V_local, H] expected, got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
     if hidden.dtype != weight.dtype or hidden.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name}hidden and weight must share a dtype in {FLOAT_DTYPES}, got {hidden.dtype} and {weight.dtype}")
+        raise ValueError(
+            f"{name}hidden and weight must share a dtype in {FLOAT_DTYPES}, got {hidden.dtype} and {weight.dtype}"
+        )
     if hidden.device != weight.device:
         raise ValueError(f"{name}hidden is on {hidden.device} but weight on {weight.device}")
 
 
 def check_logits(logits: torch.Tensor, name: str = "") -> None:
     if logits.dim() != 2 or logits.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name}logits must be [T, V_local] with a dtype in {FLOAT_DTYPES}, got {tuple(logits.shape)} {logits.dtype}")
+        got = f"{tuple(logits.shape)} {logits.dtype}"
+        raise ValueError(f"{name}logits must be [T, V_local] with a dtype in {FLOAT_DTYPES}, got {got}")
 
 
 def check_temperature(temperature: float) -> float:

@@ -1,12 +1,15 @@
 """Chunked PyTorch implementation of the fused log-prob / entropy / KL ops (CPU path and reference).
 
 The logits ``z = hidden @ weight.T / temperature`` are visited in tiles of ``token_chunk_size`` x
-``vocab_chunk_size`` (vocabulary outermost), never as a whole ``[T, V]`` tensor. Forward reduces each
-tile to per-token partials (``vocab_parallel.py``); backward recomputes each tile from the saved
-inputs and O(T) statistics, turns it into the logit gradient ``dz`` and folds that into
-``d_hidden += dz @ W_tile`` (fp32 accumulator) and ``d_weight[tile] += dz.T @ hidden_chunk``
-(accumulated in fp32 over token chunks, cast to the weight's dtype once). Only the real vocabulary
-columns ``[0, num_valid)`` are visited: padding rows of the weight get a zero gradient.
+``vocab_chunk_size`` (vocabulary outermost), never as a whole ``[T, V]`` tensor; each tile is an
+fp32 matmul (bf16/fp16 operands are upcast per tile, so products and sums are fp32 as in the Triton
+kernels). Forward reduces each tile to per-token partials (``vocab_parallel.py``); backward
+recomputes each tile from the saved inputs and O(T) statistics, turns it into the logit gradient
+``dz`` and folds that into ``d_hidden += dz @ W_tile`` (fp32 accumulator) and
+``d_weight[tile] += dz.T @ hidden_chunk`` (accumulated in fp32 over token chunks, cast to the
+weight's dtype once). Only the real vocabulary columns ``[0, num_valid)`` are visited: padding rows
+of the weight get a zero gradient. Peak extra memory: a few ``[token_chunk, vocab_chunk]`` fp32
+tiles plus the gradients themselves.
 
 Every function here sees all-valid rows (masked rows are removed by the callers) and returns
 per-token fp32 values; the formulas of each gradient are derived in ``logprob.py`` and ``kl.py``.
@@ -45,10 +48,11 @@ def logit_tile(head: Head, r0: int, r1: int, c0: int, c1: int, inv_temp: float) 
     if head.from_logits:
         return head.logits[r0:r1, c0:c1].float() * inv_temp
     # Operands upcast per tile: fp32 products and sums for bf16/fp16 inputs too (no-op for fp32).
-    z = torch.mm(head.hidden[r0:r1].float(), head.weight[c0:c1].float().t())
+    # The temperature scales the [r, H] rows, a pass over a much smaller tensor than [r, c].
+    x = head.hidden[r0:r1].float()
     if inv_temp != 1.0:
-        z.mul_(inv_temp)
-    return z
+        x = x * inv_temp
+    return torch.mm(x, head.weight[c0:c1].float().t())
 
 
 class GradSink:
@@ -70,7 +74,9 @@ class GradSink:
 
     def begin_columns(self, c0: int, c1: int) -> None:
         if self.d_weight is not None and not self.fp32:  # fp32 accumulator for this tile's rows
-            self._tile_acc = torch.zeros((c1 - c0, self.head.weight.shape[1]), dtype=torch.float32, device=self.d_weight.device)
+            self._tile_acc = torch.zeros(
+                (c1 - c0, self.head.weight.shape[1]), dtype=torch.float32, device=self.d_weight.device
+            )
 
     def add(self, r0: int, r1: int, c0: int, c1: int, dz: torch.Tensor) -> None:
         """``dz [r1-r0, c1-c0]`` fp32: the gradient of the (temperature-scaled) logit tile."""
@@ -147,16 +153,17 @@ def logprob_backward(
     for _, c0, c1 in _column_tiles(n_valid, config):
         sink.begin_columns(c0, c1)
         for r0, r1 in _row_chunks(head.num_tokens, config):
-            log_q = logit_tile(head, r0, r1, c0, c1, inv_temp).sub_(log_z[r0:r1, None])
-            dz = log_q.exp()
+            z = logit_tile(head, r0, r1, c0, c1, inv_temp)
+            dz = torch.sub(z, log_z[r0:r1, None]).exp_()  # p
+            # -(g_h (log p + H) + g_l) / temperature, with log p + H = z + (H - logZ): per-row
+            # factors folded first, so each step is one pass over the tile.
             if g_entropy is not None:
-                coef = log_q.add_(entropy[r0:r1, None]).mul_(g_entropy[r0:r1, None])
+                z.add_((entropy - log_z)[r0:r1, None]).mul_((-inv_temp * g_entropy[r0:r1])[:, None])
                 if g_logp is not None:
-                    coef.add_(g_logp[r0:r1, None])
-                dz.mul_(coef)
+                    z.add_((-inv_temp * g_logp[r0:r1])[:, None])
+                dz.mul_(z)
             elif g_logp is not None:
-                dz.mul_(g_logp[r0:r1, None])
-            dz.mul_(-inv_temp)
+                dz.mul_((-inv_temp * g_logp[r0:r1])[:, None])
             if g_logp is not None:
                 lbl = labels[r0:r1]
                 rows = torch.nonzero((lbl >= c0) & (lbl < c1))[:, 0]

@@ -44,8 +44,12 @@ def _logit_tile(
         for k0 in range(0, H, BH):
             ks = k0 + tl.arange(0, BH)
             k_ok = ks < H
-            x = tl.load(x_ptr + rows[:, None] * sx0 + ks[None, :] * sx1, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptr + cols[:, None] * sw0 + ks[None, :] * sw1, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            x = tl.load(
+                x_ptr + rows[:, None] * sx0 + ks[None, :] * sx1, mask=row_ok[:, None] & k_ok[None, :], other=0.0
+            )
+            w = tl.load(
+                w_ptr + cols[:, None] * sw0 + ks[None, :] * sw1, mask=col_ok[:, None] & k_ok[None, :], other=0.0
+            )
             if DOT_IEEE:
                 z = tl.dot(x, tl.trans(w), z, input_precision="ieee")
             else:
@@ -329,10 +333,10 @@ def logprob_partials(
     part[:, 0] = float("-inf")
     part[:, 1:] = 0.0
     if num_tokens and n_valid:
+        args = _head_args(head)
         grid = (triton.cdiv(num_tokens, config.block_tokens), splits)
         _logprob_fwd_kernel[grid](
-            *_head_args(head)[:3], labels, part, num_tokens, _head_args(head)[3], n_valid, cols_per_split,
-            *_head_args(head)[4:], inv_temp,
+            *args[:3], labels, part, num_tokens, args[3], n_valid, cols_per_split, *args[4:], inv_temp,
             FROM_LOGITS=head.from_logits, DOT_IEEE=_dot_ieee(head), **_launch_opts(config),
         )  # fmt: skip
     return _partials_layout(part)
@@ -496,10 +500,20 @@ def kl_backward(
 
     need_s, need_t = needs[0] or needs[1], needs[2] or needs[3]
     if student.from_logits or not (need_s and need_t):
-        grads_s = _chunked_backward(student, n_valid, needs[0], needs[1], config,
-                                    lambda c0, n, dz: launch_pair(c0, n, dz, None)) if need_s else (None,) * 3
-        grads_t = _chunked_backward(teacher, n_valid, needs[2], needs[3], config,
-                                    lambda c0, n, dz: launch_pair(c0, n, None, dz)) if need_t else (None,) * 3
+        grads_s = (
+            _chunked_backward(
+                student, n_valid, needs[0], needs[1], config, lambda c0, n, dz: launch_pair(c0, n, dz, None)
+            )
+            if need_s
+            else (None,) * 3
+        )
+        grads_t = (
+            _chunked_backward(
+                teacher, n_valid, needs[2], needs[3], config, lambda c0, n, dz: launch_pair(c0, n, None, dz)
+            )
+            if need_t
+            else (None,) * 3
+        )
         return grads_s, grads_t
     return _paired_hidden_backward(student, teacher, n_valid, needs, config, launch_pair)
 

@@ -45,6 +45,7 @@ from megatron_lcr.rollout.engine import Completion, GenerateRequest, SampleSpec,
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+_JSON_HEADERS = {"Content-Type": "application/json"}
 OnServerDead = Callable[[str], "Awaitable[None] | None"]
 
 
@@ -262,6 +263,10 @@ def parse_score_response(body: Any, sequence: Sequence[int], rid: str, url: str)
     if any(lp is None for lp in logprobs[1:]):
         raise ValueError(f"request {rid}: input_token_logprobs has a null log-prob after the first token")
     return ScoreResult(input_logprobs=logprobs, weight_version=meta.get("weight_version"), engine_url=url)
+
+
+def _encoded(payload: dict | None) -> bytes | None:
+    return None if payload is None else json.dumps(payload).encode()
 
 
 def _check_success(body: Any, url: str, path: str) -> None:
@@ -519,11 +524,13 @@ class SGLangClient:
             self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), headers=headers)
         return self._session
 
-    async def _call(self, url: str, method: str, path: str, payload: dict | None, timeout_s: float) -> Any:
-        """One HTTP call; the parsed JSON (or text) of a 200 answer. Raises _HTTPStatus or _Unreachable."""
+    async def _call(self, url: str, method: str, path: str, payload: dict | bytes | None, timeout_s: float) -> Any:
+        """One HTTP call with a JSON body (a dict, or already encoded); the parsed JSON (or text) of a 200
+        answer. Raises _HTTPStatus or _Unreachable."""
         timeout = aiohttp.ClientTimeout(total=timeout_s, connect=self.config.connect_timeout_s)
+        body = {"data": payload, "headers": _JSON_HEADERS} if isinstance(payload, bytes) else {"json": payload}
         try:
-            async with self._session_for_loop().request(method, url + path, json=payload, timeout=timeout) as resp:
+            async with self._session_for_loop().request(method, url + path, timeout=timeout, **body) as resp:
                 text = await resp.text()
         except asyncio.TimeoutError:
             raise _Unreachable(f"no answer within {timeout_s} s", timed_out=True) from None
@@ -557,10 +564,12 @@ class SGLangClient:
         servers = [s for s in self._servers if s.healthy]
         if not servers:
             raise NoHealthyServerError(f"no healthy rollout server among {self.urls}")
-        payloads = payload if isinstance(payload, list) else [payload] * len(servers)
+        # Encoded once, before any request starts: a tensor update's body holds a whole bucket, and encoding
+        # it per server inside the requests would stall the event loop past their connect timeouts.
+        payloads = [_encoded(p) for p in payload] if isinstance(payload, list) else [_encoded(payload)] * len(servers)
         timeout = timeout_s or self.config.control_timeout_s
 
-        async def one(server: _Server, body: dict | None) -> Any:
+        async def one(server: _Server, body: bytes | None) -> Any:
             try:
                 answer = await self._call(server.url, method, path, body, timeout)
             except _HTTPStatus as exc:
@@ -618,6 +627,19 @@ class SGLangClient:
             payload["load_format"] = load_format
         await self._control("/update_weights_from_disk", payload)
 
+    async def update_weights_from_tensor(self, *, serialized_named_tensors: Sequence[str],
+                                         load_format: str | None = None, weight_version: str | None = None,
+                                         flush_cache: bool = True) -> None:
+        """Every server loads one bucket: entry r of ``serialized_named_tensors`` is for its TP rank r."""
+        if not serialized_named_tensors:
+            raise ValueError("serialized_named_tensors must hold one entry per engine TP rank, got none")
+        payload: dict = {"serialized_named_tensors": list(serialized_named_tensors), "flush_cache": flush_cache}
+        if load_format is not None:
+            payload["load_format"] = load_format
+        if weight_version is not None:
+            payload["weight_version"] = weight_version
+        await self._control("/update_weights_from_tensor", payload)
+
     async def pause(self, mode: str | None = None) -> None:
         """SGLang's /pause_generation; ``mode`` (newer SGLang): 'abort' (its default: running requests end
         with finish_reason 'abort'), 'retract' or 'in_place' (they resume after :meth:`resume`)."""
@@ -650,13 +672,6 @@ class SGLangClient:
                 await asyncio.sleep(self.config.flush_retry_s)
 
         await asyncio.gather(*(one(s) for s in self._servers if s.healthy))
-
-    async def weights_checksums(self) -> dict[str, dict]:
-        """Each healthy reference server's ``{weight_version, checksums: {hf_name: sha256}}``.
-
-        megatron_lcr's own endpoint (``GET /lcr/weights_checksum``); SGLang has no equivalent.
-        """
-        return await self._control("/lcr/weights_checksum", None, method="GET")
 
     async def weight_version(self) -> str | None:
         """The weight_version all healthy servers report; raises if they disagree."""

@@ -220,6 +220,11 @@ class RolloutEngine(Protocol):
                                        load_format: str | None = None) -> None:
         """Reload weights from a Hugging Face directory every engine can read."""
 
+    async def update_weights_from_tensor(self, *, serialized_named_tensors: Sequence[str],
+                                         load_format: str | None = None, weight_version: str | None = None,
+                                         flush_cache: bool = True) -> None:
+        """Load one bucket serialized once per engine TP rank (colocated engines; formats in ``tensor_payload``)."""
+
     async def pause(self) -> None:
         """Stop scheduling generation (before a weight sync)."""
 

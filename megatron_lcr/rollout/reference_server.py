@@ -23,10 +23,14 @@ everyone joins through ``update_group.join_update_group`` (SGLang's tcp:// rende
 ``/update_weights_from_distributed`` call, in order, the trainer broadcasts one tensor of the announced
 shape and dtype from rank 0 (``pg.broadcast([t], opts)`` with ``opts.rootRank = 0``). The server
 receives everything, validates names and shapes, and only then copies (all or nothing).
+``/update_weights_from_tensor`` takes our pickle-free ``load_format="lcr_safetensors"`` (one base64
+safetensors entry per TP rank, :mod:`megatron_lcr.rollout.tensor_payload`), validated the same way
+plus dtypes. The model itself (loading, prefill/decode, weight copies) is
+:class:`~megatron_lcr.rollout.reference_model.ModelRunner`.
 
 Deviations from SGLang: no streaming, penalties, grammars, LoRA or multimodal input (refused with 400);
-``/update_weights_from_tensor`` is refused (its payload is pickled; nothing from the network is
-unpickled here); ``/health`` answers without running the model; ``/health_generate`` answers 503 at
+``/update_weights_from_tensor`` refuses SGLang's own load formats (their payload is pickled; nothing
+from the network is unpickled here); ``/health`` answers without running the model; ``/health_generate`` answers 503 at
 once while paused or released (SGLang times out after 20 s); there is no prefix cache to flush; with
 ``sampling_seed`` each of the ``n`` copies samples its own stream. As in SGLang, ``/health*`` needs no
 API key; every other endpoint needs ``Authorization: Bearer KEY`` when ``--api-key`` is set.
@@ -38,7 +42,6 @@ import asyncio
 import datetime
 import errno
 import json
-import os
 import secrets
 import signal
 import socket
@@ -53,17 +56,9 @@ import torch
 from aiohttp import web
 
 from megatron_lcr import __version__
-from megatron_lcr.rollout.checksum import tensor_checksum
-from megatron_lcr.rollout.sampling import (
-    BadRequest,
-    SamplingSpec,
-    Sequence,
-    check_finish,
-    expand_generate_request,
-    generate_result,
-    sample_token,
-    top_logprobs,
-)
+from megatron_lcr.rollout.reference_model import ModelRunner, read_safetensors_dir
+from megatron_lcr.rollout.sampling import BadRequest, SamplingSpec, Sequence, expand_generate_request, generate_result
+from megatron_lcr.rollout.tensor_payload import LCR_SAFETENSORS, decode_safetensors_payload
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_GROUP = "weight_update_group"
@@ -105,172 +100,7 @@ class ServeConfig:
             raise ValueError(f"--port must be in [0, 65535], got {self.port}")
 
 
-# ---- The model: loading, batched prefill/decode with a KV cache, weight updates.
-
-
-class ModelRunner:
-    """The HF model and tokenizer; every method runs on the server's single model thread."""
-
-    def __init__(self, model_dir: str, dtype: torch.dtype) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        if not os.path.isdir(model_dir):
-            raise ValueError(f"model directory {model_dir} does not exist")
-        if not os.path.isfile(os.path.join(model_dir, "config.json")):
-            raise ValueError(f"{model_dir} has no config.json: not a Hugging Face model directory")
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-        try:
-            self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
-        except Exception as err:  # noqa: BLE001 - one line for the CLI, whatever transformers raises
-            raise ValueError(f"cannot load a causal LM from {model_dir}: {err}") from err
-        self.model.eval()
-        try:
-            self.tokenizer = _LockedTokenizer(AutoTokenizer.from_pretrained(model_dir, local_files_only=True))
-        except Exception:  # noqa: BLE001 - a model without tokenizer still serves input_ids
-            self.tokenizer = None
-        self.config = self.model.config
-        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
-        self.context_len = int(getattr(self.config, "max_position_embeddings", 1 << 30))
-        self.eos_token_ids = self._eos_ids()
-        # Tied weights appear under every name (lm_head.weight and model.embed_tokens.weight).
-        self.params = dict(self.model.named_parameters(remove_duplicate=False))
-        self.forward_sleep_s = 0.0
-
-    def _eos_ids(self) -> frozenset[int]:
-        ids: set[int] = set()
-        for source in (self.config, getattr(self.model, "generation_config", None), self.tokenizer):
-            value = getattr(source, "eos_token_id", None)
-            ids.update([value] if isinstance(value, int) else (value or []))
-        return frozenset(ids)
-
-    # -- generation ------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def prefill(self, seqs: list[Sequence]) -> "_Batch":
-        """Run the left-padded prompts, fill input log-probs, sample every first token."""
-        from transformers import DynamicCache
-
-        lengths = [len(s.input_ids) for s in seqs]
-        width = max(lengths)
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        mask = torch.zeros(len(seqs), width, dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            ids[row, width - lengths[row]:] = torch.tensor(seq.input_ids)
-            mask[row, width - lengths[row]:] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        # Full logits only when someone scores its prompt beyond the last token.
-        full = any(s.return_logprob and s.logprob_start_len < len(s.input_ids) - 1 for s in seqs)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=DynamicCache(config=self.config), use_cache=True,
-                         logits_to_keep=0 if full else 1)
-        for row, seq in enumerate(seqs):
-            if seq.return_logprob:
-                self._input_logprobs(seq, out.logits[row, width - lengths[row]:] if full else None)
-        batch = _Batch(cache=out.past_key_values, mask=mask, last_pos=positions[:, -1].clone())
-        for row, seq in enumerate(seqs):
-            if seq.max_new_tokens == 0:
-                seq.finish_reason = {"type": "length", "length": 0}
-            else:
-                self._advance(seq, out.logits[row, -1])
-        time.sleep(self.forward_sleep_s)  # /slow_down; 0 by default
-        return batch
-
-    def _input_logprobs(self, seq: Sequence, logits: torch.Tensor | None) -> None:
-        """SGLang's layout: entries for ``input_ids[start:]``, the first with a null log-prob."""
-        start = seq.logprob_start_len
-        seq.input_logprobs = [None]
-        seq.input_top = [None]
-        if logits is None or start >= len(seq.input_ids) - 1:
-            return
-        # logits[j] predicts input_ids[j + 1]; raw log_softmax, no temperature (as SGLang).
-        logprobs = torch.log_softmax(logits[start:-1].float(), dim=-1)
-        targets = torch.tensor(seq.input_ids[start + 1:])
-        seq.input_logprobs += logprobs.gather(-1, targets[:, None])[:, 0].tolist()
-        if seq.top_logprobs_num > 0:
-            seq.input_top += [top_logprobs(row, seq.top_logprobs_num) for row in logprobs]
-
-    @torch.no_grad()
-    def decode_step(self, seqs: list[Sequence], batch: "_Batch") -> None:
-        """Feed every row's last token (finished rows too: rows are independent) and sample again."""
-        last = torch.tensor([s.output_ids[-1] if s.output_ids else 0 for s in seqs])[:, None]
-        batch.mask = torch.cat([batch.mask, torch.ones(len(seqs), 1, dtype=torch.long)], dim=1)
-        batch.last_pos += 1
-        out = self.model(input_ids=last, attention_mask=batch.mask, position_ids=batch.last_pos[:, None],
-                         past_key_values=batch.cache, use_cache=True)
-        batch.cache = out.past_key_values
-        for row, seq in enumerate(seqs):
-            if seq.finish_reason is None:
-                self._advance(seq, out.logits[row, -1])
-        time.sleep(self.forward_sleep_s)  # /slow_down; 0 by default
-
-    def _advance(self, seq: Sequence, logits: torch.Tensor) -> None:
-        token, logprobs = sample_token(logits, seq.spec, seq.generator)
-        seq.output_ids.append(token)
-        if seq.return_logprob:
-            seq.output_logprobs.append(float(logprobs[token]))
-            if seq.top_logprobs_num > 0:
-                seq.output_top.append(top_logprobs(logprobs, seq.top_logprobs_num))
-        tokenizer, skip = self.tokenizer, seq.spec.skip_special_tokens
-        decode = None if tokenizer is None else lambda ids: tokenizer.decode(ids, skip_special_tokens=skip)
-        seq.finish_reason = check_finish(seq.output_ids, seq.spec, max_new_tokens=seq.max_new_tokens,
-                                         eos_token_ids=self.eos_token_ids, decode=decode)
-
-    # -- weights ---------------------------------------------------------------------------------
-
-    def validate_weights(self, named: list[tuple[str, torch.Tensor]]) -> None:
-        """Raise ``BadRequest`` naming the first unknown name or shape mismatch."""
-        for name, tensor in named:
-            param = self.params.get(name)
-            if param is None:
-                raise BadRequest(f"unknown parameter {name!r}: the model has no parameter of that name")
-            if tuple(param.shape) != tuple(tensor.shape):
-                raise BadRequest(f"parameter {name!r} has shape {list(param.shape)}, the update has "
-                                 f"{list(tensor.shape)}")
-
-    @torch.no_grad()
-    def copy_weights(self, named: list[tuple[str, torch.Tensor]]) -> None:
-        for name, tensor in named:
-            self.params[name].copy_(tensor)
-
-    @torch.no_grad()
-    def checksums(self) -> dict[str, str]:
-        return {name: tensor_checksum(p) for name, p in self.model.named_parameters()}
-
-
-class _LockedTokenizer:
-    """A HF tokenizer used from two threads (requests and stop strings): fast tokenizers are Rust
-    objects whose encode borrows them mutably, so concurrent use can fail with "Already borrowed"."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self._tokenizer, self._lock = tokenizer, threading.Lock()
-        self.eos_token_id = tokenizer.eos_token_id
-
-    def encode(self, text: str) -> list[int]:
-        with self._lock:
-            return self._tokenizer.encode(text)
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
-        with self._lock:
-            return self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-
-
-@dataclass(eq=False)
-class _Batch:
-    """The KV cache of a running batch and each row's attention mask and last position."""
-
-    cache: Any
-    mask: torch.Tensor
-    last_pos: torch.Tensor
-
-
-def read_safetensors_dir(model_path: str) -> list[tuple[str, torch.Tensor]]:
-    """Every tensor of a HF directory, sharded (with index) or single-file."""
-    from megatron_lcr.models.hf_checkpoint import SafetensorsReader
-
-    reader = SafetensorsReader(model_path)
-    return [(name, reader.get(name)) for name in reader.keys()]
+# ---- Weight-update plumbing: the update group, blocking collectives, dtype names.
 
 
 class _UpdateGroup:
@@ -688,9 +518,7 @@ class ReferenceServer:
             torch_dtypes = [_torch_dtype(d) for d in dtypes]
         except BadRequest as err:
             return _outcome(False, str(err))
-        if body.get("abort_all_requests"):
-            async with self._cond:
-                self._abort(None, True, "aborted by a weight update")
+        await self._abort_if_asked(body)
         # Shielded: once the trainer broadcasts, the update completes even if this HTTP client is gone.
         return await asyncio.shield(self._receive_and_apply(group, name, names, shapes, torch_dtypes, body))
 
@@ -711,9 +539,7 @@ class ReferenceServer:
         if load_format not in (None, "auto", "safetensors"):
             return _outcome(False, f"load_format {load_format!r} is not supported (auto, safetensors)",
                             num_paused_requests=0)
-        if body.get("abort_all_requests"):
-            async with self._cond:
-                self._abort(None, True, "aborted by a weight update")
+        await self._abort_if_asked(body)
         return await asyncio.shield(self._load_and_apply(str(path), body))
 
     async def _load_and_apply(self, path: str, body: dict) -> web.Response:
@@ -726,19 +552,38 @@ class ReferenceServer:
             self.model_path = path
         return response
 
-    async def _apply(self, named: list[tuple[str, torch.Tensor]], body: dict, message: str,
-                     **extra: Any) -> web.Response:
+    async def _apply(self, named: list[tuple[str, torch.Tensor]], body: dict, message: str, *,
+                     same_dtype: bool = False, **extra: Any) -> web.Response:
         """Validate every tensor, then copy them all: a bad update leaves the model as it was."""
         try:
-            self.runner.validate_weights(named)
+            self.runner.validate_weights(named, same_dtype=same_dtype)
         except BadRequest as err:
             return _outcome(False, f"Failed to update weights: {err}. The model is unchanged.", **extra)
         await self._exclusive(self.runner.copy_weights, named)
         return self._updated(message, body.get("weight_version"), **extra)
 
+    async def _abort_if_asked(self, body: dict) -> None:
+        """SGLang's ``abort_all_requests`` of an update request: abort everything queued or running first."""
+        if body.get("abort_all_requests"):
+            async with self._cond:
+                self._abort(None, True, "aborted by a weight update")
+
     async def update_weights_from_tensor(self, request: web.Request) -> web.Response:
-        return _outcome(False, "update_weights_from_tensor is refused: its payload is pickled and this server "
-                               "never unpickles network data; use update_weights_from_distributed or _from_disk")
+        """Our pickle-free ``lcr_safetensors`` payload only (``tensor_payload.py``); SGLang's own formats
+        are pickles, refused unread. The tensors carry their dtype, so it must equal the parameter's."""
+        body = await _json_body(request)
+        load_format = body.get("load_format")
+        if load_format != LCR_SAFETENSORS:
+            return _outcome(False, f"load_format {load_format!r} is refused: SGLang's tensor payloads are pickled "
+                                   "and this server never unpickles network data; send load_format "
+                                   f"{LCR_SAFETENSORS!r} (base64 safetensors) or use update_weights_from_distributed")
+        try:  # base64 + safetensors parsing of a whole bucket: off the event loop
+            named = await asyncio.get_running_loop().run_in_executor(
+                None, decode_safetensors_payload, body.get("serialized_named_tensors"))
+        except ValueError as err:
+            return _outcome(False, f"Failed to update weights: {err}. The model is unchanged.")
+        await self._abort_if_asked(body)
+        return await asyncio.shield(self._apply(named, body, "Success", same_dtype=True))
 
 
 # ---- Startup

@@ -30,11 +30,15 @@ Translation, verified against vLLM's sources (``vllm/sampling_params.py``, ``vll
 
 Weight updates use the trainer's weight-update group as it is (``update_group.join_update_group``:
 rank 0 hosts the store, the engine ranks ``1 .. tp_size`` join via ``update_group``) and the
-model's own ``load_weights`` with Hugging Face names, as the bucketed sync produces them.
+model's own ``load_weights`` with Hugging Face names, as the bucketed sync produces them. Tensor
+updates (mode ``tensor``) take our pickle-free ``lcr_safetensors`` payload only (``tensor_format
+'safetensors'``): the tensors are decoded here and handed to every worker's ``load_weights`` by
+``collective_rpc``. SGLang's pickled CUDA-IPC payload is refused: unpickling it needs sglang's
+serializer, and an in-process engine gains nothing from IPC handles over the tensors themselves.
 
 What is tested without a GPU (tests/rollout/test_vllm.py): the request/response translation above,
-on plain objects with vLLM's attribute names, and a worker's group membership receiving the trainer's
-broadcast (gloo). What is NOT tested here (needs vLLM and CUDA): building the ``LLM``,
+on plain objects with vLLM's attribute names, the tensor-update payload translation, and a worker's
+group membership receiving the trainer's broadcast (gloo). What is NOT tested here (needs vLLM and CUDA): building the ``LLM``,
 ``generate``/``score`` end to end, ``collective_rpc`` into the worker extension, NCCL, ``load_weights``,
 sleep/wake-up and prefix-cache reset.
 """
@@ -55,6 +59,7 @@ from megatron_lcr.rollout.engine import (
     ScoreResult,
     expand_samples,
 )
+from megatron_lcr.rollout.tensor_payload import LCR_SAFETENSORS, decode_safetensors_payload
 
 ENGINE_URL = "vllm://local"
 # Import path vLLM's workers load the extension from (worker_extension_cls).
@@ -172,6 +177,16 @@ def score_from_vllm(output: Any, sequence: Sequence[int], *, weight_version: str
     logprobs: list[float | None] = [None]
     logprobs += [_logprob_of(positions[i], int(sequence[i]), f"prompt token {i}") for i in range(1, len(sequence))]
     return ScoreResult(input_logprobs=logprobs, weight_version=weight_version, engine_url=engine_url)
+
+
+def named_tensors_from_payload(serialized_named_tensors: Sequence[str], load_format: str | None, *,
+                               tp_size: int) -> list[tuple[str, Any]]:
+    """The ``(HF name, CPU tensor)`` pairs of an ``/update_weights_from_tensor`` payload, for ``load_weights``."""
+    if load_format != LCR_SAFETENSORS:
+        raise ValueError(f"the vLLM engine takes tensor updates only in load_format {LCR_SAFETENSORS!r} "
+                         f"(WeightSyncConfig.tensor_format 'safetensors'), not {load_format!r} (SGLang's pickled "
+                         "form); use tensor_format 'safetensors', or mode 'distributed' or 'disk'")
+    return decode_safetensors_payload(list(serialized_named_tensors), tp_size=tp_size)
 
 
 def _torch_dtype(name: str):
@@ -303,6 +318,13 @@ class VLLMEngine:
         """Load one bucket of (HF name, tensor) pairs (CPU tensors are fine; they are pickled to workers)."""
         await self._run(self._engine().collective_rpc, "lcr_load_weights", args=(list(named_tensors),))
         await self._after_update(weight_version, flush_cache)
+
+    async def update_weights_from_tensor(self, *, serialized_named_tensors: Sequence[str],
+                                         load_format: str | None = None, weight_version: str | None = None,
+                                         flush_cache: bool = True) -> None:
+        """Load one ``lcr_safetensors`` bucket (see :func:`named_tensors_from_payload`)."""
+        named = named_tensors_from_payload(serialized_named_tensors, load_format, tp_size=self.config.tp_size)
+        await self.update_weights_from_tensors(named, weight_version=weight_version, flush_cache=flush_cache)
 
     async def update_weights_from_disk(self, model_path: str, *, weight_version: str | None = None,
                                        load_format: str | None = None) -> None:

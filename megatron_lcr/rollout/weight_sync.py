@@ -13,9 +13,14 @@ Trainer side of the sync (engines implement the SGLang endpoints it calls):
                     (``/init_weights_update_group``, formed as SGLang does: ``update_group.py``); per bucket the source POSTs
                     ``/update_weights_from_distributed`` and broadcasts each tensor in order
                     (gloo on CPU, NCCL on GPU);
-   ``disk``         safetensors shards in a directory, then ``/update_weights_from_disk`` on each engine.
+   ``disk``         safetensors shards in a directory, then ``/update_weights_from_disk`` on each engine;
+   ``tensor``       per bucket one ``/update_weights_from_tensor`` request per engine, for engines colocated
+                    on the trainer's GPUs: SGLang's pickled CUDA-IPC form (``tensor_format='sglang'``) or
+                    our pickle-free base64 safetensors (``'safetensors'``: CPU, the reference server);
+                    the formats and what was verified in SGLang's sources: ``tensor_payload.py``.
 4. Generation is paused and the cache flushed around the sync; every engine gets the new
-   ``weight_version``; optional per-tensor checksums prove the engines hold exactly these weights.
+   ``weight_version`` (with every bucket, as SGLang's update requests carry it); optional per-tensor
+   checksums prove the engines hold exactly these weights. All three modes share this path.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from megatron_lcr.models.hf_checkpoint import ShardedSafetensorsWriter, finalize
 from megatron_lcr.models.transfer import export_chunk_to_hf, maps_for_rank
 from megatron_lcr.parallel.env import free_port
 from megatron_lcr.rollout.checksum import tensor_checksum
+from megatron_lcr.rollout.tensor_payload import TENSOR_FORMATS, serialize_bucket
 from megatron_lcr.rollout.update_group import broadcast_from_source, join_update_group
 
 
@@ -44,8 +50,9 @@ from megatron_lcr.rollout.update_group import broadcast_from_source, join_update
 class WeightSyncConfig:
     """How new weights reach the rollout engines."""
 
-    mode: Literal["distributed", "disk"] = "distributed"
-    """Transport: broadcast over a trainer+engines process group, or safetensors on a shared disk."""
+    mode: Literal["distributed", "disk", "tensor"] = "distributed"
+    """Transport: broadcast over a trainer+engines process group, safetensors on a shared disk, or
+    /update_weights_from_tensor requests (engines colocated on the trainer's GPUs)."""
     bucket_bytes: int = 512 * 2**20
     """Bytes of tensors per update request (bytes)."""
     checksum: bool = False
@@ -55,9 +62,17 @@ class WeightSyncConfig:
     disk_dir: str = ""
     """Directory for mode 'disk' (must be visible to every engine)."""
     engine_tp_size: int = 1
-    """Tensor-parallel ranks per engine: each joins the update group (SGLang --tp-size)."""
+    """Tensor-parallel ranks per engine (SGLang --tp-size): each joins the update group, or gets an entry
+    of a tensor update."""
+    tensor_format: Literal["sglang", "safetensors"] | None = None
+    """Mode 'tensor' payload: 'sglang' (pickled CUDA IPC handles, GPU + sglang) or 'safetensors' (base64,
+    pickle-free: CPU, reference server, vLLM); None picks 'sglang' when CUDA is available, else 'safetensors'."""
 
     def __post_init__(self) -> None:
+        if self.tensor_format is None:
+            self.tensor_format = "sglang" if torch.cuda.is_available() else "safetensors"
+        if self.tensor_format not in TENSOR_FORMATS:
+            raise ValueError(f"tensor_format must be one of {', '.join(TENSOR_FORMATS)}, got {self.tensor_format!r}")
         if self.engine_tp_size < 1:
             raise ValueError(f"engine_tp_size must be >= 1, got {self.engine_tp_size}")
         if self.bucket_bytes < 1:
@@ -179,7 +194,7 @@ class WeightSyncer:
         self._group = None
 
     def connect(self) -> None:
-        """Form the trainer+engines process group (mode 'distributed'); a no-op for 'disk'."""
+        """Form the trainer+engines process group (mode 'distributed'); a no-op for 'disk' and 'tensor'."""
         if not self.is_source or self.cfg.mode != "distributed":
             return
         self.master_port = self.master_port or free_port(self.master_address)
@@ -215,13 +230,15 @@ class WeightSyncer:
         self.run(self.client.pause())
         sent, checksums = 0, {}
         try:
-            if self.cfg.mode == "distributed":
+            if self.cfg.mode == "disk":
+                sent, checksums = self._push_disk(tensors, version)
+            else:
+                push = {"distributed": self._broadcast_bucket, "tensor": self._post_tensor_bucket}[self.cfg.mode]
                 for bucket in buckets(tensors, self.cfg.bucket_bytes):
-                    sent += self._push_bucket(bucket, version)
+                    push(bucket, version)
+                    sent += sum(t.numel() * t.element_size() for _, t in bucket)
                     if self.cfg.checksum:
                         checksums.update((name, tensor_checksum(t)) for name, t in bucket)
-            else:
-                sent, checksums = self._push_disk(tensors, version)
             self.run(self.client.flush_cache())
         finally:
             self.run(self.client.resume())
@@ -234,7 +251,7 @@ class WeightSyncer:
         """Run a coroutine (e.g. a client call) on the syncer's event loop; source rank only."""
         return self._loop.run(coro, self.timeout_s)
 
-    def _push_bucket(self, bucket: list[tuple[str, torch.Tensor]], version: str) -> int:
+    def _broadcast_bucket(self, bucket: list[tuple[str, torch.Tensor]], version: str) -> None:
         done = self._loop.submit(self.client.update_weights_from_distributed(
             names=[n for n, _ in bucket], dtypes=[dtype_name(t.dtype) for _, t in bucket],
             shapes=[list(t.shape) for _, t in bucket], group_name=self.cfg.group_name,
@@ -243,7 +260,13 @@ class WeightSyncer:
         for _, tensor in bucket:
             broadcast_from_source(self._group, tensor.contiguous())
         done.result(self.timeout_s)
-        return sum(t.numel() * t.element_size() for _, t in bucket)
+
+    def _post_tensor_bucket(self, bucket: list[tuple[str, torch.Tensor]], version: str) -> None:
+        # The bucket stays referenced until every engine has answered: with tensor_format 'sglang' the
+        # engines read this process's GPU memory through the IPC handles.
+        entries, load_format = serialize_bucket(bucket, self.cfg.tensor_format, tp_size=self.cfg.engine_tp_size)
+        self.run(self.client.update_weights_from_tensor(serialized_named_tensors=entries, load_format=load_format,
+                                                        weight_version=version, flush_cache=False))
 
     def _push_disk(self, tensors, version: str) -> tuple[int, dict]:
         out = Path(self.cfg.disk_dir) / f"weights-{version}"

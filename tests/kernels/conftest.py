@@ -19,7 +19,10 @@ TRITON_SKIP_REASON = "triton is not installed (pip install triton; on CPU it run
 
 def impl_params() -> list:
     """``"torch"`` always; ``"triton"`` when installed (interpreter on CPU, compiled on CUDA)."""
-    return ["torch", pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason=TRITON_SKIP_REASON))]
+    return [
+        "torch",
+        pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason=TRITON_SKIP_REASON)),
+    ]
 
 
 @pytest.fixture

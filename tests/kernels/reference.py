@@ -53,4 +53,6 @@ def ref_kl(
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float, atol: float, name: str = "") -> None:
     """``|a - e| <= atol * max(1, max|e|) + rtol * |e|`` elementwise: atol scales with the tensor's size."""
     scale = max(1.0, float(expected.detach().abs().max())) if expected.numel() else 1.0
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol * scale, msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(
+        actual.double(), expected.double(), rtol=rtol, atol=atol * scale, msg=lambda m: f"{name}: {m}"
+    )

@@ -55,9 +55,11 @@ def check_kl(impl, kind, num_tokens, vocab, temperature, device, *, padding=3):
     ref_value, ref_grads = reference_grads(tensors, mask, g, kind=kind, temperature=temperature, valid=valid)
     assert kl.dtype == torch.float32 and kl.shape == (num_tokens,)
     assert_close(kl, ref_value, rtol=VALUE_TOL, atol=VALUE_TOL, name=f"{kind} kl")
-    for name, tensor, expected in zip(("d_h_s", "d_w_s", "d_h_t", "d_w_t"), tensors, ref_grads):
+    for name, tensor, expected in zip(("d_h_s", "d_w_s", "d_h_t", "d_w_t"), tensors, ref_grads, strict=False):
         assert_close(tensor.grad, expected, rtol=GRAD_TOL, atol=GRAD_TOL, name=f"{kind} {name}")
-    assert torch.all(kl[~mask] == 0) and torch.all(tensors[0].grad[~mask] == 0) and torch.all(tensors[2].grad[~mask] == 0)
+    assert (
+        torch.all(kl[~mask] == 0) and torch.all(tensors[0].grad[~mask] == 0) and torch.all(tensors[2].grad[~mask] == 0)
+    )
     assert torch.all(tensors[1].grad[valid:] == 0) and torch.all(tensors[3].grad[valid:] == 0)
 
 
@@ -83,7 +85,9 @@ def test_from_logits_matches_float64(impl, kind, device):
     z_t = (torch.randn(130, 1000, generator=gen) * 3).to(device).requires_grad_()
     g = torch.randn(130, generator=gen).to(device)
     mask = (torch.arange(130) % 5 != 0).to(device)
-    kl = kl_divergence_from_logits(z_s, z_t, kind=kind, beta=BETA, temperature=0.7, mask=mask, valid_vocab_end=996, config=kernel_config(impl))
+    kl = kl_divergence_from_logits(
+        z_s, z_t, kind=kind, beta=BETA, temperature=0.7, mask=mask, valid_vocab_end=996, config=kernel_config(impl)
+    )
     (kl * g).sum().backward()
     leaves = [z.detach().double().requires_grad_() for z in (z_s, z_t)]
     ref = ref_kl(*leaves, kind=kind, beta=BETA, temperature=0.7, valid_vocab_end=996, mask=mask)
@@ -100,7 +104,9 @@ def test_identical_distributions_give_exact_zeros(impl, kind, device):
     """Same weights and hidden states on both sides: KL == 0 and every gradient == 0, bit for bit."""
     (h, w, _, _), mask, g = make_pair(130, 1000, seed=9, device=device)
     h_t, w_t = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-    kl = kl_divergence(h, w, h_t, w_t, kind=kind, beta=BETA, temperature=0.7, valid_vocab_end=997, config=kernel_config(impl))
+    kl = kl_divergence(
+        h, w, h_t, w_t, kind=kind, beta=BETA, temperature=0.7, valid_vocab_end=997, config=kernel_config(impl)
+    )
     (kl * g).sum().backward()
     assert torch.equal(kl, torch.zeros_like(kl))
     for grad in (h.grad, w.grad, h_t.grad, w_t.grad):
@@ -118,7 +124,9 @@ def test_detached_teacher_gets_no_gradient_work(impl, device):
     """Stop-gradient on the teacher: only the student's inputs get gradients, and they are unchanged."""
     tensors, mask, g = make_pair(7, 1000, seed=4, device=device)
     teacher = [t.detach() for t in tensors[2:]]
-    kl = kl_divergence(tensors[0], tensors[1], *teacher, kind="reverse", temperature=0.7, mask=mask, config=kernel_config(impl))
+    kl = kl_divergence(
+        tensors[0], tensors[1], *teacher, kind="reverse", temperature=0.7, mask=mask, config=kernel_config(impl)
+    )
     (kl * g).sum().backward()
     _, ref_grads = reference_grads(tensors, mask, g, kind="reverse", temperature=0.7, valid=1000)
     assert_close(tensors[0].grad, ref_grads[0], rtol=GRAD_TOL, atol=GRAD_TOL, name="d_h_s")
@@ -144,9 +152,11 @@ def test_bf16_on_gpu(impl, kind):
     if impl == "triton" and not triton_available():
         pytest.skip(TRITON_SKIP_REASON)
     tensors, mask, g = make_pair(1000, 32000, seed=2, device="cuda", dtype=torch.bfloat16)
-    kl = kl_divergence(*tensors, kind=kind, beta=BETA, temperature=0.7, mask=mask, valid_vocab_end=31990, config=kernel_config(impl))
+    kl = kl_divergence(
+        *tensors, kind=kind, beta=BETA, temperature=0.7, mask=mask, valid_vocab_end=31990, config=kernel_config(impl)
+    )
     (kl * g).sum().backward()
     ref_value, ref_grads = reference_grads(tensors, mask, g, kind=kind, temperature=0.7, valid=31990)
     assert_close(kl, ref_value, rtol=2e-2, atol=2e-2, name="kl")
-    for name, tensor, expected in zip(("d_h_s", "d_w_s", "d_h_t", "d_w_t"), tensors, ref_grads):
+    for name, tensor, expected in zip(("d_h_s", "d_w_s", "d_h_t", "d_w_t"), tensors, ref_grads, strict=False):
         assert_close(tensor.grad, expected, rtol=2e-2, atol=2e-2, name=name)

@@ -30,10 +30,14 @@ def kernel_config(impl: str) -> KernelConfig:
     if torch.cuda.is_available():
         return KernelConfig(impl="triton", vocab_chunk_size=512)
     # Interpreter: each program iteration costs Python time, so fewer, larger tiles.
-    return KernelConfig(impl="triton", block_tokens=64, block_vocab=256, block_hidden=16, vocab_chunk_size=512, vocab_splits=3)
+    return KernelConfig(
+        impl="triton", block_tokens=64, block_vocab=256, block_hidden=16, vocab_chunk_size=512, vocab_splits=3
+    )
 
 
-def make_case(num_tokens: int, vocab: int, *, seed: int, device, dtype=torch.float32, padding: int = 0, scale: float = 1.0):
+def make_case(
+    num_tokens: int, vocab: int, *, seed: int, device, dtype=torch.float32, padding: int = 0, scale: float = 1.0
+):
     """Inputs with logits ~ N(0, 4^2) * scale, every 4th row masked, labels on tile edges."""
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(num_tokens, HIDDEN, generator=gen) * scale
@@ -61,12 +65,22 @@ def reference(hidden, weight, labels, g_logp, g_entropy, temperature, valid):
 
 
 def check_against_reference(impl, num_tokens, vocab, temperature, device, *, padding, tol=(VALUE_TOL, GRAD_TOL)):
-    hidden, weight, labels, g_logp, g_entropy, valid = make_case(num_tokens, vocab, seed=num_tokens + vocab, device=device, padding=padding)
-    logp, entropy = logprob_entropy(hidden, weight, labels, temperature=temperature, valid_vocab_end=valid, config=kernel_config(impl))
+    hidden, weight, labels, g_logp, g_entropy, valid = make_case(
+        num_tokens, vocab, seed=num_tokens + vocab, device=device, padding=padding
+    )
+    logp, entropy = logprob_entropy(
+        hidden, weight, labels, temperature=temperature, valid_vocab_end=valid, config=kernel_config(impl)
+    )
     assert logp.dtype == entropy.dtype == torch.float32 and logp.shape == (num_tokens,)
     (logp * g_logp + entropy * g_entropy).sum().backward()
     ref = reference(hidden, weight, labels, g_logp, g_entropy, temperature, valid)
-    for name, actual, expected, t in zip(("logp", "entropy", "d_hidden", "d_weight"), (logp, entropy, hidden.grad, weight.grad), ref, (tol[0], tol[0], tol[1], tol[1])):
+    for name, actual, expected, t in zip(
+        ("logp", "entropy", "d_hidden", "d_weight"),
+        (logp, entropy, hidden.grad, weight.grad),
+        ref,
+        (tol[0], tol[0], tol[1], tol[1]),
+        strict=False,
+    ):
         assert_close(actual, expected, rtol=t, atol=t, name=name)
     masked = labels == -100
     assert torch.all(logp[masked] == 0) and torch.all(entropy[masked] == 0)
@@ -84,7 +98,9 @@ def test_torch_matches_float64(num_tokens, vocab, temperature, device):
 
 
 @pytest.mark.skipif(not triton_available(), reason=TRITON_SKIP_REASON)
-@pytest.mark.parametrize("num_tokens,vocab,temperature", [(t, v, (0.5, 1.0, 2.0)[i % 3]) for i, (t, v) in enumerate(SHAPES)])
+@pytest.mark.parametrize(
+    "num_tokens,vocab,temperature", [(t, v, (0.5, 1.0, 2.0)[i % 3]) for i, (t, v) in enumerate(SHAPES)]
+)
 def test_triton_matches_float64(num_tokens, vocab, temperature, device):
     """Each (T, V) once, temperatures cycled: the interpreter is slow, the torch test covers the grid."""
     check_against_reference("triton", num_tokens, vocab, temperature, device, padding=min(3, vocab // 5))
@@ -125,7 +141,9 @@ def test_from_logits_matches_float64_and_hidden_path(impl, device):
     logits = (hidden.detach() @ weight.detach().t()).requires_grad_()
     # Padding columns hold garbage that must not leak into the softmax.
     logits.data[:, valid:] = 1e4
-    logp, entropy = logprob_entropy_from_logits(logits, labels, temperature=0.5, valid_vocab_end=valid, config=kernel_config(impl))
+    logp, entropy = logprob_entropy_from_logits(
+        logits, labels, temperature=0.5, valid_vocab_end=valid, config=kernel_config(impl)
+    )
     (logp * g_logp + entropy * g_entropy).sum().backward()
     z64 = logits.detach().double().requires_grad_()
     ref_lp, ref_ent = ref_logprob_entropy(z64, labels, 0.5, valid)
@@ -134,7 +152,9 @@ def test_from_logits_matches_float64_and_hidden_path(impl, device):
     assert_close(entropy, ref_ent, rtol=VALUE_TOL, atol=VALUE_TOL, name="entropy")
     assert_close(logits.grad, z64.grad, rtol=GRAD_TOL, atol=GRAD_TOL, name="d_logits")
     assert torch.all(logits.grad[:, valid:] == 0)
-    lp_h, ent_h = logprob_entropy(hidden, weight, labels, temperature=0.5, valid_vocab_end=valid, config=kernel_config(impl))
+    lp_h, ent_h = logprob_entropy(
+        hidden, weight, labels, temperature=0.5, valid_vocab_end=valid, config=kernel_config(impl)
+    )
     assert_close(lp_h, logp, rtol=VALUE_TOL, atol=VALUE_TOL, name="hidden vs logits")
 
 
@@ -152,7 +172,12 @@ def test_non_contiguous_inputs(impl, device):
     (logp.sum() + (entropy * g_entropy).sum()).backward()  # logp's upstream gradient: ones, expanded
     logp_c, entropy_c = logprob_entropy(hidden, weight, labels, temperature=0.7, config=config)
     (logp_c.sum() + (entropy_c * g_entropy).sum()).backward()
-    for name, a, b in (("logp", logp, logp_c), ("entropy", entropy, entropy_c), ("d_hidden", h_view.grad, hidden.grad), ("d_weight", w_view.grad, weight.grad)):
+    for name, a, b in (
+        ("logp", logp, logp_c),
+        ("entropy", entropy, entropy_c),
+        ("d_hidden", h_view.grad, hidden.grad),
+        ("d_weight", w_view.grad, weight.grad),
+    ):
         assert_close(a, b, rtol=1e-6, atol=1e-6, name=name)
 
 
@@ -164,7 +189,15 @@ def test_gradient_of_one_output_only(impl, used, device):
     logp, entropy = logprob_entropy(hidden, weight, labels, temperature=2.0, config=kernel_config(impl))
     ((logp * g_logp) if used == "logp" else (entropy * g_entropy)).sum().backward()
     zeros = torch.zeros_like(g_logp)
-    ref = reference(hidden, weight, labels, g_logp if used == "logp" else zeros, g_entropy if used == "entropy" else zeros, 2.0, valid)
+    ref = reference(
+        hidden,
+        weight,
+        labels,
+        g_logp if used == "logp" else zeros,
+        g_entropy if used == "entropy" else zeros,
+        2.0,
+        valid,
+    )
     assert_close(hidden.grad, ref[2], rtol=GRAD_TOL, atol=GRAD_TOL, name="d_hidden")
     assert_close(weight.grad, ref[3], rtol=GRAD_TOL, atol=GRAD_TOL, name="d_weight")
 
@@ -211,9 +244,15 @@ def test_bf16_on_gpu(impl, num_tokens, vocab):
     """bf16 inputs, fp32 accumulation: within 2e-2 of the float64 reference on the same bf16 values."""
     if impl == "triton" and not triton_available():
         pytest.skip(TRITON_SKIP_REASON)
-    hidden, weight, labels, g_logp, g_entropy, valid = make_case(num_tokens, vocab, seed=2, device="cuda", dtype=torch.bfloat16, padding=3)
-    logp, entropy = logprob_entropy(hidden, weight, labels, temperature=0.7, valid_vocab_end=valid, config=kernel_config(impl))
+    hidden, weight, labels, g_logp, g_entropy, valid = make_case(
+        num_tokens, vocab, seed=2, device="cuda", dtype=torch.bfloat16, padding=3
+    )
+    logp, entropy = logprob_entropy(
+        hidden, weight, labels, temperature=0.7, valid_vocab_end=valid, config=kernel_config(impl)
+    )
     (logp * g_logp + entropy * g_entropy).sum().backward()
     ref = reference(hidden, weight, labels, g_logp, g_entropy, 0.7, valid)
-    for name, actual, expected in zip(("logp", "entropy", "d_hidden", "d_weight"), (logp, entropy, hidden.grad, weight.grad), ref):
+    for name, actual, expected in zip(
+        ("logp", "entropy", "d_hidden", "d_weight"), (logp, entropy, hidden.grad, weight.grad), ref, strict=False
+    ):
         assert_close(actual, expected, rtol=2e-2, atol=2e-2, name=name)

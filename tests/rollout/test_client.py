@@ -2,8 +2,8 @@
 
 Unit tests cover sample expansion and the translation of SGLang's ``/generate`` answers. The rest
 runs reference servers (SGLang's native API on CPU) on loopback: sampling, scoring against the
-Hugging Face model itself, the API key, /flush_cache retries, abort on close, a server SIGKILLed in the
-middle of a 64-request batch, and a hung (SIGSTOPped) server.
+Hugging Face model itself, the API key, a tensor weight update of every server, /flush_cache retries,
+abort on close, a server SIGKILLed in the middle of a 64-request batch, and a hung (SIGSTOPped) server.
 """
 
 from __future__ import annotations
@@ -29,9 +29,11 @@ from megatron_lcr.rollout.client import (
     parse_generate_response,
     parse_score_response,
 )
+from megatron_lcr.rollout.checksum import tensor_checksum
 from megatron_lcr.rollout.engine import GenerateRequest, RolloutEngine, SamplingParams, expand_samples
 from megatron_lcr.parallel.env import free_ports
 from megatron_lcr.rollout.sglang import SGLangLaunchConfig, launch_servers, restart_callback, stop_servers
+from megatron_lcr.rollout.tensor_payload import serialize_bucket
 from tests.tiny_hf import hf_logits, make_tiny_hf
 
 API_KEY = "test-key"
@@ -198,6 +200,34 @@ def test_api_key_is_sent_and_required(servers):
             return await client.weight_version()
 
     assert asyncio.run(run()) == "default"
+
+
+def test_tensor_update_reaches_every_server_and_failures_name_it(servers, model_dir):
+    from safetensors.torch import load_file
+
+    norm = load_file(str(model_dir / "model.safetensors"))["model.norm.weight"]
+
+    async def update(tensor, version, client):
+        entries, load_format = serialize_bucket([("model.norm.weight", tensor)], "safetensors", tp_size=1)
+        await client.update_weights_from_tensor(serialized_named_tensors=entries, load_format=load_format,
+                                                 weight_version=version, flush_cache=False)
+
+    async def run():
+        async with _client([s.url for s in servers]) as client:
+            try:
+                await update(norm + 1.0, "t1", client)
+                changed = await client.weights_checksums()
+                version = await client.weight_version()
+                with pytest.raises(RolloutRequestError, match=r"/update_weights_from_tensor failed: .*has shape"):
+                    await update(torch.zeros(3), "bad", client)
+            finally:
+                await update(norm, "default", client)  # back to the launch weights for the other tests
+            return changed, version, await client.weights_checksums()
+
+    changed, version, restored = asyncio.run(run())
+    assert version == "t1" and set(changed) == {s.url for s in servers}
+    assert all(a["checksums"]["model.norm.weight"] == tensor_checksum(norm + 1.0) for a in changed.values())
+    assert all(a["checksums"]["model.norm.weight"] == tensor_checksum(norm) for a in restored.values())
 
 
 def test_flush_cache_retries_while_requests_run(servers):

@@ -6,7 +6,9 @@ the weights restore the original checkpoint before they end.
 
 from __future__ import annotations
 
+import base64
 import json
+import pickle
 import socket
 import subprocess
 import sys
@@ -22,6 +24,7 @@ from safetensors.torch import load_file
 
 from megatron_lcr.parallel.env import free_port
 from megatron_lcr.rollout.checksum import tensor_checksum
+from megatron_lcr.rollout.tensor_payload import LCR_SAFETENSORS, serialize_bucket
 from tests.tiny_hf import make_tiny_hf
 
 KEY = "test-key"
@@ -515,7 +518,70 @@ def test_update_weight_group_errors(server):
                                                              "rank_offset": 1, "world_size": 2, "backend": "nccl"})
     assert status == 400 and "gloo" in out["message"]
     status, out = server.call("/update_weights_from_tensor", {"serialized_named_tensors": ["x"]})
-    assert status == 400 and not out["success"] and "unpickle" in out["message"]
+    assert status == 400 and not out["success"] and "never unpickles" in out["message"]
+    status, out = server.call("/update_weights_from_tensor", {"serialized_named_tensors": "x",
+                                                              "load_format": LCR_SAFETENSORS})
+    assert status == 400 and "must be a list of base64 strings" in out["message"]
+
+
+def _tensor_update(server: Server, named: dict[str, torch.Tensor], version: str, **kw) -> tuple[int, dict]:
+    entries, load_format = serialize_bucket(list(named.items()), "safetensors", tp_size=1)
+    body = {"serialized_named_tensors": entries, "load_format": load_format, "weight_version": version}
+    return server.call("/update_weights_from_tensor", body, **kw)
+
+
+def test_update_weights_from_tensor(server, hf, model_dir, tmp_path):
+    original = _file_checksums(model_dir)
+    params = dict(hf.named_parameters())
+    gen_ = torch.Generator().manual_seed(1)
+    names = ["model.norm.weight", "model.layers.0.self_attn.k_proj.weight", "lm_head.weight"]
+    modified = {n: params[n].detach() + 0.05 * torch.randn(params[n].shape, generator=gen_) for n in names}
+    before = gen(server, PROMPTS[0], temperature=0, max_new_tokens=8, ignore_eos=True)
+    try:
+        assert _tensor_update(server, modified, "t1", key=None)[0] == 401
+        status, out = _tensor_update(server, modified, "t1")
+        assert status == 200 and out["success"] and "t1" in out["message"], out
+        assert server.ok("/get_weight_version") == {"weight_version": "t1"}
+        assert server.ok("/lcr/weights_checksum") == {
+            "weight_version": "t1", "checksums": {**original, **{n: tensor_checksum(t) for n, t in modified.items()}}}
+        after = gen(server, PROMPTS[0], temperature=0, max_new_tokens=8, ignore_eos=True)
+        assert after["meta_info"]["weight_version"] == "t1"
+        with torch.no_grad():  # the HF model with the same modified weights generates the same tokens
+            saved = {n: params[n].detach().clone() for n in names}
+            for n in names:
+                params[n].copy_(modified[n])
+            expected = hf_greedy(hf, PROMPTS[0], 8)
+            for n in names:
+                params[n].copy_(saved[n])
+        assert after["output_ids"] == expected != before["output_ids"]
+
+        # Refused as a whole, naming the tensor; the model keeps the t1 weights.
+        t1 = server.ok("/lcr/weights_checksum")
+        good = {names[0]: modified[names[0]] * 2}
+        for bad, needle in (({**good, "model.nope.weight": torch.zeros(2)}, "'model.nope.weight'"),
+                            ({**good, names[1]: torch.zeros(3, 3)}, f"{names[1]!r} has shape"),
+                            ({**good, names[2]: modified[names[2]].double()}, f"{names[2]!r} has dtype")):
+            status, out = _tensor_update(server, bad, "bad")
+            assert status == 400 and not out["success"] and needle in out["message"], out
+            assert server.ok("/lcr/weights_checksum") == t1
+
+        # SGLang's own load formats carry pickles: refused without unpickling anything.
+        marker = tmp_path / "unpickled"
+
+        class Payload:
+            def __reduce__(self):
+                return open, (str(marker), "w")
+
+        entry = base64.b64encode(pickle.dumps([("model.norm.weight", Payload())])).decode()
+        for load_format in (None, "direct", "flattened_bucket", LCR_SAFETENSORS):
+            body = {"serialized_named_tensors": [entry], "load_format": load_format, "weight_version": "x"}
+            status, out = server.call("/update_weights_from_tensor", body)
+            assert status == 400 and not out["success"], out
+            assert ("never unpickles" if load_format != LCR_SAFETENSORS else "not safetensors") in out["message"]
+        assert not marker.exists()
+        assert server.ok("/lcr/weights_checksum") == t1
+    finally:
+        _restore(server, model_dir)
 
 
 def test_weight_update_waits_for_running_requests_unless_paused(server, hf, model_dir, tmp_path):

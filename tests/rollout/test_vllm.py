@@ -4,11 +4,13 @@ vLLM needs CUDA and is not installed here. These tests build plain objects with 
 vLLM's ``RequestOutput`` / ``CompletionOutput`` / ``Logprob`` (``vllm/outputs.py``, ``vllm/logprobs.py``)
 and check our translation; building the engine, generation, weight loading and sleep/wake-up are not
 exercised (see the docstring of ``megatron_lcr/rollout/vllm.py``). The workers' side of a weight-update
-group is checked against the trainer's side on gloo.
+group is checked against the trainer's side on gloo; a tensor update's decoding and hand-over to
+``collective_rpc`` against a stand-in that records the engine's calls.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,12 +20,14 @@ import torch
 
 from megatron_lcr.parallel.env import free_port
 from megatron_lcr.rollout.engine import GenerateRequest, RolloutEngine, SamplingParams, expand_samples
+from megatron_lcr.rollout.tensor_payload import serialize_bucket
 from megatron_lcr.rollout.vllm import (
     WORKER_EXTENSION,
     VLLMConfig,
     VLLMEngine,
     _UpdateGroupMember,
     completion_from_vllm,
+    named_tensors_from_payload,
     score_from_vllm,
     vllm_sampling_kwargs,
     vllm_score_kwargs,
@@ -123,6 +127,48 @@ def test_engine_kwargs_name_an_importable_worker_extension():
     cls = getattr(importlib.import_module(module), name)
     assert {"lcr_init_weight_group", "lcr_update_weights", "lcr_load_weights"} <= set(vars(cls))
     assert isinstance(VLLMEngine(VLLMConfig(model_path="/m")), RolloutEngine)  # vllm is only imported on use
+
+
+def test_tensor_update_payload_translation():
+    bucket = [("model.norm.weight", torch.arange(4.0)), ("lm_head.weight", torch.ones(2, 3, dtype=torch.bfloat16))]
+    entries, load_format = serialize_bucket(bucket, "safetensors", tp_size=2)
+    got = dict(named_tensors_from_payload(entries, load_format, tp_size=2))
+    assert set(got) == {n for n, _ in bucket}
+    assert all(got[n].dtype == t.dtype and torch.equal(got[n], t) for n, t in bucket)
+    with pytest.raises(ValueError, match="entries; the engine has 2 TP ranks"):
+        named_tensors_from_payload(entries[:1], load_format, tp_size=2)
+    # SGLang's pickled CUDA-IPC form (load_format None, 'flattened_bucket', ...) is refused by name.
+    for other in (None, "flattened_bucket"):
+        with pytest.raises(ValueError, match="tensor_format 'safetensors', or mode 'distributed' or 'disk'"):
+            named_tensors_from_payload(entries, other, tp_size=2)
+
+
+class _RecordingLLM:
+    """Stands in for ``vllm.LLM`` (not installable here): records the calls the engine makes."""
+
+    def __init__(self):
+        self.calls = []
+
+    def collective_rpc(self, method, args=()):
+        self.calls.append((method, args))
+
+    def reset_prefix_cache(self):
+        self.calls.append(("reset_prefix_cache", ()))
+
+
+def test_engine_tensor_update_loads_the_decoded_bucket_on_every_worker():
+    llm = _RecordingLLM()
+    engine = VLLMEngine(VLLMConfig(model_path="/m"), llm=llm)
+    entries, load_format = serialize_bucket([("model.norm.weight", torch.arange(4.0))], "safetensors", tp_size=1)
+    asyncio.run(engine.update_weights_from_tensor(serialized_named_tensors=entries, load_format=load_format,
+                                                  weight_version="7"))
+    (method, (named,)), flush = llm.calls
+    assert method == "lcr_load_weights" and flush == ("reset_prefix_cache", ())
+    assert [n for n, _ in named] == ["model.norm.weight"] and torch.equal(named[0][1], torch.arange(4.0))
+    assert asyncio.run(engine.weight_version()) == "7"
+    with pytest.raises(ValueError, match="not None"):
+        asyncio.run(engine.update_weights_from_tensor(serialized_named_tensors=entries, load_format=None))
+    assert len(llm.calls) == 2 and asyncio.run(engine.weight_version()) == "7"  # nothing loaded
 
 
 def _member_receives(port: int, queue) -> None:

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from megatron_lcr.rollout.weight_sync import WeightSyncConfig, buckets
 from tests.distributed import WORKERS, run_torchrun
@@ -40,6 +41,11 @@ def test_config_validation():
         WeightSyncConfig(mode="disk")
     with pytest.raises(ValueError, match="bucket_bytes must be >= 1, got 0"):
         WeightSyncConfig(bucket_bytes=0)
+    with pytest.raises(ValueError, match="tensor_format must be one of sglang, safetensors, got 'pickle'"):
+        WeightSyncConfig(mode="tensor", tensor_format="pickle")
+    # Unset, the tensor format follows the hardware: SGLang's CUDA-IPC payload needs a GPU.
+    expected = "sglang" if torch.cuda.is_available() else "safetensors"
+    assert WeightSyncConfig(mode="tensor").tensor_format == expected
 
 
 @pytest.fixture
@@ -57,11 +63,14 @@ def two_reference_servers(tmp_path):
 
 
 @pytest.mark.dist
-def test_tp2_trainer_sync_into_two_servers_matches_logprobs_and_checksums(tmp_path, two_reference_servers):
+@pytest.mark.parametrize("mode", ["distributed", "tensor"])
+def test_tp2_trainer_sync_into_two_servers_matches_logprobs_and_checksums(tmp_path, two_reference_servers, mode):
+    # Mode 'tensor' on CPU sends the pickle-free safetensors payload (tensor_format picked automatically).
     hf = make_tiny_hf("llama", tmp_path / "trainer", seed=0)
     out = tmp_path / "sync.json"
-    run_torchrun(WORKERS / "sync_servers.py", 2, [str(hf), ",".join(two_reference_servers), str(out)])
+    run_torchrun(WORKERS / "sync_servers.py", 2, [str(hf), ",".join(two_reference_servers), str(out), mode])
     result = json.loads(out.read_text())
+    hf_bytes = sum(t.numel() * t.element_size() for t in load_file(str(hf / "model.safetensors")).values())
     for label, version in (("first", "1"), ("after_step", "2")):
         r = result[label]
         # fp32 on both sides, same maths, different kernels: ~1e-6 in practice.
@@ -69,7 +78,7 @@ def test_tp2_trainer_sync_into_two_servers_matches_logprobs_and_checksums(tmp_pa
         assert r["servers"] == sorted(two_reference_servers)  # both servers answered
         assert r["versions"] == [version]
         assert r["stats"]["checksum_mismatches"] == 0
-        assert r["stats"]["bytes"] > 0
+        assert r["stats"]["bytes"] == hf_bytes  # every tensor, once
     # The optimizer step changed the weights and the servers followed.
     before, after = result["first"]["trainer_logprobs"], result["after_step"]["trainer_logprobs"]
     assert max(abs(a - b) for a, b in zip(before, after)) > 1e-3

@@ -2,13 +2,16 @@
 
 Usage: ``kernels_tp.py OUT_JSON IMPL [IMPL ...]`` on 2 processes (gloo). Every rank builds the same
 full problem from one seed, keeps its vocabulary shard for three layouts (even split; uneven split
-600 | 403; rank 1 holding only padding; Triton, under its interpreter, on the last two) and runs logprob/entropy and the three KL kinds, from hidden
-states and from logits, with random upstream gradients. It records, per check, the max abs difference
+600 | 403; rank 1 holding only padding; Triton, under its interpreter, on the uneven one) and runs
+logprob/entropy and the three KL kinds, from hidden states and from logits, with random upstream
+gradients. It records, per check, the max abs difference
 to the same op at TP=1 on the full weight (values, ``d_hidden``, this rank's rows of ``d_weight``).
 Then, with Megatron's parallel state at TP=2, it compares ``logprob_entropy`` on the weight of a
 Megatron ``ColumnParallelLinear`` output layer to that layer + ``vocab_parallel_cross_entropy``
 (log-probs, input gradient, weight gradient), with ``reduce_grad_hidden=True`` on the raw input and
-with ``False`` behind ``copy_to_tensor_model_parallel_region``. Rank 0 writes the max over ranks.
+with ``False`` behind ``copy_to_tensor_model_parallel_region``; and, on a one-layer GPTModel (tied
+and untied embeddings), the hidden-state path (``output_layer_returns_hidden`` + ``output_weight``)
+against the logits path, every parameter's gradient. Rank 0 writes the max over ranks.
 """
 
 from __future__ import annotations
@@ -91,7 +94,9 @@ def compare_layout(name: str, rows: tuple[int, int], impl: str, errors: dict) ->
     for from_logits in (False, True):
         tag = f"{impl}/{name}/{'logits' if from_logits else 'hidden'}"
         full = run_logprob(hidden, weight, labels, grads, start=0, group=None, config=config, from_logits=from_logits)
-        tp = run_logprob(hidden, weight[start:stop], labels, grads, start=start, group=group, config=config, from_logits=from_logits)
+        tp = run_logprob(
+            hidden, weight[start:stop], labels, grads, start=start, group=group, config=config, from_logits=from_logits
+        )
         errors[f"{tag}/logp"] = max_err(tp[0], full[0])
         errors[f"{tag}/entropy"] = max_err(tp[1], full[1])
         if from_logits:
@@ -100,7 +105,9 @@ def compare_layout(name: str, rows: tuple[int, int], impl: str, errors: dict) ->
             errors[f"{tag}/d_hidden"] = max_err(tp[2], full[2])
             errors[f"{tag}/d_weight"] = max_err(tp[3], full[3][start:stop])
         for kind in ("forward", "reverse", "jsd"):
-            full_kl = run_kl((hidden, weight, h_t, w_t), grads, kind, start=0, group=None, config=config, from_logits=from_logits)
+            full_kl = run_kl(
+                (hidden, weight, h_t, w_t), grads, kind, start=0, group=None, config=config, from_logits=from_logits
+            )
             shards = (hidden, weight[start:stop], h_t, w_t[start:stop])
             tp_kl = run_kl(shards, grads, kind, start=start, group=group, config=config, from_logits=from_logits)
             errors[f"{tag}/{kind}/kl"] = max_err(tp_kl[0], full_kl[0])
@@ -153,6 +160,68 @@ def compare_megatron_output_layer(errors: dict) -> None:
         layer.weight.grad = None
 
 
+def tiny_gpt(tied: bool):
+    """A one-layer Megatron GPTModel at TP=2 (local spec, fp32, CPU init), vocabulary 1008 (1000 real)."""
+    import torch.nn.functional as F
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = TransformerConfig(
+        num_layers=1, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, normalization="RMSNorm",
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, hidden_dropout=0.0,
+        attention_dropout=0.0, tensor_model_parallel_size=2, bias_activation_fusion=False,
+        masked_softmax_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
+        persist_layer_norm=False, use_cpu_initialization=True,
+    )  # fmt: skip
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=1008, max_sequence_length=64,
+                    share_embeddings_and_output_weights=tied, position_embedding_type="rope")  # fmt: skip
+
+
+def compare_gpt_hidden_path(errors: dict) -> None:
+    """A GPTModel's logits path vs its hidden-state path (output layer bypassed): logp and every grad."""
+    from megatron_lcr.kernels import (
+        KernelConfig,
+        logprob_entropy,
+        logprob_entropy_from_logits,
+        megatron_vocab_shard,
+        output_layer_returns_hidden,
+        output_weight,
+    )
+    from megatron_lcr.models.forward import causal_mask
+
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VALID, (2, 24), generator=gen)
+    labels = torch.randint(0, VALID, (48,), generator=gen)
+    labels[::7] = -100
+    g_logp, g_ent = torch.randn(48, generator=gen), torch.randn(48, generator=gen)
+    args = (ids, torch.arange(24).expand(2, 24), causal_mask(24, torch.device("cpu")))
+    config = KernelConfig(impl="torch", token_chunk_size=16, vocab_chunk_size=128)
+    for tied in (False, True):
+        torch.manual_seed(3)
+        model = tiny_gpt(tied)
+        start, group = megatron_vocab_shard(output_weight(model))
+        kw = dict(temperature=TEMPERATURE, vocab_start=start, valid_vocab_end=VALID, tp_group=group, config=config)
+        results = []
+        for use_hidden in (False, True):
+            model.zero_grad()
+            if use_hidden:
+                with output_layer_returns_hidden(model):
+                    hidden = model(*args)  # [b, s, h]
+                logp, ent = logprob_entropy(hidden.reshape(48, -1), output_weight(model), labels, **kw)
+            else:
+                logits = model(*args)  # [b, s, V_local]
+                logp, ent = logprob_entropy_from_logits(logits.reshape(48, -1), labels, **kw)
+            (logp * g_logp + ent * g_ent).sum().backward()
+            results.append((logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        (lp_a, grads_a), (lp_b, grads_b) = results
+        tag = f"gpt/tied={tied}"
+        errors[f"{tag}/logp"] = max_err(lp_b, lp_a)
+        errors[f"{tag}/d_params"] = max(max_err(grads_b[n], grads_a[n]) for n in grads_a)
+        errors[f"{tag}/num_params"] = 0.0 if len(grads_a) >= 8 else 1.0
+
+
 def main(out_path: str, impls: list[str]) -> None:
     if "triton" in impls:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
@@ -164,11 +233,12 @@ def main(out_path: str, impls: list[str]) -> None:
     errors: dict[str, float] = {}
     t0 = time.perf_counter()
     compare_megatron_output_layer(errors)
+    compare_gpt_hidden_path(errors)
     for impl in impls:
         t1 = time.perf_counter()
         for name, rows in LAYOUTS.items():
-            if impl == "triton" and name == "even":
-                continue  # interpreter time; the uneven split covers the same code paths and more
+            if impl == "triton" and name != "uneven":
+                continue  # interpreter time; the shard logic around the kernels is shared with torch
             compare_layout(name, rows, impl, errors)
         print(f"rank {dist.get_rank()}: {impl} layouts took {time.perf_counter() - t1:.1f}s", flush=True)
     print(f"rank {dist.get_rank()}: checks took {time.perf_counter() - t0:.1f}s", flush=True)

@@ -1,13 +1,15 @@
 """torchrun worker for tests/rollout/test_weight_sync.py: sync a TP=2 Megatron trainer into servers.
 
-Usage: ``sync_servers.py HF_DIR URLS_COMMA OUT_JSON``. The servers were started with a *different*
-model; after ``WeightSyncer.sync`` their log-probs of a fixed sequence must equal the trainer's.
-Then one optimizer step, a second sync, and the same comparison. Rank 0 writes the numbers.
+Usage: ``sync_servers.py HF_DIR URLS_COMMA OUT_JSON MODE``, MODE a ``WeightSyncConfig.mode`` (``disk``
+writes next to OUT_JSON). The servers were started with a *different* model; after ``WeightSyncer.sync``
+their log-probs of a fixed sequence must equal the trainer's. Then one optimizer step, a second sync,
+and the same comparison. Rank 0 writes the numbers.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 
@@ -24,7 +26,7 @@ def trainer_logprobs(policy, ids):
     return logp[:-1].gather(-1, ids[1:, None])[:, 0].tolist()
 
 
-def main(hf_dir: str, urls: str, out_path: str) -> None:
+def main(hf_dir: str, urls: str, out_path: str, mode: str) -> None:
     import torch
 
     from megatron_lcr.data.synthetic_lm import SyntheticLMConfig, arithmetic_sequences
@@ -42,7 +44,9 @@ def main(hf_dir: str, urls: str, out_path: str) -> None:
     policy = build_policy(ModelConfig(hf_path=hf_dir, params_dtype="float32"), parallel)
     rank0 = torch.distributed.get_rank() == 0
     client = SGLangClient(ClientConfig(urls=urls.split(","))) if rank0 else None
-    syncer = WeightSyncer(WeightSyncConfig(checksum=True, bucket_bytes=2**18), client)
+    disk_dir = os.path.join(os.path.dirname(out_path), "sync-disk")
+    cfg = WeightSyncConfig(mode=mode, checksum=True, bucket_bytes=2**18, disk_dir=disk_dir)
+    syncer = WeightSyncer(cfg, client)
     syncer.connect()
     ids = torch.tensor([5, 17, 3, 99, 250, 7, 7, 42, 8, 600, 11, 12])
     results = {}
@@ -79,4 +83,4 @@ def main(hf_dir: str, urls: str, out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])
