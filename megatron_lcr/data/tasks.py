@@ -50,8 +50,7 @@ def load_task_samples(cfg: TaskDataConfig, split: Split, count_tokens) -> list[S
         samples = read_samples(path)
         where = path
     else:
-        gen = cfg.longblocks if split == "train" else replace(cfg.longblocks, seed=cfg.longblocks.seed + 1,
-                                                             num_samples=cfg.num_eval)
+        gen = cfg.longblocks if split == "train" else replace(cfg.longblocks, seed=cfg.longblocks.seed + 1)
         if limit:
             gen = replace(gen, num_samples=limit)
         samples = generate(gen, count_tokens, progress=True)

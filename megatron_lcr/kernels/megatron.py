@@ -60,7 +60,8 @@ def output_layer_returns_hidden(model: torch.nn.Module) -> Iterator[None]:
 
     layer = get_attr_wrapped_model(model, "output_layer")
     if getattr(layer, "sequence_parallel", False):
-        raise NotImplementedError("output_layer_returns_hidden does not gather sequence-parallel hidden states")
+        raise ValueError("output_layer_returns_hidden needs sequence_parallel off: with it the hidden states are "
+                         "[s/tp, b, h] shards; gather them first and use reduce_grad_hidden=False")
 
     def identity(input_: torch.Tensor, weight: torch.Tensor | None = None, runtime_gather_output=None):
         del weight, runtime_gather_output

@@ -82,11 +82,6 @@ class PackedBatch:
         allowed = causal & (segment[:, None] == segment[None, :])
         return ~allowed[None, None], None
 
-    def gather(self, per_position: torch.Tensor) -> torch.Tensor:
-        """``[1, L]`` or ``[L]`` per-position values -> ``[n, R]`` per response token (0 where masked)."""
-        flat = per_position.reshape(-1)
-        return flat[self.response_index.to(flat.device)] * self.response_mask.to(flat.device, flat.dtype)
-
 
 def pack_micro_batch(sequences: Sequence[TokenSequence], ids: Sequence[int], *, pad_id: int,
                      pad_to: int) -> PackedBatch:

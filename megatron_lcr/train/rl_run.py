@@ -12,30 +12,24 @@ context of the base and the trained policy, and the wall time.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
-import torch
 
 from megatron_lcr.atomic import atomic_write_text
-from megatron_lcr.config import save_resolved
-from megatron_lcr.data.tasks import data_order, load_task_samples
-from megatron_lcr.models.families import hf_arch, model_dims
-from megatron_lcr.models.hf_checkpoint import load_hf_config
-from megatron_lcr.models.megatron_checkpoint import HF_DIR, load_model
-from megatron_lcr.parallel.state import destroy_megatron, initialize_megatron
+from megatron_lcr.data.tasks import data_order
+from megatron_lcr.models.megatron_checkpoint import load_model
+from megatron_lcr.parallel.state import destroy_megatron
 from megatron_lcr.train.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
 from megatron_lcr.train.engines import Engines
 from megatron_lcr.train.export import export_hf
 from megatron_lcr.train.metrics_log import MetricsLog
 from megatron_lcr.train.micro_batches import plan_micro_batches
 from megatron_lcr.train.model_setup import build_policy, has_hf_weights
-from megatron_lcr.train.optimizer import build_optimizer
 from megatron_lcr.train.rl_config import RLRunConfig
 from megatron_lcr.train.rl_step import build_sequences, guarded_update, make_loss_fn, score, step_norms
 from megatron_lcr.train.rollouts import collect_rollouts
-from megatron_lcr.train.task import TaskContext
+from megatron_lcr.train.task import start_qa_job
 from megatron_lcr.train.token_logprobs import ScoringSpec
 
 
@@ -65,7 +59,7 @@ def _old_logprobs(cfg, policy, ref, sequences, spec) -> dict[str, float]:
             seq.token_values["ref_logp"] = refs[i]["logp"]
         by_rollout[seq.values["rollout"]] = old[i]["logp"]
         engine = seq.token_values.pop("engine_logp")
-        diffs += [abs(a - b) for a, b in zip(old[i]["logp"], engine) if b is not None]
+        diffs += [abs(a - b) for a, b in zip(old[i]["logp"], engine)]
     for seq in sequences:
         if seq.values["aux"]:
             seq.token_values["teacher_logp"] = by_rollout[seq.values["rollout"]]
@@ -94,26 +88,16 @@ def run_rl(cfg: RLRunConfig, out_dir: str | Path) -> dict:
     started = time.time()
     out_dir = Path(out_dir)
     trainer = cfg.trainer
-    config_dir = Path(trainer.load) / HF_DIR if trainer.load else Path(cfg.model.hf_path)
-    task = TaskContext.create(cfg.data, cfg.prompt, config_dir)
-    train = load_task_samples(cfg.data, "train", task.count_tokens)
-    held_out = load_task_samples(cfg.data, "eval", task.count_tokens)
-    initialize_megatron(cfg.parallel, seed=trainer.seed, dims=model_dims(hf_arch(load_hf_config(config_dir))))
-    is_main = torch.distributed.get_rank() == 0
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_resolved(cfg, out_dir / "config.yaml")
-    policy = build_policy(cfg.model, cfg.parallel, load=trainer.load)
+    job = start_qa_job(cfg, out_dir, load=trainer.load, seed=trainer.seed, total_steps=trainer.steps)
+    task, train, held_out, is_main = job.task, job.train, job.held_out, job.is_main
+    policy, optimizer, scheduler = job.policy, job.optimizer, job.scheduler
     ref = build_policy(cfg.model, cfg.parallel, load=trainer.load) if cfg.rl.loss.kl_coef > 0 else None
-    optimizer, scheduler = build_optimizer(cfg.optimizer, policy.chunks, params_dtype=policy.chunks[0].config.params_dtype,
-                                           use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-                                           total_steps=trainer.steps)
     state = {"step": 0, "cursor": 0, "bad_steps": 0, "base": None}
     resume_from = latest_checkpoint(out_dir) if trainer.resume else None
     if resume_from is not None:
         load_model([c.module for c in policy.chunks], resume_from)
         state = load_training_state(resume_from, optimizer, scheduler)
-    engine_model = str(config_dir) if has_hf_weights(config_dir) else str(export_hf(policy, out_dir / "engine_init"))
+    engine_model = str(policy.hf_config_dir) if has_hf_weights(policy.hf_config_dir) else str(export_hf(policy, out_dir / "engine_init"))
     spec = _scoring_spec(cfg, policy.arch.vocab_size, entropy=cfg.rl.loss.entropy_coef > 0)
     long_prompts: dict[str, list[int]] = {}
 

@@ -24,24 +24,19 @@ from typing import Literal
 import torch
 
 from megatron_lcr.atomic import atomic_write_text
-from megatron_lcr.config import save_resolved
 from megatron_lcr.data.prompts import PromptConfig
 from megatron_lcr.data.schema import Sample
-from megatron_lcr.data.tasks import TaskDataConfig, data_order, load_task_samples
+from megatron_lcr.data.tasks import TaskDataConfig, data_order
 from megatron_lcr.models.builder import ModelConfig
-from megatron_lcr.models.families import hf_arch, model_dims
-from megatron_lcr.models.hf_checkpoint import load_hf_config
-from megatron_lcr.models.megatron_checkpoint import HF_DIR
 from megatron_lcr.parallel.layout import ParallelConfig
-from megatron_lcr.parallel.state import destroy_megatron, initialize_megatron
+from megatron_lcr.parallel.state import destroy_megatron
 from megatron_lcr.train.checkpoint import save_checkpoint
 from megatron_lcr.train.engines import Engines, RolloutConfig
 from megatron_lcr.train.evaluate import EvalConfig
 from megatron_lcr.train.export import export_hf
 from megatron_lcr.train.lm_step import MicroBatch, lm_train_step
-from megatron_lcr.train.model_setup import build_policy
-from megatron_lcr.train.optimizer import OptimizerConfig, build_optimizer
-from megatron_lcr.train.task import TaskContext
+from megatron_lcr.train.optimizer import OptimizerConfig
+from megatron_lcr.train.task import TaskContext, start_qa_job
 
 
 @dataclass(kw_only=True)
@@ -128,23 +123,16 @@ def run_sft(cfg: SFTRunConfig, out_dir: str | Path) -> dict:
     started = time.time()
     out_dir = Path(out_dir)
     trainer = cfg.trainer
-    config_dir = Path(trainer.load) / HF_DIR if trainer.load else Path(cfg.model.hf_path)
-    task = TaskContext.create(cfg.data, cfg.prompt, config_dir)
-    train = load_task_samples(cfg.data, "train", task.count_tokens)
-    held_out = load_task_samples(cfg.data, "eval", task.count_tokens)
-    pairs = sft_pairs(train, task, trainer.context)
-    dp = initialize_megatron(cfg.parallel, seed=trainer.seed, dims=model_dims(hf_arch(load_hf_config(config_dir))))
-    if trainer.global_batch_size % (dp * trainer.micro_batch_size):
-        raise ValueError(f"global_batch_size ({trainer.global_batch_size}) must be divisible by data-parallel size "
-                         f"({dp}) x micro_batch_size ({trainer.micro_batch_size})")
-    is_main = torch.distributed.get_rank() == 0
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_resolved(cfg, out_dir / "config.yaml")
-    policy = build_policy(cfg.model, cfg.parallel, load=trainer.load)
-    optimizer, scheduler = build_optimizer(cfg.optimizer, policy.chunks, params_dtype=policy.chunks[0].config.params_dtype,
-                                           use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-                                           total_steps=trainer.steps)
+
+    def check_dp(dp: int) -> None:
+        if trainer.global_batch_size % (dp * trainer.micro_batch_size):
+            raise ValueError(f"global_batch_size ({trainer.global_batch_size}) must be divisible by data-parallel "
+                             f"size ({dp}) x micro_batch_size ({trainer.micro_batch_size})")
+
+    job = start_qa_job(cfg, out_dir, load=trainer.load, seed=trainer.seed, total_steps=trainer.steps, check_dp=check_dp)
+    task, policy, optimizer, scheduler = job.task, job.policy, job.optimizer, job.scheduler
+    dp, is_main, held_out = job.data_parallel_size, job.is_main, job.held_out
+    pairs = sft_pairs(job.train, task, trainer.context)
     metrics_file = (out_dir / "metrics.jsonl").open("w") if is_main else None
     bar = tqdm(range(1, trainer.steps + 1), desc="sft", disable=not is_main, file=sys.stderr, mininterval=2.0)
     for step in bar:

@@ -1,4 +1,4 @@
-"""What a QA training job needs from its tokenizer and prompt template, in one place.
+"""What a QA training job (``lcr sft``, ``lcr train``) needs from its tokenizer and prompt, and its start-up.
 
 SFT targets, RL rollouts and evaluation must agree on the prompt (``data.prompts``), on how a
 response ends (EOS, or the chat template's end-of-turn token) and on how an answer is read back.
@@ -6,15 +6,25 @@ response ends (EOS, or the chat template's end-of-turn token) and on how an answ
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from megatron_lcr.config import save_resolved
 from megatron_lcr.data.prompts import PromptConfig, prompt_ids
 from megatron_lcr.data.schema import Sample
-from megatron_lcr.data.tasks import TaskDataConfig
+from megatron_lcr.data.tasks import TaskDataConfig, load_task_samples
 from megatron_lcr.data.tokenizer import load_tokenizer, token_counter
+from megatron_lcr.models.families import hf_arch, model_dims
+from megatron_lcr.models.hf_checkpoint import load_hf_config
+from megatron_lcr.models.megatron_checkpoint import HF_DIR
+from megatron_lcr.parallel.state import initialize_megatron
 from megatron_lcr.train.evaluate import EvalConfig, Generate, evaluate
+from megatron_lcr.train.model_setup import build_policy
+from megatron_lcr.train.optimizer import build_optimizer
 
 # Chat templates end an assistant turn with their own token; generation stops at it as at EOS.
 _END_OF_TURN = ("<|end|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>")
@@ -69,3 +79,49 @@ class TaskContext:
         prompts = {context: self.prompts(samples, context) for context in cfg.contexts}
         return evaluate(generate, samples, prompts, cfg=cfg, prompt_cfg=self.prompt, decode=self.decode,
                         stop_token_ids=self.stop_token_ids)
+
+
+@dataclass
+class QAJob:
+    """What ``lcr sft`` and ``lcr train`` set up identically before their loops."""
+
+    task: TaskContext
+    """Tokenizer and prompt template."""
+    train: list[Sample]
+    """Training samples."""
+    held_out: list[Sample]
+    """Held-out samples (evaluation)."""
+    policy: Any
+    """This rank's trainable policy (``model_setup.Policy``)."""
+    optimizer: Any
+    """Megatron optimizer."""
+    scheduler: Any
+    """Megatron LR schedule."""
+    data_parallel_size: int
+    """Data-parallel ranks."""
+    is_main: bool
+    """Global rank 0 (writes the run's files)."""
+
+
+def start_qa_job(cfg, out_dir: Path, *, load: str | None, seed: int, total_steps: int,
+                 check_dp: Callable[[int], None] | None = None) -> QAJob:
+    """Samples first (bad data fails before Megatron starts), then Megatron, the resolved config,
+    the policy and its optimizer. ``cfg`` has ``model, parallel, optimizer, data, prompt`` sections;
+    ``check_dp(data_parallel_size)`` may reject the layout before anything is written."""
+    config_dir = Path(load) / HF_DIR if load else Path(cfg.model.hf_path)
+    task = TaskContext.create(cfg.data, cfg.prompt, config_dir)
+    train = load_task_samples(cfg.data, "train", task.count_tokens)
+    held_out = load_task_samples(cfg.data, "eval", task.count_tokens)
+    dp = initialize_megatron(cfg.parallel, seed=seed, dims=model_dims(hf_arch(load_hf_config(config_dir))))
+    if check_dp is not None:
+        check_dp(dp)
+    is_main = torch.distributed.get_rank() == 0
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved(cfg, out_dir / "config.yaml")
+    policy = build_policy(cfg.model, cfg.parallel, load=load)
+    optimizer, scheduler = build_optimizer(cfg.optimizer, policy.chunks, params_dtype=policy.chunks[0].config.params_dtype,
+                                           use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+                                           total_steps=total_steps)
+    return QAJob(task=task, train=train, held_out=held_out, policy=policy, optimizer=optimizer, scheduler=scheduler,
+                 data_parallel_size=dp, is_main=is_main)
