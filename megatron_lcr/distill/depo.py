@@ -222,6 +222,9 @@ class DePOInputs:
     """``[B, S, V]`` current policy's logits on the long context, with grad; full KD."""
     short_logits: Tensor | None = None
     """``[B, S, V]`` policy's logits on the short context (teacher; detached here); full KD."""
+    full_kl: Tensor | None = None
+    """``[B, S]`` the exact per-token KL(teacher || student) already computed (by the trainer's
+    vocab-parallel kernel, which never gathers the logits); full KD uses it instead of the logits."""
     temperature: float = 1.0
     """Softmax temperature of both sides of the full KD (the sampling temperature)."""
     num_rollouts: int | None = None
@@ -248,11 +251,13 @@ def _kd_sampled(
 def _kd_full(
     inputs: DePOInputs, cfg: DePOConfig, norm: Normaliser, aggregation: str
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    per_token = forward_kl_full(
-        inputs.require("long_logits", cfg.mode),
-        inputs.require("short_logits", cfg.mode),
-        temperature=inputs.temperature,
-    )
+    per_token = inputs.full_kl
+    if per_token is None:
+        per_token = forward_kl_full(
+            inputs.require("long_logits", cfg.mode),
+            inputs.require("short_logits", cfg.mode),
+            temperature=inputs.temperature,
+        )
     keep = kd_keep(inputs.rewards, cfg.tau)
     return depo_kd_loss(
         per_token, inputs.mask, keep, norm, aggregation=aggregation, num_rollouts=inputs.num_rollouts

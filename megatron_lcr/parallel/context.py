@@ -18,10 +18,13 @@ Conventions:
   full sequence *before* the split (label of position t is token t+1), as Megatron does: chunk
   boundaries are not sequence boundaries.
 - ``cp_size == 1`` is the identity, with no divisibility requirement (Megatron skips the split).
-- Losses: each rank computes its loss terms on its local tokens and the sum is reduced over the CP
-  group (as Megatron reduces over DP x CP); per-token outputs are never gathered for the backward.
-  ``gather_from_cp`` is for values used without gradients (metrics, old/reference log-probs handed
-  to the rollout buffer) and refuses a tensor that would need one.
+- Losses: either each rank computes its loss terms on its local tokens and the sum is reduced over
+  the CP group, or (the RL trainer: its losses need whole responses, e.g. GSPO's sequence ratio)
+  every CP rank gathers the per-token values with ``all_gather_cp_for_loss`` and computes the same
+  loss on the whole row; its backward hands each rank the gradient of its own tokens only, and
+  Megatron's gradient all-reduce over DP x CP sums the ranks' shares. ``gather_from_cp`` is for
+  values used without gradients (metrics, old/reference log-probs) and refuses a tensor that would
+  need one.
 """
 
 from __future__ import annotations
@@ -207,7 +210,32 @@ def zigzag_merge_packed(
     return stacked.index_select(dim, inverse.to(stacked.device))
 
 
-# --- gathers over the CP process group (no gradient) ---
+# --- gathers over the CP process group ---
+
+
+class _GatherForLoss(torch.autograd.Function):
+    """all_gather whose backward keeps this rank's slice of the gradient (no reduction)."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, group: dist.ProcessGroup | None) -> tuple[torch.Tensor, ...]:
+        ctx.rank = dist.get_rank(group)
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, local.contiguous(), group=group)
+        return tuple(parts)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        return grads[ctx.rank], None
+
+
+def all_gather_cp_for_loss(local: torch.Tensor, group: dist.ProcessGroup | None) -> list[torch.Tensor]:
+    """Every CP rank's ``local`` (CP-rank order) for a loss that every CP rank computes identically.
+
+    Differentiable: the gradient reaching ``local`` is the loss's gradient for this rank's tokens
+    only; summing the CP ranks' parameter gradients (Megatron's DP x CP all-reduce does) gives the
+    gradient of the loss. Not for a loss that differs between CP ranks.
+    """
+    return list(_GatherForLoss.apply(local, group))
 
 
 def _all_gather_parts(local: torch.Tensor, group: dist.ProcessGroup | None) -> list[torch.Tensor]:

@@ -83,18 +83,29 @@ class PackedBatch:
         return ~allowed[None, None], None
 
 
+def segment_length(seq: TokenSequence, multiple: int) -> int:
+    """Tokens ``seq`` takes in a packed row: its length rounded up to ``multiple``."""
+    return -(-len(seq) // multiple) * multiple
+
+
 def pack_micro_batch(sequences: Sequence[TokenSequence], ids: Sequence[int], *, pad_id: int,
-                     pad_to: int) -> PackedBatch:
+                     pad_to: int, multiple: int = 1) -> PackedBatch:
     """Pack ``sequences[i] for i in ids`` into one row of ``pad_to`` tokens (or just enough, if 0).
 
-    An empty ``ids`` gives a row of padding with no response tokens (a DP rank with nothing to do
-    still runs a micro-batch so that collectives match).
+    Each sequence's segment is padded at its end to a multiple of ``multiple`` (context
+    parallelism splits every segment into ``2 * cp`` equal chunks; under causal attention the real
+    tokens never see the padding after them). An empty ``ids`` gives a row of padding with no
+    response tokens (a DP rank with nothing to do still runs a micro-batch so that collectives match).
     """
+    if pad_to % multiple:
+        raise ValueError(f"pad_to ({pad_to}) must be a multiple of {multiple}")
     chosen = [sequences[i] for i in ids]
-    used = sum(len(s) for s in chosen)
-    total = max(pad_to, used, 1)
-    lengths = [len(s) for s in chosen] + ([total - used] if total > used else [])
-    tokens = [t for s in chosen for t in (*s.prompt, *s.response)] + [pad_id] * (total - used)
+    segments = [segment_length(s, multiple) for s in chosen]
+    used = sum(segments)
+    total = max(pad_to, used, multiple)
+    lengths = segments + ([total - used] if total > used else [])
+    tokens = [t for s, n in zip(chosen, segments) for t in (*s.prompt, *s.response, *[pad_id] * (n - len(s)))]
+    tokens += [pad_id] * (total - used)
     input_ids = torch.tensor(tokens, dtype=torch.int64)
     labels = torch.zeros_like(input_ids)
     longest = max((len(s.response) for s in chosen), default=1) or 1
@@ -107,7 +118,7 @@ def pack_micro_batch(sequences: Sequence[TokenSequence], ids: Sequence[int], *, 
         index[k, :n] = torch.arange(first, first + n)
         mask[k, :n] = 1.0
         labels[first:first + n] = torch.tensor(seq.response, dtype=torch.int64)
-        start += len(seq)
+        start += segments[k]
     names = {name for s in chosen for name in s.token_values}
     token_values = {name: _rows([s.token_values.get(name, []) for s in chosen], longest) for name in names}
     scalar_names = {name for s in chosen for name in s.values}
@@ -126,13 +137,22 @@ def _rows(lists: list[list[float]], width: int) -> torch.Tensor:
 
 
 def plan_micro_batches(sequences: Sequence[TokenSequence], *, token_budget: int, dp_size: int, dp_rank: int,
-                       pad_id: int, fixed_length: bool) -> list[PackedBatch]:
+                       pad_id: int, fixed_length: bool, units: Sequence[Sequence[int]] | None = None,
+                       multiple: int = 1) -> list[PackedBatch]:
     """This DP rank's packed micro-batches; every rank gets the same number.
 
     ``fixed_length`` pads every row to ``token_budget`` (pipeline parallelism needs one activation
-    shape for all micro-batches); otherwise a row is as long as its sequences.
+    shape for all micro-batches); otherwise a row is as long as its sequences. ``units`` (a
+    partition of the sequence indices; default: each sequence alone) are kept in one micro-batch
+    each, in the given order: the exact DePO KD compares a response's logits on the long context
+    with its logits on the short one, so both sequences must be in the same forward pass.
     """
-    plan = pack_sequences([len(s) for s in sequences], token_budget=token_budget, num_ranks=dp_size,
-                          allow_empty=True)
+    units = [[i] for i in range(len(sequences))] if units is None else [list(u) for u in units]
+    if sorted(i for u in units for i in u) != list(range(len(sequences))):
+        raise ValueError(f"units must partition the {len(sequences)} sequence indices")
+    plan = pack_sequences([sum(segment_length(sequences[i], multiple) for i in u) for u in units],
+                          token_budget=token_budget, num_ranks=dp_size, allow_empty=True)
     pad_to = token_budget if fixed_length else 0
-    return [pack_micro_batch(sequences, ids, pad_id=pad_id, pad_to=pad_to) for ids in plan[dp_rank]]
+    return [pack_micro_batch(sequences, [i for u in micro for i in units[u]], pad_id=pad_id, pad_to=pad_to,
+                             multiple=multiple)
+            for micro in plan[dp_rank]]

@@ -129,6 +129,9 @@ class RLRunConfig:
     def __post_init__(self) -> None:
         if not self.model.hf_path and not self.trainer.load:
             raise ValueError("model.hf_path (a Hugging Face model directory) or trainer.load must be set")
+        if self.depo.enabled and self.depo.mode == "kd-full" and self.parallel.context_parallel_size > 1:
+            raise ValueError("depo.kd_estimator='full' needs parallel.cp=1: the exact KD compares a response's "
+                             "distributions on two packed sequences, which context parallelism puts on different ranks")
         if self.depo.enabled and self.rl.context != "short":
             raise ValueError(f"depo.enabled needs rl.context='short' (DePO runs RL on the short context), "
                              f"got rl.context={self.rl.context!r}")

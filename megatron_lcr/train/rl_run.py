@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
-
 
 from megatron_lcr.atomic import atomic_write_text
 from megatron_lcr.data.tasks import data_order
@@ -27,7 +27,8 @@ from megatron_lcr.train.metrics_log import MetricsLog
 from megatron_lcr.train.micro_batches import plan_micro_batches
 from megatron_lcr.train.model_setup import build_policy, has_hf_weights
 from megatron_lcr.train.rl_config import RLRunConfig
-from megatron_lcr.train.rl_step import build_sequences, guarded_update, make_loss_fn, score, step_norms
+from megatron_lcr.train.rl_step import (build_sequences, cp_multiple, gradient_scale, guarded_update, make_loss_fn, score,
+                                        step_norms, training_units)
 from megatron_lcr.train.rollouts import collect_rollouts
 from megatron_lcr.train.task import start_qa_job
 from megatron_lcr.train.token_logprobs import ScoringSpec
@@ -71,12 +72,14 @@ def _train_on(cfg, policy, optimizer, scheduler, sequences, spec, num_rollouts) 
     from megatron.core import parallel_state as ps
 
     dp = ps.get_data_parallel_world_size()
-    trained = [s for s in sequences if s.values["px"] or s.values["aux"]]
+    trained = [s for s in sequences if s.values["px"] or s.values["aux"] or s.values["teacher"]]
     batches = plan_micro_batches(trained, token_budget=cfg.trainer.token_budget, dp_size=dp,
                                  dp_rank=ps.get_data_parallel_rank(), pad_id=0,
-                                 fixed_length=cfg.parallel.pipeline_model_parallel_size > 1)
+                                 fixed_length=cfg.parallel.pipeline_model_parallel_size > 1,
+                                 units=training_units(trained), multiple=cp_multiple())
     norms = step_norms(trained, cfg.rl.max_new_tokens, num_rollouts)
-    loss_fn = make_loss_fn(cfg, norms, scale=float(len(batches) * dp))
+    loss_fn = make_loss_fn(cfg, norms, scale=gradient_scale(len(batches)))
+    spec = replace(spec, pair_kl=cfg.depo.enabled and cfg.depo.mode == "kd-full")
     metrics = guarded_update(policy.chunks, optimizer, scheduler, batches, spec, loss_fn)
     metrics["train/sequences"] = float(len(trained))
     metrics["train/micro_batches"] = float(len(batches))

@@ -7,11 +7,15 @@ Sequences of a step (``TokenSequence``, packed into micro-batches by token budge
   DePO-IW (all rollouts). Its teacher / behaviour log-probs are the short sequence's old log-probs:
   the policy at the start of the step on the short context, which is the sampling policy (the
   trainer holds exactly the engines' weights) and, with one update per rollout batch as in the
-  paper, the current policy detached.
+  paper, the current policy detached. The exact KD (``kd_estimator: full``) needs the teacher's
+  whole distribution instead: the short sequence then always comes along (as ``teacher`` when it
+  is not in L_PX) and shares a micro-batch with its long one (``training_units``).
 
 Losses are normalised by global counts (``rl.losses.Normaliser``) and scaled by micro-batches x
-data-parallel size, undoing Megatron's division by the number of micro-batches and DDP's gradient
-averaging, so the update is that of the global-batch loss whatever the split (tested).
+data-parallel size x context-parallel size, undoing Megatron's division by the number of
+micro-batches and DDP's gradient averaging over DP x CP (every CP rank computes the whole loss and
+back-propagates its own tokens), so the update is that of the global-batch loss whatever the split
+(tested for packing and DP).
 
 A step whose loss or gradients are not finite on any rank is skipped on all ranks: gradients are
 dropped, the optimizer and LR schedule do not move, and the step is reported as skipped.
@@ -43,11 +47,38 @@ def build_sequences(rollouts: list[Rollout], depo: DePOConfig, long_prompt, *, m
         if not (px or aux):
             continue
         common = {"advantage": r.advantage, "reward": r.reward, "rollout": float(k)}
+        teacher = aux and depo.mode == "kd-full"
         sequences.append(TokenSequence(r.prompt, r.response, token_values={"engine_logp": r.engine_logp},
-                                       values={**common, "px": float(px), "aux": 0.0}))
+                                       values={**common, "px": float(px), "aux": 0.0, "teacher": float(teacher)}))
         if aux:
-            sequences.append(TokenSequence(long_prompt(r.sample), r.response, values={**common, "px": 0.0, "aux": 1.0}))
+            sequences.append(TokenSequence(long_prompt(r.sample), r.response, values={**common, "px": 0.0, "aux": 1.0, "teacher": 0.0}))
     return sequences
+
+
+def cp_multiple() -> int:
+    """Packed segments are padded to a multiple of ``2 * cp`` (the zigzag split); 1 without CP."""
+    from megatron.core import parallel_state as ps
+
+    cp = ps.get_context_parallel_world_size()
+    return 2 * cp if cp > 1 else 1
+
+
+def gradient_scale(num_micro_batches: int) -> float:
+    """Undoes Megatron's loss division by the micro-batch count and DDP's averaging over DP x CP."""
+    from megatron.core import parallel_state as ps
+
+    return float(num_micro_batches * ps.get_data_parallel_world_size() * ps.get_context_parallel_world_size())
+
+
+def training_units(sequences: list[TokenSequence]) -> list[list[int]]:
+    """Indices that must share a micro-batch: a ``teacher`` short sequence with its long one."""
+    units: list[list[int]] = []
+    for i, seq in enumerate(sequences):
+        if seq.values["aux"] and i > 0 and sequences[i - 1].values.get("teacher"):
+            units[-1].append(i)  # build_sequences puts the long sequence right after its short one
+        else:
+            units.append([i])
+    return units
 
 
 def _gather_scores(local: dict[int, dict[str, list[float]]]) -> dict[int, dict[str, list[float]]]:
@@ -67,7 +98,8 @@ def score(chunks, sequences: list[TokenSequence], ids: list[int], spec: ScoringS
 
     subset = [sequences[i] for i in ids]
     batches = plan_micro_batches(subset, token_budget=token_budget, dp_size=ps.get_data_parallel_world_size(),
-                                 dp_rank=ps.get_data_parallel_rank(), pad_id=0, fixed_length=fixed_length)
+                                 dp_rank=ps.get_data_parallel_rank(), pad_id=0, fixed_length=fixed_length,
+                                 multiple=cp_multiple())
     local = score_sequences(chunks, batches, spec) if batches else {}
     keep = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_last_stage(ignore_virtual=True)
     scores = _gather_scores(local if keep else {})
@@ -95,7 +127,8 @@ def step_norms(sequences: list[TokenSequence], max_response_len: int, num_rollou
 def make_loss_fn(cfg: RLRunConfig, norms: StepNorms, scale: float):
     """The micro-batch loss: ``L_PX`` (+ ``lam * L_KD|IW``), times ``scale`` for Megatron's reductions."""
 
-    def loss_fn(logp: torch.Tensor, entropy: torch.Tensor | None, batch: PackedBatch):
+    def loss_fn(outputs: dict[str, torch.Tensor], batch: PackedBatch):
+        logp = outputs["logp"]
         device = logp.device
         mask = batch.response_mask.to(device)
         values = {k: v.to(device) for k, v in batch.values.items()}
@@ -103,10 +136,10 @@ def make_loss_fn(cfg: RLRunConfig, norms: StepNorms, scale: float):
         for name in ("old_logp", "teacher_logp"):  # absent when no sequence of this micro-batch has that role
             tokens.setdefault(name, torch.zeros_like(mask))
         px = policy_loss(logp, tokens["old_logp"], values["advantage"], mask * values["px"][:, None], cfg.rl.loss,
-                         norms.px, ref_logp=tokens.get("ref_logp"), entropy=entropy)
+                         norms.px, ref_logp=tokens.get("ref_logp"), entropy=outputs.get("entropy"))
         inputs = DePOInputs(long_logp=logp, mask=mask * values["aux"][:, None], rewards=values["reward"],
                             short_logp=tokens["teacher_logp"], advantages=values["advantage"],
-                            num_rollouts=norms.num_rollouts)
+                            full_kl=outputs.get("kd_kl"), num_rollouts=norms.num_rollouts)
         loss, metrics = depo_loss(px, inputs, cfg.depo, norms.aux, aggregation=cfg.rl.loss.aggregation)
         return loss * scale, metrics
 

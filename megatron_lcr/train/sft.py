@@ -90,6 +90,9 @@ class SFTRunConfig:
     def __post_init__(self) -> None:
         if not self.model.hf_path and not self.trainer.load:
             raise ValueError("model.hf_path (a Hugging Face model directory) or trainer.load must be set")
+        if self.parallel.context_parallel_size > 1:
+            raise ValueError(f"parallel.cp={self.parallel.context_parallel_size}: lcr sft runs padded batches "
+                             "without context parallelism; use cp=1 (lcr train supports cp > 1)")
 
 
 def sft_pairs(samples: list[Sample], task: TaskContext, context: str) -> list[tuple[list[int], list[int]]]:

@@ -7,8 +7,15 @@ response tokens are scored, so the vocabulary-sized work is ``[response tokens, 
 ``[L, V/tp]``.
 
 ``run_packed_schedule`` drives ``get_forward_backward_func`` over ``PackedBatch`` micro-batches with
-any loss function of ``(logp [n, R], entropy [n, R] | None, batch)``; forward-only runs use it to
-compute old/reference/teacher log-probs, training runs to back-propagate the RL loss.
+any loss function of ``(outputs, batch)``, ``outputs`` holding ``[n, R]`` tensors: ``logp``, and
+``entropy`` / ``kd_kl`` when the spec asks for them; forward-only runs use it to compute
+old/reference/teacher log-probs, training runs to back-propagate the RL loss.
+
+``kd_kl`` is DePO's exact KD term: for each student row (``values["aux"] == 1``, the long context)
+the per-token KL(teacher || student) over the whole (tensor-parallel) vocabulary, the teacher being
+the row of the same rollout on the short context in the same micro-batch (``plan_micro_batches``'s
+``units`` keep them together), its logits detached. Nothing vocabulary-sized outlives the
+micro-batch: storing teacher distributions would cost ``R x V`` floats per rollout.
 """
 
 from __future__ import annotations
@@ -19,11 +26,14 @@ from functools import partial
 
 import torch
 
-from megatron_lcr.kernels import IGNORE_INDEX, KernelConfig, logprob_entropy_from_logits
+from megatron_lcr.data.packing import cu_seqlens
+from megatron_lcr.kernels import IGNORE_INDEX, KernelConfig, kl_divergence_from_logits, logprob_entropy_from_logits
+from megatron_lcr.parallel.context import (all_gather_cp_for_loss, zigzag_indices_packed, zigzag_merge_packed,
+                                           zigzag_split_packed)
 from megatron_lcr.train.micro_batches import PackedBatch
 
-# (logp [n, R], entropy [n, R] | None, batch) -> (loss scalar, report dict of tensors)
-LossFn = Callable[[torch.Tensor, torch.Tensor | None, PackedBatch], tuple[torch.Tensor, dict]]
+# ({"logp": [n, R], "entropy"?: [n, R], "kd_kl"?: [n, R]}, batch) -> (loss scalar, report dict of tensors)
+LossFn = Callable[[dict[str, torch.Tensor], PackedBatch], tuple[torch.Tensor, dict]]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,41 +50,131 @@ class ScoringSpec:
     """Packed THD attention (Transformer Engine) instead of a block-diagonal mask."""
     kernels: KernelConfig | None = None
     """Log-prob / entropy implementation (None: automatic)."""
+    pair_kl: bool = False
+    """Also ``kd_kl``: exact KL(teacher || student) of each long-context row against its short one."""
 
 
-def response_logp_entropy(logits: torch.Tensor, batch: PackedBatch, spec: ScoringSpec):
-    """``logits [1, L, V/tp]`` of this TP rank -> ``(logp [n, R], entropy [n, R] | None)`` in fp32."""
+def pair_rows(batch: PackedBatch) -> tuple[list[int], list[int]]:
+    """``(student rows, teacher rows)``: each ``aux`` row and the non-``aux`` row of its rollout."""
+    aux, rollout = batch.values["aux"].tolist(), batch.values["rollout"].tolist()
+    teacher_of = {r: k for k, (a, r) in enumerate(zip(aux, rollout)) if not a}
+    students = [k for k, a in enumerate(aux) if a]
+    lost = [int(rollout[k]) for k in students if rollout[k] not in teacher_of]
+    if lost:
+        raise ValueError(f"rollouts {lost}: the long-context row has no short-context row in its micro-batch")
+    return students, [teacher_of[rollout[k]] for k in students]
+
+
+def response_outputs(logits: torch.Tensor, batch: PackedBatch, spec: ScoringSpec) -> dict[str, torch.Tensor]:
+    """``logits [1, L, V/tp]`` of this TP rank -> fp32 ``[n, R]`` ``logp`` (+ ``entropy``, ``kd_kl``).
+
+    Under context parallelism ``logits`` are this CP rank's ``[1, L/cp, V/tp]`` (``cp_response_outputs``).
+    """
     from megatron.core import parallel_state as ps
 
+    if ps.get_context_parallel_world_size() > 1:
+        return cp_response_outputs(logits, batch, spec, group=ps.get_context_parallel_group())
     index = batch.response_index.to(logits.device).reshape(-1)
     picked = logits[0].index_select(0, index)  # [n*R, V/tp]
     mask = batch.response_mask.to(logits.device)
     labels = batch.labels[0].to(logits.device).index_select(0, index)
     labels = labels.masked_fill(mask.reshape(-1) == 0, IGNORE_INDEX)  # padding slots: no work, no gradient
     local = picked.shape[-1]
-    tp_group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+    vocab_start, tp_group = _vocab_shard(local)
     logp, entropy = logprob_entropy_from_logits(
-        picked, labels, temperature=spec.temperature, vocab_start=ps.get_tensor_model_parallel_rank() * local,
+        picked, labels, temperature=spec.temperature, vocab_start=vocab_start,
         valid_vocab_end=spec.vocab_size, tp_group=tp_group, config=spec.kernels,
     )
     shape = batch.response_index.shape
-    return logp.view(shape) * mask, (entropy.view(shape) * mask if spec.entropy else None)
+    out = {"logp": logp.view(shape) * mask}
+    if spec.entropy:
+        out["entropy"] = entropy.view(shape) * mask
+    if spec.pair_kl:
+        out["kd_kl"] = _pair_kl(picked.view(*shape, local), mask, batch, spec, vocab_start=vocab_start, tp_group=tp_group)
+    return out
+
+
+def _vocab_shard(local: int):
+    """``(vocab_start, tp_group or None)`` of this TP rank's ``local`` logit columns."""
+    from megatron.core import parallel_state as ps
+
+    tp_group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+    return ps.get_tensor_model_parallel_rank() * local, tp_group
+
+
+def cp_response_outputs(logits: torch.Tensor, batch: PackedBatch, spec: ScoringSpec, *, group) -> dict[str, torch.Tensor]:
+    """``response_outputs`` from this CP rank's zigzag part of the row, ``logits [1, L/cp, V/tp]``.
+
+    Per-token values are computed on the local positions that predict a response token (the rest
+    are skipped as ignored labels), gathered over ``group`` with ``all_gather_cp_for_loss`` (every CP
+    rank then computes the same loss; each back-propagates its own tokens) and laid out as ``[n, R]``.
+    The exact KD needs two rows' full distributions at once, which sit on different CP ranks: refused.
+    """
+    if spec.pair_kl:
+        raise ValueError("kd_estimator='full' is not available with context parallelism (cp > 1)")
+    cp, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
+    offsets = cu_seqlens(batch.lengths)
+    here = zigzag_indices_packed(offsets, cp, rank).to(logits.device)
+    mask = batch.response_mask.to(logits.device)
+    index = batch.response_index.to(logits.device)
+    predicts = torch.zeros(batch.input_ids.shape[1], dtype=torch.bool, device=logits.device)
+    predicts[index[mask > 0]] = True
+    labels = batch.labels[0].to(logits.device).masked_fill(~predicts, IGNORE_INDEX).index_select(0, here)
+    vocab_start, tp_group = _vocab_shard(logits.shape[-1])
+    logp, entropy = logprob_entropy_from_logits(
+        logits[0], labels, temperature=spec.temperature, vocab_start=vocab_start,
+        valid_vocab_end=spec.vocab_size, tp_group=tp_group, config=spec.kernels,
+    )
+
+    def whole_row(local: torch.Tensor) -> torch.Tensor:
+        row = zigzag_merge_packed(all_gather_cp_for_loss(local, group), offsets, cp, dim=0)
+        return row.index_select(0, index.reshape(-1)).view(index.shape) * mask
+
+    out = {"logp": whole_row(logp)}
+    if spec.entropy:
+        out["entropy"] = whole_row(entropy)
+    return out
+
+
+def _pair_kl(logits: torch.Tensor, mask: torch.Tensor, batch: PackedBatch, spec: ScoringSpec, *, vocab_start: int,
+             tp_group) -> torch.Tensor:
+    """``[n, R]`` KL(teacher || student) on student rows (0 elsewhere); a pair shares its response."""
+    students, teachers = pair_rows(batch)
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    if not students:
+        return out
+    s_rows = torch.tensor(students, device=logits.device)
+    t_rows = torch.tensor(teachers, device=logits.device)
+    local = logits.shape[-1]
+    kl = kl_divergence_from_logits(
+        logits[s_rows].reshape(-1, local), logits[t_rows].reshape(-1, local).detach(), kind="forward",
+        temperature=spec.temperature, mask=mask[s_rows].reshape(-1) > 0, vocab_start=vocab_start,
+        valid_vocab_end=spec.vocab_size, tp_group=tp_group, config=spec.kernels,
+    )
+    return out.index_put((s_rows,), kl.view(len(students), -1) * mask[s_rows])
 
 
 def _forward_step(data_iterator, model, *, spec: ScoringSpec, loss_fn: LossFn):
     from megatron.core.utils import get_attr_wrapped_model
 
+    from megatron.core import parallel_state as ps
+
     batch: PackedBatch = next(data_iterator)
     device = next(model.parameters()).device
     mask, packed = batch.attention_inputs(device, thd=spec.thd)
     kwargs = {"packed_seq_params": packed} if packed is not None else {}
-    output = model(batch.input_ids.to(device), batch.position_ids.to(device), mask, **kwargs)
+    input_ids, position_ids = batch.input_ids, batch.position_ids
+    cp = ps.get_context_parallel_world_size()
+    if cp > 1:  # this rank's zigzag part of every packed sequence; cu_seqlens stay those of the whole row
+        offsets, rank = cu_seqlens(batch.lengths), ps.get_context_parallel_rank()
+        input_ids = zigzag_split_packed(input_ids, offsets, cp, rank)
+        position_ids = zigzag_split_packed(position_ids, offsets, cp, rank)
+    output = model(input_ids.to(device), position_ids.to(device), mask, **kwargs)
     if not get_attr_wrapped_model(model, "post_process"):
         return output, None
 
     def loss_func(logits):
-        logp, entropy = response_logp_entropy(logits, batch, spec)
-        loss, report = loss_fn(logp, entropy, batch)
+        loss, report = loss_fn(response_outputs(logits, batch, spec), batch)
         # Megatron divides a 3-tuple loss by its token count (1 here) and by the number of
         # micro-batches; loss_fn already normalised by global counts, see rl_step.scale_for_megatron.
         return loss, torch.ones((), dtype=torch.int), report
@@ -99,11 +199,9 @@ def run_packed_schedule(chunks, micro_batches: list[PackedBatch], spec: ScoringS
     )
 
 
-def _collect(logp: torch.Tensor, entropy: torch.Tensor | None, batch: PackedBatch):
-    report = {"logp": logp.detach().float().cpu()}
-    if entropy is not None:
-        report["entropy"] = entropy.detach().float().cpu()
-    return logp.new_zeros(()), report
+def _collect(outputs: dict[str, torch.Tensor], batch: PackedBatch):
+    report = {name: value.detach().float().cpu() for name, value in outputs.items()}
+    return outputs["logp"].new_zeros(()), report
 
 
 @torch.no_grad()

@@ -2,9 +2,11 @@
 
 - ``pack_micro_batch``: row layout, labels, response positions and the block-diagonal causal mask,
   against hand-written tensors.
-- One ``guarded_update`` (GRPO + DePO-KD terms) gives the same global loss and gradient norm with
-  token budgets 4096 and 200 (1 vs several micro-batches) and with DP=1 vs DP=2: the normalisers
-  are global and the scaling undoes Megatron's per-micro-batch and DDP averaging.
+- One ``guarded_update`` (GRPO + DePO-KD terms, sampled and exact KD) gives the same global loss and
+  gradient norm with token budgets 4096 and 200 (1 vs several micro-batches) and with DP=1 vs DP=2:
+  the normalisers are global and the scaling undoes Megatron's per-micro-batch and DDP averaging.
+  The exact KD term equals the float64 KL between the Hugging Face model's own distributions on the
+  short and the long context.
 - A NaN loss on one micro-batch: the step is skipped, weights and LR schedule stay where they were.
 """
 
@@ -15,9 +17,10 @@ import json
 import pytest
 import torch
 
-from megatron_lcr.train.micro_batches import TokenSequence, pack_micro_batch
+from megatron_lcr.train.micro_batches import TokenSequence, pack_micro_batch, plan_micro_batches
 from tests.distributed import WORKERS, run_torchrun
 from tests.tiny_hf import make_tiny_hf
+from tests.workers.rl_update import TEMPERATURE, sequences
 
 
 def test_packed_row_layout_and_mask():
@@ -42,6 +45,29 @@ def test_packed_row_layout_and_mask():
     assert torch.equal(allowed, expected)
 
 
+def test_segments_padded_for_context_parallelism():
+    seqs = [TokenSequence([5, 6, 7], [8, 9]), TokenSequence([1, 2], [3])]
+    batch = pack_micro_batch(seqs, [0, 1], pad_id=0, pad_to=0, multiple=4)
+    assert batch.lengths == [8, 4]  # 5 -> 8 and 3 -> 4 tokens: each splits into 2 * cp = 4 chunks
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9, 0, 0, 0, 1, 2, 3, 0]]
+    assert batch.labels.tolist() == [[0, 0, 8, 9, 0, 0, 0, 0, 0, 3, 0, 0]]
+    assert batch.response_index.tolist() == [[2, 3], [9, 0]]
+    with pytest.raises(ValueError, match="multiple of 4"):
+        pack_micro_batch(seqs, [0, 1], pad_id=0, pad_to=10, multiple=4)
+
+
+def test_units_share_a_micro_batch():
+    seqs = [TokenSequence([1] * 30, [2]), TokenSequence([1] * 5, [2]), TokenSequence([1] * 30, [2]),
+            TokenSequence([1] * 5, [2])]
+    alone = plan_micro_batches(seqs, token_budget=70, dp_size=1, dp_rank=0, pad_id=0, fixed_length=False)
+    assert sorted(b.sequence_ids for b in alone) == [[0, 2, 1], [3]]  # first-fit-decreasing splits 1 from 3
+    batches = plan_micro_batches(seqs, token_budget=70, dp_size=1, dp_rank=0, pad_id=0, fixed_length=False,
+                                 units=[[0, 2], [1, 3]])
+    assert sorted(b.sequence_ids for b in batches) == [[0, 2], [1, 3]]
+    with pytest.raises(ValueError, match="partition"):
+        plan_micro_batches(seqs, token_budget=80, dp_size=1, dp_rank=0, pad_id=0, fixed_length=False, units=[[0, 1]])
+
+
 def test_empty_micro_batch_is_padding_only():
     batch = pack_micro_batch([], [], pad_id=0, pad_to=4)
     assert batch.input_ids.tolist() == [[0, 0, 0, 0]] and batch.lengths == [4]
@@ -56,15 +82,41 @@ def test_update_is_invariant_to_packing_and_dp_and_skips_nan(tmp_path):
         out = tmp_path / f"dp{nproc}.json"
         run_torchrun(WORKERS / "rl_update.py", nproc, [str(model), str(out)])
         runs[nproc] = json.loads(out.read_text())
-    reference = runs[1]["runs"]["4096"]
-    assert reference["micro_batches"] == 1 and runs[1]["runs"]["200"]["micro_batches"] > 2
-    assert reference["skipped"] == 0.0 and reference["grad_norm"] > 0
+    for estimator in ("sampled", "full"):
+        assert runs[1]["runs"][f"{estimator}/4096"]["micro_batches"] == 1
+        assert runs[1]["runs"][f"{estimator}/200"]["micro_batches"] > 2
+    assert runs[1]["runs"]["full/4096"]["depo/kd_loss"] == pytest.approx(_exact_kd_reference(model), rel=1e-5)
     for nproc, result in runs.items():
         assert result["dp"] == nproc
-        for budget, got in result["runs"].items():
-            assert got["loss"] == pytest.approx(reference["loss"], rel=1e-5, abs=1e-7), (nproc, budget)
-            assert got["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-5), (nproc, budget)
+        for key, got in result["runs"].items():
+            reference = runs[1]["runs"][key.split("/")[0] + "/4096"]
+            assert reference["skipped"] == 0.0 and reference["grad_norm"] > 0
+            assert got["loss"] == pytest.approx(reference["loss"], rel=1e-5, abs=1e-7), (nproc, key)
+            assert got["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-5), (nproc, key)
             assert got["depo/kd_loss"] == pytest.approx(reference["depo/kd_loss"], rel=1e-5, abs=1e-7)
+        assert result["runs"]["full/4096"]["loss"] != pytest.approx(result["runs"]["sampled/4096"]["loss"])
         nan = result["nan_step"]
         assert nan["skipped"] == 1.0 and nan["weights_unchanged"] and nan["lr_unchanged"]
         assert nan["scheduler_steps"] == 1  # only the good update moved the schedule
+
+
+def _exact_kd_reference(model_dir) -> float:
+    """Token mean over the long rows of KL(p_short || p_long) at TEMPERATURE, float64, from HF logits."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+
+    def response_log_probs(prompt, response):
+        with torch.no_grad():
+            logits = hf(torch.tensor([prompt + response])).logits[0]
+        return torch.log_softmax(logits[len(prompt) - 1:len(prompt) + len(response) - 1] / TEMPERATURE, dim=-1)
+
+    seqs = sequences(full_kd=True)
+    total, count = 0.0, 0
+    for short, long in zip(seqs, seqs[1:]):
+        if long.values["aux"]:
+            log_p = response_log_probs(short.prompt, short.response)
+            log_q = response_log_probs(long.prompt, long.response)
+            total += float((log_p.exp() * (log_p - log_q)).sum())
+            count += len(long.response)
+    return total / count

@@ -2,10 +2,10 @@
 
 Usage: ``rl_update.py MODEL_DIR OUT_JSON``. Every rank builds the same fixed set of sequences (GRPO
 short-context rows with advantages, DePO long-context rows with teacher log-probs), scores their old
-log-probs with the policy, then, for each token budget, builds a fresh policy from MODEL_DIR and runs
-one ``guarded_update``: the loss and grad norm must not depend on the budget (nor on the DP size,
-compared across two launches by the test). A last update whose loss is NaN must be skipped: weights
-and LR schedule unchanged. Rank 0 writes the numbers.
+log-probs with the policy, then, for each DePO KD estimator (sampled, full) and token budget, builds
+a fresh policy from MODEL_DIR and runs one ``guarded_update``: the loss and grad norm must not
+depend on the budget (nor on the DP size, compared across two launches by the test). A last update
+whose loss is NaN must be skipped: weights and LR schedule unchanged. Rank 0 writes the numbers.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import sys
 import torch
 
 BUDGETS = (4096, 200)
+TEMPERATURE = 0.7
 
 
-def sequences():
+def sequences(full_kd: bool = False):
     from megatron_lcr.train.micro_batches import TokenSequence
 
     rng = random.Random(0)
@@ -28,10 +29,11 @@ def sequences():
         prompt = [rng.randrange(3, 200) for _ in range(rng.randrange(5, 60))]
         response = [rng.randrange(3, 200) for _ in range(rng.randrange(1, 12))]
         common = {"advantage": rng.uniform(-1, 1), "reward": float(k % 2), "rollout": float(k)}
-        out.append(TokenSequence(prompt, response, values={**common, "px": 1.0, "aux": 0.0}))
+        teacher = float(full_kd and k % 2)
+        out.append(TokenSequence(prompt, response, values={**common, "px": 1.0, "aux": 0.0, "teacher": teacher}))
         if k % 2:
             long_prompt = [rng.randrange(3, 200) for _ in range(40)] + prompt
-            out.append(TokenSequence(long_prompt, response, values={**common, "px": 0.0, "aux": 1.0},
+            out.append(TokenSequence(long_prompt, response, values={**common, "px": 0.0, "aux": 1.0, "teacher": 0.0},
                                      token_values={"teacher_logp": [-rng.uniform(0, 3) for _ in response]}))
     return out
 
@@ -47,42 +49,46 @@ def main(model_dir: str, out_path: str) -> None:
     from megatron_lcr.train.model_setup import build_policy
     from megatron_lcr.train.optimizer import OptimizerConfig, build_optimizer
     from megatron_lcr.train.rl_config import RLRunConfig
-    from megatron_lcr.train.rl_step import guarded_update, make_loss_fn, score, step_norms
+    from megatron_lcr.train.rl_step import gradient_scale, guarded_update, make_loss_fn, score, step_norms, training_units
     from megatron_lcr.train.token_logprobs import ScoringSpec
 
     parallel = ParallelConfig()
     initialize_megatron(parallel, seed=1)
     model = ModelConfig(hf_path=model_dir, params_dtype="float32")
-    cfg = RLRunConfig(model=model, depo=DePOConfig(enabled=True, tau=0.0))
-    seqs = sequences()
     dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     results = {"dp": dp, "runs": {}}
-    for budget in BUDGETS:
-        policy = build_policy(model, parallel)
-        optimizer, scheduler = build_optimizer(OptimizerConfig(lr=1e-3, warmup_steps=0, decay_style="linear"),
-                                               policy.chunks, params_dtype=torch.float32,
-                                               use_distributed_optimizer=False, total_steps=10)
-        spec = ScoringSpec(vocab_size=policy.arch.vocab_size, temperature=0.7)
-        short = [i for i, s in enumerate(seqs) if s.values["px"]]
-        old = score(policy.chunks, seqs, short, spec, token_budget=budget, fixed_length=False)
-        for i in short:
-            seqs[i].token_values["old_logp"] = old[i]["logp"]
-        batches = plan_micro_batches(seqs, token_budget=budget, dp_size=dp, dp_rank=rank, pad_id=0, fixed_length=False)
-        norms = step_norms(seqs, 12, num_rollouts=12)
-        metrics = guarded_update(policy.chunks, optimizer, scheduler, batches, spec,
-                                 make_loss_fn(cfg, norms, scale=float(len(batches) * dp)))
-        results["runs"][str(budget)] = {"micro_batches": len(batches), **metrics}
+    for estimator in ("sampled", "full"):
+        cfg = RLRunConfig(model=model, depo=DePOConfig(enabled=True, tau=0.0, kd_estimator=estimator))
+        seqs = sequences(full_kd=estimator == "full")
+        for budget in BUDGETS:
+            policy = build_policy(model, parallel)
+            optimizer, scheduler = build_optimizer(OptimizerConfig(lr=1e-3, warmup_steps=0, decay_style="linear"),
+                                                   policy.chunks, params_dtype=torch.float32,
+                                                   use_distributed_optimizer=False, total_steps=10)
+            spec = ScoringSpec(vocab_size=policy.arch.vocab_size, temperature=TEMPERATURE)
+            short = [i for i, s in enumerate(seqs) if s.values["px"]]
+            old = score(policy.chunks, seqs, short, spec, token_budget=budget, fixed_length=False)
+            for i in short:
+                seqs[i].token_values["old_logp"] = old[i]["logp"]
+            batches = plan_micro_batches(seqs, token_budget=budget, dp_size=dp, dp_rank=rank, pad_id=0,
+                                         fixed_length=False, units=training_units(seqs))
+            norms = step_norms(seqs, 12, num_rollouts=12)
+            train_spec = ScoringSpec(vocab_size=policy.arch.vocab_size, temperature=TEMPERATURE,
+                                     pair_kl=estimator == "full")
+            metrics = guarded_update(policy.chunks, optimizer, scheduler, batches, train_spec,
+                                     make_loss_fn(cfg, norms, scale=gradient_scale(len(batches))))
+            results["runs"][f"{estimator}/{budget}"] = {"micro_batches": len(batches), **metrics}
 
     # The NaN guard: a loss that is NaN on one micro-batch skips the whole step on every rank.
-    good = make_loss_fn(cfg, norms, scale=float(len(batches) * dp))
+    good = make_loss_fn(cfg, norms, scale=gradient_scale(len(batches)))
 
-    def poisoned(logp, entropy, batch):
-        loss, report = good(logp, entropy, batch)
+    def poisoned(outputs, batch):
+        loss, report = good(outputs, batch)
         return (loss * float("nan"), report) if 0 in batch.sequence_ids else (loss, report)
 
     before = [p.detach().clone() for p in policy.chunks[0].parameters()]
     lr_before = optimizer.param_groups[0]["lr"]
-    metrics = guarded_update(policy.chunks, optimizer, scheduler, batches, spec, poisoned)
+    metrics = guarded_update(policy.chunks, optimizer, scheduler, batches, train_spec, poisoned)
     results["nan_step"] = {
         "skipped": metrics["skipped"],
         "weights_unchanged": all(torch.equal(a, b) for a, b in zip(before, policy.chunks[0].parameters())),

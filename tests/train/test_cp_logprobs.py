@@ -1,0 +1,56 @@
+"""The trainer's log-probs and entropies under context parallelism (CP=2, gloo), against float64.
+
+Each CP rank holds half of a packed row's logits (zigzag); the values it computes must equal the
+whole row's, and the gradient shares of the two ranks must add up to the whole row's gradient (what
+Megatron's DP x CP gradient all-reduce does). The attention side of CP needs Transformer Engine on
+a GPU; this checks everything around it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.distributed import WORKERS, run_torchrun
+from tests.workers.cp_logprobs import TEMPERATURE, VOCAB, inputs
+
+
+def _reference(batch, logits, weights):
+    """float64 values ``[n, R]`` and the gradient of the weighted sum on the full logits."""
+    logits = logits.clone().requires_grad_(True)
+    log_p = torch.log_softmax(logits[0, :, :VOCAB] / TEMPERATURE, dim=-1)
+    index, mask = batch.response_index, batch.response_mask.double()
+    labels = batch.labels[0][index]
+    logp = log_p[index].gather(-1, labels[..., None])[..., 0] * mask
+    entropy = -(log_p.exp() * log_p).sum(-1)[index] * mask
+    ((logp * weights[0]).sum() + (entropy * weights[1]).sum()).backward()
+    return logp.detach(), entropy.detach(), logits.grad
+
+
+@pytest.mark.dist
+def test_cp2_values_and_gradients_match_the_whole_row(tmp_path):
+    batch, logits, weights = inputs()
+    assert all(length % 4 == 0 for length in batch.lengths)  # every segment splits into 2 * cp chunks
+    logp, entropy, grad = _reference(batch, logits, weights)
+    run_torchrun(WORKERS / "cp_logprobs.py", 2, [str(tmp_path)], timeout=300)
+    shares = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for share in shares:
+        assert share["local_tokens"] == batch.input_ids.shape[1] // 2
+        torch.testing.assert_close(share["logp"].double(), logp, rtol=0, atol=1e-5)
+        torch.testing.assert_close(share["entropy"].double(), entropy, rtol=0, atol=1e-5)
+        assert share["grad"].abs().sum() > 0
+    torch.testing.assert_close((shares[0]["grad"] + shares[1]["grad"]).double(), grad, rtol=0, atol=1e-5)
+    # Each rank's share is its own tokens' gradient: the two shares touch disjoint positions.
+    touched = [share["grad"][0].abs().sum(-1) > 0 for share in shares]
+    assert not (touched[0] & touched[1]).any()
+
+
+def test_exact_kd_with_context_parallelism_is_refused_at_config_time():
+    from megatron_lcr.distill.depo import DePOConfig
+    from megatron_lcr.models.builder import ModelConfig
+    from megatron_lcr.parallel.layout import ParallelConfig
+    from megatron_lcr.train.rl_config import RLRunConfig
+
+    with pytest.raises(ValueError, match="kd_estimator='full' needs parallel.cp=1"):
+        RLRunConfig(model=ModelConfig(hf_path="model"), parallel=ParallelConfig(context_parallel_size=2),
+                    depo=DePOConfig(enabled=True, kd_estimator="full"))
