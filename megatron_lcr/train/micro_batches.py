@@ -15,6 +15,7 @@ the row position whose logits predict it (``start + len(prompt) + j - 1``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -85,24 +86,43 @@ class PackedBatch:
 
 def segment_length(seq: TokenSequence, multiple: int) -> int:
     """Tokens ``seq`` takes in a packed row: its length rounded up to ``multiple``."""
-    return -(-len(seq) // multiple) * multiple
+    return segment_length_of(len(seq), multiple)
+
+
+def segment_length_of(tokens: int, multiple: int) -> int:
+    return -(-tokens // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Length constraints of packed rows under a parallel layout."""
+
+    segment_multiple: int = 1
+    """Each sequence's segment is padded to this (``2 * cp``: the zigzag split's equal chunks)."""
+    row_multiple: int = 1
+    """Each row's length is a multiple of this (sequence parallelism scatters ``L / cp`` over TP)."""
+
+    @classmethod
+    def for_layout(cls, tp: int, cp: int, sequence_parallel: bool) -> "RowLayout":
+        segment = 2 * cp if cp > 1 else 1
+        return cls(segment, math.lcm(segment, cp * tp) if sequence_parallel else segment)
 
 
 def pack_micro_batch(sequences: Sequence[TokenSequence], ids: Sequence[int], *, pad_id: int,
-                     pad_to: int, multiple: int = 1) -> PackedBatch:
+                     pad_to: int, layout: RowLayout = RowLayout()) -> PackedBatch:
     """Pack ``sequences[i] for i in ids`` into one row of ``pad_to`` tokens (or just enough, if 0).
 
-    Each sequence's segment is padded at its end to a multiple of ``multiple`` (context
-    parallelism splits every segment into ``2 * cp`` equal chunks; under causal attention the real
-    tokens never see the padding after them). An empty ``ids`` gives a row of padding with no
-    response tokens (a DP rank with nothing to do still runs a micro-batch so that collectives match).
+    Each sequence's segment is padded at its end to ``layout.segment_multiple`` (under causal
+    attention the real tokens never see the padding after them) and the row to
+    ``layout.row_multiple``. An empty ``ids`` gives a row of padding with no response tokens (a DP
+    rank with nothing to do still runs a micro-batch so that collectives match).
     """
-    if pad_to % multiple:
-        raise ValueError(f"pad_to ({pad_to}) must be a multiple of {multiple}")
+    if pad_to % layout.row_multiple:
+        raise ValueError(f"pad_to ({pad_to}) must be a multiple of {layout.row_multiple}")
     chosen = [sequences[i] for i in ids]
-    segments = [segment_length(s, multiple) for s in chosen]
+    segments = [segment_length(s, layout.segment_multiple) for s in chosen]
     used = sum(segments)
-    total = max(pad_to, used, multiple)
+    total = max(pad_to, segment_length_of(used, layout.row_multiple), layout.row_multiple)
     lengths = segments + ([total - used] if total > used else [])
     tokens = [t for s, n in zip(chosen, segments) for t in (*s.prompt, *s.response, *[pad_id] * (n - len(s)))]
     tokens += [pad_id] * (total - used)
@@ -138,7 +158,7 @@ def _rows(lists: list[list[float]], width: int) -> torch.Tensor:
 
 def plan_micro_batches(sequences: Sequence[TokenSequence], *, token_budget: int, dp_size: int, dp_rank: int,
                        pad_id: int, fixed_length: bool, units: Sequence[Sequence[int]] | None = None,
-                       multiple: int = 1) -> list[PackedBatch]:
+                       layout: RowLayout = RowLayout()) -> list[PackedBatch]:
     """This DP rank's packed micro-batches; every rank gets the same number.
 
     ``fixed_length`` pads every row to ``token_budget`` (pipeline parallelism needs one activation
@@ -150,9 +170,9 @@ def plan_micro_batches(sequences: Sequence[TokenSequence], *, token_budget: int,
     units = [[i] for i in range(len(sequences))] if units is None else [list(u) for u in units]
     if sorted(i for u in units for i in u) != list(range(len(sequences))):
         raise ValueError(f"units must partition the {len(sequences)} sequence indices")
-    plan = pack_sequences([sum(segment_length(sequences[i], multiple) for i in u) for u in units],
+    plan = pack_sequences([sum(segment_length(sequences[i], layout.segment_multiple) for i in u) for u in units],
                           token_budget=token_budget, num_ranks=dp_size, allow_empty=True)
     pad_to = token_budget if fixed_length else 0
     return [pack_micro_batch(sequences, [i for u in micro for i in units[u]], pad_id=pad_id, pad_to=pad_to,
-                             multiple=multiple)
+                             layout=layout)
             for micro in plan[dp_rank]]

@@ -27,7 +27,7 @@ from megatron_lcr.train.metrics_log import MetricsLog
 from megatron_lcr.train.micro_batches import plan_micro_batches
 from megatron_lcr.train.model_setup import build_policy, has_hf_weights
 from megatron_lcr.train.rl_config import RLRunConfig
-from megatron_lcr.train.rl_step import (build_sequences, cp_multiple, gradient_scale, guarded_update, make_loss_fn, score,
+from megatron_lcr.train.rl_step import (build_sequences, gradient_scale, guarded_update, make_loss_fn, row_layout, score,
                                         step_norms, training_units)
 from megatron_lcr.train.rollouts import collect_rollouts
 from megatron_lcr.train.task import start_qa_job
@@ -48,7 +48,8 @@ def _scoring_spec(cfg: RLRunConfig, vocab_size: int, entropy: bool) -> ScoringSp
 def _old_logprobs(cfg, policy, ref, sequences, spec) -> dict[str, float]:
     """Fill ``old_logp`` / ``teacher_logp`` (and ``ref_logp``) of the step's sequences; returns metrics."""
     short = [i for i, s in enumerate(sequences) if s.values["aux"] == 0.0]
-    kwargs = dict(token_budget=cfg.trainer.token_budget, fixed_length=cfg.parallel.pipeline_model_parallel_size > 1)
+    kwargs = dict(token_budget=cfg.trainer.token_budget, fixed_length=cfg.parallel.pipeline_model_parallel_size > 1,
+                  layout=row_layout(cfg.parallel))
     old = score(policy.chunks, sequences, short, spec, **kwargs)
     refs = score(ref.chunks, sequences, short, spec, **kwargs) if ref is not None else {}
     by_rollout = {}
@@ -76,7 +77,7 @@ def _train_on(cfg, policy, optimizer, scheduler, sequences, spec, num_rollouts) 
     batches = plan_micro_batches(trained, token_budget=cfg.trainer.token_budget, dp_size=dp,
                                  dp_rank=ps.get_data_parallel_rank(), pad_id=0,
                                  fixed_length=cfg.parallel.pipeline_model_parallel_size > 1,
-                                 units=training_units(trained), multiple=cp_multiple())
+                                 units=training_units(trained), layout=row_layout(cfg.parallel))
     norms = step_norms(trained, cfg.rl.max_new_tokens, num_rollouts)
     loss_fn = make_loss_fn(cfg, norms, scale=gradient_scale(len(batches)))
     spec = replace(spec, pair_kl=cfg.depo.enabled and cfg.depo.mode == "kd-full")

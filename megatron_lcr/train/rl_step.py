@@ -30,7 +30,8 @@ import torch
 
 from megatron_lcr.distill.depo import DePOConfig, DePOInputs, depo_loss
 from megatron_lcr.rl.losses import Normaliser, metric_reduction, policy_loss
-from megatron_lcr.train.micro_batches import PackedBatch, TokenSequence, plan_micro_batches
+from megatron_lcr.parallel.layout import ParallelConfig
+from megatron_lcr.train.micro_batches import PackedBatch, RowLayout, TokenSequence, plan_micro_batches
 from megatron_lcr.train.rl_config import RLRunConfig
 from megatron_lcr.train.rollouts import Rollout
 from megatron_lcr.train.token_logprobs import ScoringSpec, run_packed_schedule, score_sequences
@@ -55,12 +56,10 @@ def build_sequences(rollouts: list[Rollout], depo: DePOConfig, long_prompt, *, m
     return sequences
 
 
-def cp_multiple() -> int:
-    """Packed segments are padded to a multiple of ``2 * cp`` (the zigzag split); 1 without CP."""
-    from megatron.core import parallel_state as ps
-
-    cp = ps.get_context_parallel_world_size()
-    return 2 * cp if cp > 1 else 1
+def row_layout(parallel: ParallelConfig) -> RowLayout:
+    """Packed-row length constraints of ``parallel`` (CP's zigzag chunks, sequence parallelism)."""
+    return RowLayout.for_layout(parallel.tensor_model_parallel_size, parallel.context_parallel_size,
+                                parallel.sequence_parallel)
 
 
 def gradient_scale(num_micro_batches: int) -> float:
@@ -92,14 +91,14 @@ def _gather_scores(local: dict[int, dict[str, list[float]]]) -> dict[int, dict[s
 
 
 def score(chunks, sequences: list[TokenSequence], ids: list[int], spec: ScoringSpec, *, token_budget: int,
-          fixed_length: bool) -> dict[int, dict[str, list[float]]]:
+          fixed_length: bool, layout: RowLayout = RowLayout()) -> dict[int, dict[str, list[float]]]:
     """Forward-only per-token log-probs of ``sequences[i] for i in ids`` on every rank: ``{i: {"logp": [...]}}``."""
     from megatron.core import parallel_state as ps
 
     subset = [sequences[i] for i in ids]
     batches = plan_micro_batches(subset, token_budget=token_budget, dp_size=ps.get_data_parallel_world_size(),
                                  dp_rank=ps.get_data_parallel_rank(), pad_id=0, fixed_length=fixed_length,
-                                 multiple=cp_multiple())
+                                 layout=layout)
     local = score_sequences(chunks, batches, spec) if batches else {}
     keep = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_last_stage(ignore_virtual=True)
     scores = _gather_scores(local if keep else {})

@@ -3,8 +3,10 @@
 - ``pack_micro_batch``: row layout, labels, response positions and the block-diagonal causal mask,
   against hand-written tensors.
 - One ``guarded_update`` (GRPO + DePO-KD terms, sampled and exact KD) gives the same global loss and
-  gradient norm with token budgets 4096 and 200 (1 vs several micro-batches) and with DP=1 vs DP=2:
-  the normalisers are global and the scaling undoes Megatron's per-micro-batch and DDP averaging.
+  gradient norm with token budgets 4096 and 200 (1 vs several micro-batches), with DP=1, DP=2 and
+  TP=2: the normalisers are global and the scaling undoes Megatron's per-micro-batch and DDP
+  averaging. (Sequence parallelism cannot run here: Megatron's local-spec norms refuse it without
+  Transformer Engine; its row padding is checked by hand below.)
   The exact KD term equals the float64 KL between the Hugging Face model's own distributions on the
   short and the long context.
 - A NaN loss on one micro-batch: the step is skipped, weights and LR schedule stay where they were.
@@ -17,7 +19,7 @@ import json
 import pytest
 import torch
 
-from megatron_lcr.train.micro_batches import TokenSequence, pack_micro_batch, plan_micro_batches
+from megatron_lcr.train.micro_batches import RowLayout, TokenSequence, pack_micro_batch, plan_micro_batches
 from tests.distributed import WORKERS, run_torchrun
 from tests.tiny_hf import make_tiny_hf
 from tests.workers.rl_update import TEMPERATURE, sequences
@@ -47,13 +49,20 @@ def test_packed_row_layout_and_mask():
 
 def test_segments_padded_for_context_parallelism():
     seqs = [TokenSequence([5, 6, 7], [8, 9]), TokenSequence([1, 2], [3])]
-    batch = pack_micro_batch(seqs, [0, 1], pad_id=0, pad_to=0, multiple=4)
+    cp2 = RowLayout.for_layout(tp=1, cp=2, sequence_parallel=False)
+    batch = pack_micro_batch(seqs, [0, 1], pad_id=0, pad_to=0, layout=cp2)
     assert batch.lengths == [8, 4]  # 5 -> 8 and 3 -> 4 tokens: each splits into 2 * cp = 4 chunks
     assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9, 0, 0, 0, 1, 2, 3, 0]]
     assert batch.labels.tolist() == [[0, 0, 8, 9, 0, 0, 0, 0, 0, 3, 0, 0]]
     assert batch.response_index.tolist() == [[2, 3], [9, 0]]
     with pytest.raises(ValueError, match="multiple of 4"):
-        pack_micro_batch(seqs, [0, 1], pad_id=0, pad_to=10, multiple=4)
+        pack_micro_batch(seqs, [0, 1], pad_id=0, pad_to=10, layout=cp2)
+    # Sequence parallelism with TP=2 and CP=2: rows are a multiple of lcm(2 * cp, cp * tp) = 4 ...
+    assert RowLayout.for_layout(tp=2, cp=2, sequence_parallel=True) == RowLayout(4, 4)
+    # ... and with TP=4, CP=1 a multiple of 4 while segments are not padded: 5 + 3 -> 8, 5 -> 8.
+    sp4 = RowLayout.for_layout(tp=4, cp=1, sequence_parallel=True)
+    assert pack_micro_batch(seqs, [0, 1], pad_id=0, pad_to=0, layout=sp4).lengths == [5, 3]
+    assert pack_micro_batch(seqs, [0], pad_id=0, pad_to=0, layout=sp4).lengths == [5, 3]
 
 
 def test_units_share_a_micro_batch():
@@ -78,21 +87,21 @@ def test_empty_micro_batch_is_padding_only():
 def test_update_is_invariant_to_packing_and_dp_and_skips_nan(tmp_path):
     model = make_tiny_hf("llama", tmp_path / "llama", num_layers=2)
     runs = {}
-    for nproc in (1, 2):
-        out = tmp_path / f"dp{nproc}.json"
-        run_torchrun(WORKERS / "rl_update.py", nproc, [str(model), str(out)])
-        runs[nproc] = json.loads(out.read_text())
+    for name, nproc, tp in (("dp1", 1, 1), ("dp2", 2, 1), ("tp2", 2, 2)):
+        out = tmp_path / f"{name}.json"
+        run_torchrun(WORKERS / "rl_update.py", nproc, [str(model), str(out), str(tp)])
+        runs[name] = json.loads(out.read_text())
+        assert (runs[name]["dp"], runs[name]["tp"]) == (nproc // tp, tp)
     for estimator in ("sampled", "full"):
-        assert runs[1]["runs"][f"{estimator}/4096"]["micro_batches"] == 1
-        assert runs[1]["runs"][f"{estimator}/200"]["micro_batches"] > 2
-    assert runs[1]["runs"]["full/4096"]["depo/kd_loss"] == pytest.approx(_exact_kd_reference(model), rel=1e-5)
-    for nproc, result in runs.items():
-        assert result["dp"] == nproc
+        assert runs["dp1"]["runs"][f"{estimator}/4096"]["micro_batches"] == 1
+        assert runs["dp1"]["runs"][f"{estimator}/200"]["micro_batches"] > 2
+    assert runs["dp1"]["runs"]["full/4096"]["depo/kd_loss"] == pytest.approx(_exact_kd_reference(model), rel=1e-5)
+    for name, result in runs.items():
         for key, got in result["runs"].items():
-            reference = runs[1]["runs"][key.split("/")[0] + "/4096"]
+            reference = runs["dp1"]["runs"][key.split("/")[0] + "/4096"]
             assert reference["skipped"] == 0.0 and reference["grad_norm"] > 0
-            assert got["loss"] == pytest.approx(reference["loss"], rel=1e-5, abs=1e-7), (nproc, key)
-            assert got["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-5), (nproc, key)
+            assert got["loss"] == pytest.approx(reference["loss"], rel=1e-5, abs=1e-7), (name, key)
+            assert got["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-5), (name, key)
             assert got["depo/kd_loss"] == pytest.approx(reference["depo/kd_loss"], rel=1e-5, abs=1e-7)
         assert result["runs"]["full/4096"]["loss"] != pytest.approx(result["runs"]["sampled/4096"]["loss"])
         nan = result["nan_step"]

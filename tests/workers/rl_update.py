@@ -1,6 +1,6 @@
 """torchrun worker for tests/train/test_rl_step.py: one guarded RL update under different packings.
 
-Usage: ``rl_update.py MODEL_DIR OUT_JSON``. Every rank builds the same fixed set of sequences (GRPO
+Usage: ``rl_update.py MODEL_DIR OUT_JSON [TP]``. Every rank builds the same fixed set of sequences (GRPO
 short-context rows with advantages, DePO long-context rows with teacher log-probs), scores their old
 log-probs with the policy, then, for each DePO KD estimator (sampled, full) and token budget, builds
 a fresh policy from MODEL_DIR and runs one ``guarded_update``: the loss and grad norm must not
@@ -38,7 +38,7 @@ def sequences(full_kd: bool = False):
     return out
 
 
-def main(model_dir: str, out_path: str) -> None:
+def main(model_dir: str, out_path: str, tp: str = "1") -> None:
     from megatron.core import parallel_state as ps
 
     from megatron_lcr.distill.depo import DePOConfig
@@ -49,14 +49,15 @@ def main(model_dir: str, out_path: str) -> None:
     from megatron_lcr.train.model_setup import build_policy
     from megatron_lcr.train.optimizer import OptimizerConfig, build_optimizer
     from megatron_lcr.train.rl_config import RLRunConfig
-    from megatron_lcr.train.rl_step import gradient_scale, guarded_update, make_loss_fn, score, step_norms, training_units
+    from megatron_lcr.train.rl_step import (gradient_scale, guarded_update, make_loss_fn, row_layout, score, step_norms,
+                                            training_units)
     from megatron_lcr.train.token_logprobs import ScoringSpec
 
-    parallel = ParallelConfig()
+    parallel = ParallelConfig(tensor_model_parallel_size=int(tp))
     initialize_megatron(parallel, seed=1)
     model = ModelConfig(hf_path=model_dir, params_dtype="float32")
     dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    results = {"dp": dp, "runs": {}}
+    results = {"dp": dp, "tp": ps.get_tensor_model_parallel_world_size(), "runs": {}}
     for estimator in ("sampled", "full"):
         cfg = RLRunConfig(model=model, depo=DePOConfig(enabled=True, tau=0.0, kd_estimator=estimator))
         seqs = sequences(full_kd=estimator == "full")
@@ -67,11 +68,12 @@ def main(model_dir: str, out_path: str) -> None:
                                                    use_distributed_optimizer=False, total_steps=10)
             spec = ScoringSpec(vocab_size=policy.arch.vocab_size, temperature=TEMPERATURE)
             short = [i for i, s in enumerate(seqs) if s.values["px"]]
-            old = score(policy.chunks, seqs, short, spec, token_budget=budget, fixed_length=False)
+            old = score(policy.chunks, seqs, short, spec, token_budget=budget, fixed_length=False,
+                        layout=row_layout(parallel))
             for i in short:
                 seqs[i].token_values["old_logp"] = old[i]["logp"]
             batches = plan_micro_batches(seqs, token_budget=budget, dp_size=dp, dp_rank=rank, pad_id=0,
-                                         fixed_length=False, units=training_units(seqs))
+                                         fixed_length=False, units=training_units(seqs), layout=row_layout(parallel))
             norms = step_norms(seqs, 12, num_rollouts=12)
             train_spec = ScoringSpec(vocab_size=policy.arch.vocab_size, temperature=TEMPERATURE,
                                      pair_kl=estimator == "full")
