@@ -27,13 +27,15 @@ import torch
 
 
 def pack_sequences(
-    lengths: Sequence[int], *, token_budget: int, num_ranks: int, allow_empty: bool = False
+    lengths: Sequence[int], *, token_budget: int, num_ranks: int, allow_empty: bool = False, count_multiple: int = 1
 ) -> list[list[list[int]]]:
     """Plan ``plan[rank][micro_batch] = [sequence indices]`` for sequences of ``lengths`` tokens.
 
     Every index appears exactly once; every micro-batch has at most ``token_budget`` tokens; every
-    rank has the same number of micro-batches. Raises ValueError for a sequence longer than the
-    budget, and (unless ``allow_empty``) when a rank has fewer sequences than micro-batches needed.
+    rank has the same number of micro-batches, a multiple of ``count_multiple`` (Megatron's
+    interleaved pipeline schedule needs a multiple of PP). Raises ValueError for a sequence longer
+    than the budget, and (unless ``allow_empty``) when a rank has fewer sequences than micro-batches
+    needed.
     """
     if token_budget < 1 or num_ranks < 1:
         raise ValueError(f"token_budget ({token_budget}) and num_ranks ({num_ranks}) must be >= 1")
@@ -46,7 +48,7 @@ def pack_sequences(
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     per_rank = _assign_ranks(order, lengths, num_ranks)
     plan = [_first_fit_decreasing(indices, lengths, token_budget) for indices in per_rank]
-    target = max(len(micro_batches) for micro_batches in plan)
+    target = -(-max(len(micro_batches) for micro_batches in plan) // count_multiple) * count_multiple
     for rank, micro_batches in enumerate(plan):
         _split_to_count(micro_batches, lengths, target, rank=rank, allow_empty=allow_empty)
     return plan

@@ -94,22 +94,25 @@ def segment_length_of(tokens: int, multiple: int) -> int:
 
 
 @dataclass(frozen=True)
-class RowLayout:
-    """Length constraints of packed rows under a parallel layout."""
+class PackLayout:
+    """What a parallel layout requires of packed micro-batches."""
 
     segment_multiple: int = 1
     """Each sequence's segment is padded to this (``2 * cp``: the zigzag split's equal chunks)."""
     row_multiple: int = 1
     """Each row's length is a multiple of this (sequence parallelism scatters ``L / cp`` over TP)."""
+    count_multiple: int = 1
+    """The number of micro-batches is a multiple of this (the interleaved pipeline schedule: PP)."""
 
     @classmethod
-    def for_layout(cls, tp: int, cp: int, sequence_parallel: bool) -> "RowLayout":
+    def for_layout(cls, tp: int, cp: int, sequence_parallel: bool, *, pp: int = 1, vpp: int | None = None) -> "PackLayout":
         segment = 2 * cp if cp > 1 else 1
-        return cls(segment, math.lcm(segment, cp * tp) if sequence_parallel else segment)
+        row = math.lcm(segment, cp * tp) if sequence_parallel else segment
+        return cls(segment, row, pp if vpp and vpp > 1 else 1)
 
 
 def pack_micro_batch(sequences: Sequence[TokenSequence], ids: Sequence[int], *, pad_id: int,
-                     pad_to: int, layout: RowLayout = RowLayout()) -> PackedBatch:
+                     pad_to: int, layout: PackLayout = PackLayout()) -> PackedBatch:
     """Pack ``sequences[i] for i in ids`` into one row of ``pad_to`` tokens (or just enough, if 0).
 
     Each sequence's segment is padded at its end to ``layout.segment_multiple`` (under causal
@@ -158,7 +161,7 @@ def _rows(lists: list[list[float]], width: int) -> torch.Tensor:
 
 def plan_micro_batches(sequences: Sequence[TokenSequence], *, token_budget: int, dp_size: int, dp_rank: int,
                        pad_id: int, fixed_length: bool, units: Sequence[Sequence[int]] | None = None,
-                       layout: RowLayout = RowLayout()) -> list[PackedBatch]:
+                       layout: PackLayout = PackLayout()) -> list[PackedBatch]:
     """This DP rank's packed micro-batches; every rank gets the same number.
 
     ``fixed_length`` pads every row to ``token_budget`` (pipeline parallelism needs one activation
@@ -171,7 +174,8 @@ def plan_micro_batches(sequences: Sequence[TokenSequence], *, token_budget: int,
     if sorted(i for u in units for i in u) != list(range(len(sequences))):
         raise ValueError(f"units must partition the {len(sequences)} sequence indices")
     plan = pack_sequences([sum(segment_length(sequences[i], layout.segment_multiple) for i in u) for u in units],
-                          token_budget=token_budget, num_ranks=dp_size, allow_empty=True)
+                          token_budget=token_budget, num_ranks=dp_size, allow_empty=True,
+                          count_multiple=layout.count_multiple)
     pad_to = token_budget if fixed_length else 0
     return [pack_micro_batch(sequences, [i for u in micro for i in units[u]], pad_id=pad_id, pad_to=pad_to,
                              layout=layout)

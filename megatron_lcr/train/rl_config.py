@@ -16,7 +16,7 @@ from megatron_lcr.rl.losses import PolicyLossConfig
 from megatron_lcr.rl.rewards import REWARDS
 from megatron_lcr.train.engines import RolloutConfig
 from megatron_lcr.train.evaluate import EvalConfig
-from megatron_lcr.train.micro_batches import RowLayout
+from megatron_lcr.train.micro_batches import PackLayout
 from megatron_lcr.train.optimizer import OptimizerConfig
 
 # The importance-ratio level each algorithm is defined with; its other settings (clip range,
@@ -131,7 +131,7 @@ class RLRunConfig:
         if not self.model.hf_path and not self.trainer.load:
             raise ValueError("model.hf_path (a Hugging Face model directory) or trainer.load must be set")
         p = self.parallel
-        rows = RowLayout.for_layout(p.tensor_model_parallel_size, p.context_parallel_size, p.sequence_parallel)
+        rows = PackLayout.for_layout(p.tensor_model_parallel_size, p.context_parallel_size, p.sequence_parallel)
         if self.trainer.token_budget % rows.row_multiple:
             raise ValueError(f"trainer.token_budget ({self.trainer.token_budget}) must be a multiple of "
                              f"{rows.row_multiple} (zigzag chunks of 2*cp; cp*tp with sequence parallelism)")

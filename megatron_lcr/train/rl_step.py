@@ -31,7 +31,7 @@ import torch
 from megatron_lcr.distill.depo import DePOConfig, DePOInputs, depo_loss
 from megatron_lcr.rl.losses import Normaliser, metric_reduction, policy_loss
 from megatron_lcr.parallel.layout import ParallelConfig
-from megatron_lcr.train.micro_batches import PackedBatch, RowLayout, TokenSequence, plan_micro_batches
+from megatron_lcr.train.micro_batches import PackedBatch, PackLayout, TokenSequence, plan_micro_batches
 from megatron_lcr.train.rl_config import RLRunConfig
 from megatron_lcr.train.rollouts import Rollout
 from megatron_lcr.train.token_logprobs import ScoringSpec, run_packed_schedule, score_sequences
@@ -56,10 +56,11 @@ def build_sequences(rollouts: list[Rollout], depo: DePOConfig, long_prompt, *, m
     return sequences
 
 
-def row_layout(parallel: ParallelConfig) -> RowLayout:
-    """Packed-row length constraints of ``parallel`` (CP's zigzag chunks, sequence parallelism)."""
-    return RowLayout.for_layout(parallel.tensor_model_parallel_size, parallel.context_parallel_size,
-                                parallel.sequence_parallel)
+def row_layout(parallel: ParallelConfig) -> PackLayout:
+    """What ``parallel`` requires of packed micro-batches (CP chunks, sequence parallelism, interleaving)."""
+    return PackLayout.for_layout(parallel.tensor_model_parallel_size, parallel.context_parallel_size,
+                                 parallel.sequence_parallel, pp=parallel.pipeline_model_parallel_size,
+                                 vpp=parallel.virtual_pipeline_model_parallel_size)
 
 
 def gradient_scale(num_micro_batches: int) -> float:
@@ -91,7 +92,7 @@ def _gather_scores(local: dict[int, dict[str, list[float]]]) -> dict[int, dict[s
 
 
 def score(chunks, sequences: list[TokenSequence], ids: list[int], spec: ScoringSpec, *, token_budget: int,
-          fixed_length: bool, layout: RowLayout = RowLayout()) -> dict[int, dict[str, list[float]]]:
+          fixed_length: bool, layout: PackLayout = PackLayout()) -> dict[int, dict[str, list[float]]]:
     """Forward-only per-token log-probs of ``sequences[i] for i in ids`` on every rank: ``{i: {"logp": [...]}}``."""
     from megatron.core import parallel_state as ps
 

@@ -19,7 +19,7 @@ import json
 import pytest
 import torch
 
-from megatron_lcr.train.micro_batches import RowLayout, TokenSequence, pack_micro_batch, plan_micro_batches
+from megatron_lcr.train.micro_batches import PackLayout, TokenSequence, pack_micro_batch, plan_micro_batches
 from tests.distributed import WORKERS, run_torchrun
 from tests.tiny_hf import make_tiny_hf
 from tests.workers.rl_update import TEMPERATURE, sequences
@@ -49,7 +49,7 @@ def test_packed_row_layout_and_mask():
 
 def test_segments_padded_for_context_parallelism():
     seqs = [TokenSequence([5, 6, 7], [8, 9]), TokenSequence([1, 2], [3])]
-    cp2 = RowLayout.for_layout(tp=1, cp=2, sequence_parallel=False)
+    cp2 = PackLayout.for_layout(tp=1, cp=2, sequence_parallel=False)
     batch = pack_micro_batch(seqs, [0, 1], pad_id=0, pad_to=0, layout=cp2)
     assert batch.lengths == [8, 4]  # 5 -> 8 and 3 -> 4 tokens: each splits into 2 * cp = 4 chunks
     assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9, 0, 0, 0, 1, 2, 3, 0]]
@@ -58,9 +58,9 @@ def test_segments_padded_for_context_parallelism():
     with pytest.raises(ValueError, match="multiple of 4"):
         pack_micro_batch(seqs, [0, 1], pad_id=0, pad_to=10, layout=cp2)
     # Sequence parallelism with TP=2 and CP=2: rows are a multiple of lcm(2 * cp, cp * tp) = 4 ...
-    assert RowLayout.for_layout(tp=2, cp=2, sequence_parallel=True) == RowLayout(4, 4)
+    assert PackLayout.for_layout(tp=2, cp=2, sequence_parallel=True) == PackLayout(4, 4)
     # ... and with TP=4, CP=1 a multiple of 4 while segments are not padded: 5 + 3 -> 8, 5 -> 8.
-    sp4 = RowLayout.for_layout(tp=4, cp=1, sequence_parallel=True)
+    sp4 = PackLayout.for_layout(tp=4, cp=1, sequence_parallel=True)
     assert pack_micro_batch(seqs, [0, 1], pad_id=0, pad_to=0, layout=sp4).lengths == [5, 3]
     assert pack_micro_batch(seqs, [0], pad_id=0, pad_to=0, layout=sp4).lengths == [5, 3]
 
@@ -75,6 +75,17 @@ def test_units_share_a_micro_batch():
     assert sorted(b.sequence_ids for b in batches) == [[0, 2], [1, 3]]
     with pytest.raises(ValueError, match="partition"):
         plan_micro_batches(seqs, token_budget=80, dp_size=1, dp_rank=0, pad_id=0, fixed_length=False, units=[[0, 1]])
+
+
+def test_interleaved_pipeline_gets_a_multiple_of_pp_micro_batches():
+    layout = PackLayout.for_layout(tp=1, cp=1, sequence_parallel=False, pp=4, vpp=2)
+    assert layout == PackLayout(1, 1, 4) and PackLayout.for_layout(1, 1, False, pp=4).count_multiple == 1
+    seqs = [TokenSequence([1] * 20, [2]) for _ in range(5)]
+    batches = plan_micro_batches(seqs, token_budget=45, dp_size=1, dp_rank=0, pad_id=0, fixed_length=True,
+                                 layout=layout)
+    assert len(batches) == 4  # 5 sequences of 21 tokens fit in 3 rows of 45; the schedule needs 4
+    assert sorted(i for b in batches for i in b.sequence_ids) == [0, 1, 2, 3, 4]
+    assert all(b.input_ids.shape == (1, 45) for b in batches)
 
 
 def test_empty_micro_batch_is_padding_only():

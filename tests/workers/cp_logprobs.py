@@ -22,11 +22,11 @@ PADDED_VOCAB = 40
 def inputs():
     import torch
 
-    from megatron_lcr.train.micro_batches import RowLayout, TokenSequence, pack_micro_batch
+    from megatron_lcr.train.micro_batches import PackLayout, TokenSequence, pack_micro_batch
 
     g = torch.Generator().manual_seed(0)
     seqs = [TokenSequence([3, 4, 5], [6, 7]), TokenSequence([8] * 3, [9, 10, 11, 12, 13, 14, 15, 16, 17]), TokenSequence([1, 2], [30])]
-    batch = pack_micro_batch(seqs, [0, 1, 2], pad_id=0, pad_to=24, layout=RowLayout.for_layout(tp=1, cp=2, sequence_parallel=False))
+    batch = pack_micro_batch(seqs, [0, 1, 2], pad_id=0, pad_to=24, layout=PackLayout.for_layout(tp=1, cp=2, sequence_parallel=False))
     logits = torch.randn(1, batch.input_ids.shape[1], PADDED_VOCAB, generator=g, dtype=torch.float64) * 3
     weights = torch.randn(2, *batch.response_index.shape, generator=g, dtype=torch.float64)
     return batch, logits, weights
