@@ -91,6 +91,10 @@ class RLTrainerConfig:
     """Also write metrics as TensorBoard events under --out/tensorboard."""
     check_rollout_logprobs: bool = True
     """Report max |trainer log-prob - engine log-prob| every step (a sync/numerics check)."""
+    logprobs_from: Literal["auto", "hidden", "logits"] = "auto"
+    """'hidden': final hidden states x output weight inside the fused kernels (no [tokens, vocab]
+    logits); 'logits': Megatron's output layer, then the kernels; 'auto': hidden unless sequence
+    parallelism is on (its hidden states are sequence shards)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "prompts_per_step", "token_budget", "keep_last", "max_bad_steps"):
@@ -135,6 +139,8 @@ class RLRunConfig:
         if self.trainer.token_budget % rows.row_multiple:
             raise ValueError(f"trainer.token_budget ({self.trainer.token_budget}) must be a multiple of "
                              f"{rows.row_multiple} (zigzag chunks of 2*cp; cp*tp with sequence parallelism)")
+        if self.trainer.logprobs_from == "hidden" and p.sequence_parallel:
+            raise ValueError("trainer.logprobs_from='hidden' needs parallel.sp=false (use 'logits' or 'auto')")
         if self.depo.enabled and self.depo.mode == "kd-full" and self.parallel.context_parallel_size > 1:
             raise ValueError("depo.kd_estimator='full' needs parallel.cp=1: the exact KD compares a response's "
                              "distributions on two packed sequences, which context parallelism puts on different ranks")

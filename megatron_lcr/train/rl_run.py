@@ -41,8 +41,10 @@ class BadStepsError(FloatingPointError):
 def _scoring_spec(cfg: RLRunConfig, vocab_size: int, entropy: bool) -> ScoringSpec:
     from megatron_lcr.models.builder import use_transformer_engine
 
+    source = cfg.trainer.logprobs_from
+    from_hidden = source == "hidden" or (source == "auto" and not cfg.parallel.sequence_parallel)
     return ScoringSpec(vocab_size=vocab_size, temperature=cfg.rl.temperature, entropy=entropy,
-                       thd=use_transformer_engine(cfg.model), kernels=cfg.kernels)
+                       thd=use_transformer_engine(cfg.model), kernels=cfg.kernels, from_hidden=from_hidden)
 
 
 def _old_logprobs(cfg, policy, ref, sequences, spec) -> dict[str, float]:

@@ -4,7 +4,9 @@ The policy's log-prob of a response token must be computed exactly as the rollou
 it: from logits divided by the sampling temperature, with Megatron's padded vocabulary rows masked
 out (their logits are not part of the model's distribution). Only the positions that predict
 response tokens are scored, so the vocabulary-sized work is ``[response tokens, V/tp]``, not
-``[L, V/tp]``.
+``[L, V/tp]``. With ``from_hidden`` (``lcr train``'s default unless sequence parallelism is on) the
+output layer is bypassed: the last stage returns the final hidden states and the fused kernels
+multiply the response rows by the output weight tile by tile, so no logits tensor exists at all.
 
 ``run_packed_schedule`` drives ``get_forward_backward_func`` over ``PackedBatch`` micro-batches with
 any loss function of ``(outputs, batch)``, ``outputs`` holding ``[n, R]`` tensors: ``logp``, and
@@ -14,12 +16,13 @@ old/reference/teacher log-probs, training runs to back-propagate the RL loss.
 ``kd_kl`` is DePO's exact KD term: for each student row (``values["aux"] == 1``, the long context)
 the per-token KL(teacher || student) over the whole (tensor-parallel) vocabulary, the teacher being
 the row of the same rollout on the short context in the same micro-batch (``plan_micro_batches``'s
-``units`` keep them together), its logits detached. Nothing vocabulary-sized outlives the
+``units`` keep them together), its side detached. Nothing vocabulary-sized outlives the
 micro-batch: storing teacher distributions would cost ``R x V`` floats per rollout.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -27,7 +30,8 @@ from functools import partial
 import torch
 
 from megatron_lcr.data.packing import cu_seqlens
-from megatron_lcr.kernels import IGNORE_INDEX, KernelConfig, kl_divergence_from_logits, logprob_entropy_from_logits
+from megatron_lcr.kernels import (IGNORE_INDEX, KernelConfig, kl_divergence, kl_divergence_from_logits, logprob_entropy,
+                                  logprob_entropy_from_logits, output_layer_returns_hidden, output_weight)
 from megatron_lcr.parallel.context import (all_gather_cp_for_loss, zigzag_indices_packed, zigzag_merge_packed,
                                            zigzag_split_packed)
 from megatron_lcr.train.micro_batches import PackedBatch
@@ -52,6 +56,36 @@ class ScoringSpec:
     """Log-prob / entropy implementation (None: automatic)."""
     pair_kl: bool = False
     """Also ``kd_kl``: exact KL(teacher || student) of each long-context row against its short one."""
+    from_hidden: bool = False
+    """The last stage returns the final hidden states and the fused kernels apply the output weight
+    tile by tile: no ``[L, V/tp]`` logits tensor exists (``kernels.megatron``)."""
+
+
+@dataclass(frozen=True)
+class Head:
+    """The last stage's output: logits ``[1, L, V/tp]``, or hidden ``[1, L, H]`` + weight ``[V/tp, H]``."""
+
+    output: torch.Tensor
+    weight: torch.Tensor | None = None
+
+    @property
+    def local_vocab(self) -> int:
+        return self.output.shape[-1] if self.weight is None else self.weight.shape[0]
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """``[len(index), V/tp or H]``: the output at row positions ``index``."""
+        return self.output[0].index_select(0, index)
+
+    def logp_entropy(self, rows: torch.Tensor, labels: torch.Tensor, **kwargs):
+        if self.weight is None:
+            return logprob_entropy_from_logits(rows, labels, **kwargs)
+        return logprob_entropy(rows, self.weight, labels, **kwargs)
+
+    def forward_kl(self, student: torch.Tensor, teacher: torch.Tensor, **kwargs) -> torch.Tensor:
+        """KL(teacher || student) per row; the teacher side (rows and weight) detached."""
+        if self.weight is None:
+            return kl_divergence_from_logits(student, teacher.detach(), kind="forward", **kwargs)
+        return kl_divergence(student, self.weight, teacher.detach(), self.weight.detach(), kind="forward", **kwargs)
 
 
 def pair_rows(batch: PackedBatch) -> tuple[list[int], list[int]]:
@@ -65,45 +99,43 @@ def pair_rows(batch: PackedBatch) -> tuple[list[int], list[int]]:
     return students, [teacher_of[rollout[k]] for k in students]
 
 
-def response_outputs(logits: torch.Tensor, batch: PackedBatch, spec: ScoringSpec) -> dict[str, torch.Tensor]:
-    """``logits [1, L, V/tp]`` of this TP rank -> fp32 ``[n, R]`` ``logp`` (+ ``entropy``, ``kd_kl``).
+def response_outputs(head: Head, batch: PackedBatch, spec: ScoringSpec) -> dict[str, torch.Tensor]:
+    """This TP rank's ``head`` -> fp32 ``[n, R]`` ``logp`` (+ ``entropy``, ``kd_kl``).
 
-    Under context parallelism ``logits`` are this CP rank's ``[1, L/cp, V/tp]`` (``cp_response_outputs``).
+    Under context parallelism ``head`` holds this CP rank's ``L/cp`` positions (``cp_response_outputs``).
     """
     from megatron.core import parallel_state as ps
 
     if ps.get_context_parallel_world_size() > 1:
-        return cp_response_outputs(logits, batch, spec, group=ps.get_context_parallel_group())
-    index = batch.response_index.to(logits.device).reshape(-1)
-    picked = logits[0].index_select(0, index)  # [n*R, V/tp]
-    mask = batch.response_mask.to(logits.device)
-    labels = batch.labels[0].to(logits.device).index_select(0, index)
+        return cp_response_outputs(head, batch, spec, group=ps.get_context_parallel_group())
+    device = head.output.device
+    index = batch.response_index.to(device).reshape(-1)
+    picked = head.rows(index)  # [n*R, V/tp or H]
+    mask = batch.response_mask.to(device)
+    labels = batch.labels[0].to(device).index_select(0, index)
     labels = labels.masked_fill(mask.reshape(-1) == 0, IGNORE_INDEX)  # padding slots: no work, no gradient
-    local = picked.shape[-1]
-    vocab_start, tp_group = _vocab_shard(local)
-    logp, entropy = logprob_entropy_from_logits(
-        picked, labels, temperature=spec.temperature, vocab_start=vocab_start,
-        valid_vocab_end=spec.vocab_size, tp_group=tp_group, config=spec.kernels,
-    )
+    shard = _vocab_shard(head.local_vocab, spec)
+    logp, entropy = head.logp_entropy(picked, labels, temperature=spec.temperature, **shard)
     shape = batch.response_index.shape
     out = {"logp": logp.view(shape) * mask}
     if spec.entropy:
         out["entropy"] = entropy.view(shape) * mask
     if spec.pair_kl:
-        out["kd_kl"] = _pair_kl(picked.view(*shape, local), mask, batch, spec, vocab_start=vocab_start, tp_group=tp_group)
+        out["kd_kl"] = _pair_kl(head, picked.view(*shape, -1), mask, batch, spec, shard)
     return out
 
 
-def _vocab_shard(local: int):
-    """``(vocab_start, tp_group or None)`` of this TP rank's ``local`` logit columns."""
+def _vocab_shard(local: int, spec: ScoringSpec) -> dict:
+    """The fused ops' vocabulary arguments for this TP rank's ``local`` vocabulary rows."""
     from megatron.core import parallel_state as ps
 
     tp_group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
-    return ps.get_tensor_model_parallel_rank() * local, tp_group
+    return {"vocab_start": ps.get_tensor_model_parallel_rank() * local, "valid_vocab_end": spec.vocab_size,
+            "tp_group": tp_group, "config": spec.kernels}
 
 
-def cp_response_outputs(logits: torch.Tensor, batch: PackedBatch, spec: ScoringSpec, *, group) -> dict[str, torch.Tensor]:
-    """``response_outputs`` from this CP rank's zigzag part of the row, ``logits [1, L/cp, V/tp]``.
+def cp_response_outputs(head: Head, batch: PackedBatch, spec: ScoringSpec, *, group) -> dict[str, torch.Tensor]:
+    """``response_outputs`` from this CP rank's zigzag part of the row (``head`` at ``L/cp`` positions).
 
     Per-token values are computed on the local positions that predict a response token (the rest
     are skipped as ignored labels), gathered over ``group`` with ``all_gather_cp_for_loss`` (every CP
@@ -113,18 +145,16 @@ def cp_response_outputs(logits: torch.Tensor, batch: PackedBatch, spec: ScoringS
     if spec.pair_kl:
         raise ValueError("kd_estimator='full' is not available with context parallelism (cp > 1)")
     cp, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
+    device = head.output.device
     offsets = cu_seqlens(batch.lengths)
-    here = zigzag_indices_packed(offsets, cp, rank).to(logits.device)
-    mask = batch.response_mask.to(logits.device)
-    index = batch.response_index.to(logits.device)
-    predicts = torch.zeros(batch.input_ids.shape[1], dtype=torch.bool, device=logits.device)
+    here = zigzag_indices_packed(offsets, cp, rank).to(device)
+    mask = batch.response_mask.to(device)
+    index = batch.response_index.to(device)
+    predicts = torch.zeros(batch.input_ids.shape[1], dtype=torch.bool, device=device)
     predicts[index[mask > 0]] = True
-    labels = batch.labels[0].to(logits.device).masked_fill(~predicts, IGNORE_INDEX).index_select(0, here)
-    vocab_start, tp_group = _vocab_shard(logits.shape[-1])
-    logp, entropy = logprob_entropy_from_logits(
-        logits[0], labels, temperature=spec.temperature, vocab_start=vocab_start,
-        valid_vocab_end=spec.vocab_size, tp_group=tp_group, config=spec.kernels,
-    )
+    labels = batch.labels[0].to(device).masked_fill(~predicts, IGNORE_INDEX).index_select(0, here)
+    logp, entropy = head.logp_entropy(head.output[0], labels, temperature=spec.temperature,
+                                      **_vocab_shard(head.local_vocab, spec))
 
     def whole_row(local: torch.Tensor) -> torch.Tensor:
         row = zigzag_merge_packed(all_gather_cp_for_loss(local, group), offsets, cp, dim=0)
@@ -136,28 +166,27 @@ def cp_response_outputs(logits: torch.Tensor, batch: PackedBatch, spec: ScoringS
     return out
 
 
-def _pair_kl(logits: torch.Tensor, mask: torch.Tensor, batch: PackedBatch, spec: ScoringSpec, *, vocab_start: int,
-             tp_group) -> torch.Tensor:
-    """``[n, R]`` KL(teacher || student) on student rows (0 elsewhere); a pair shares its response."""
+def _pair_kl(head: Head, picked: torch.Tensor, mask: torch.Tensor, batch: PackedBatch, spec: ScoringSpec,
+             shard: dict) -> torch.Tensor:
+    """``[n, R]`` KL(teacher || student) on student rows (0 elsewhere); a pair shares its response.
+
+    ``picked``: ``[n, R, V/tp or H]`` the head's rows at the response positions.
+    """
     students, teachers = pair_rows(batch)
     out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     if not students:
         return out
-    s_rows = torch.tensor(students, device=logits.device)
-    t_rows = torch.tensor(teachers, device=logits.device)
-    local = logits.shape[-1]
-    kl = kl_divergence_from_logits(
-        logits[s_rows].reshape(-1, local), logits[t_rows].reshape(-1, local).detach(), kind="forward",
-        temperature=spec.temperature, mask=mask[s_rows].reshape(-1) > 0, vocab_start=vocab_start,
-        valid_vocab_end=spec.vocab_size, tp_group=tp_group, config=spec.kernels,
-    )
+    s_rows = torch.tensor(students, device=picked.device)
+    t_rows = torch.tensor(teachers, device=picked.device)
+    width = picked.shape[-1]
+    kl = head.forward_kl(picked[s_rows].reshape(-1, width), picked[t_rows].reshape(-1, width),
+                         temperature=spec.temperature, mask=mask[s_rows].reshape(-1) > 0, **shard)
     return out.index_put((s_rows,), kl.view(len(students), -1) * mask[s_rows])
 
 
 def _forward_step(data_iterator, model, *, spec: ScoringSpec, loss_fn: LossFn):
-    from megatron.core.utils import get_attr_wrapped_model
-
     from megatron.core import parallel_state as ps
+    from megatron.core.utils import get_attr_wrapped_model
 
     batch: PackedBatch = next(data_iterator)
     device = next(model.parameters()).device
@@ -169,12 +198,15 @@ def _forward_step(data_iterator, model, *, spec: ScoringSpec, loss_fn: LossFn):
         offsets, rank = cu_seqlens(batch.lengths), ps.get_context_parallel_rank()
         input_ids = zigzag_split_packed(input_ids, offsets, cp, rank)
         position_ids = zigzag_split_packed(position_ids, offsets, cp, rank)
-    output = model(input_ids.to(device), position_ids.to(device), mask, **kwargs)
-    if not get_attr_wrapped_model(model, "post_process"):
+    last_stage = get_attr_wrapped_model(model, "post_process")
+    with output_layer_returns_hidden(model) if spec.from_hidden and last_stage else contextlib.nullcontext():
+        output = model(input_ids.to(device), position_ids.to(device), mask, **kwargs)
+    if not last_stage:
         return output, None
 
-    def loss_func(logits):
-        loss, report = loss_fn(response_outputs(logits, batch, spec), batch)
+    def loss_func(output):
+        head = Head(output, output_weight(model)) if spec.from_hidden else Head(output)
+        loss, report = loss_fn(response_outputs(head, batch, spec), batch)
         # Megatron divides a 3-tuple loss by its token count (1 here) and by the number of
         # micro-batches; loss_fn already normalised by global counts, see rl_step.scale_for_megatron.
         return loss, torch.ones((), dtype=torch.int), report

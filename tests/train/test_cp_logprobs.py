@@ -1,8 +1,8 @@
 """The trainer's log-probs and entropies under context parallelism (CP=2, gloo), against float64.
 
-Each CP rank holds half of a packed row's logits (zigzag); the values it computes must equal the
-whole row's, and the gradient shares of the two ranks must add up to the whole row's gradient (what
-Megatron's DP x CP gradient all-reduce does). The attention side of CP needs Transformer Engine on
+Each CP rank holds half of a packed row (zigzag), as logits or as hidden states for the fused
+kernels; the values it computes must equal the whole row's, and the gradient shares of the two
+ranks must add up to the whole row's gradient (what Megatron's DP x CP gradient all-reduce does). The attention side of CP needs Transformer Engine on
 a GPU; this checks everything around it.
 """
 
@@ -15,25 +15,31 @@ from tests.distributed import WORKERS, run_torchrun
 from tests.workers.cp_logprobs import TEMPERATURE, VOCAB, inputs
 
 
-def _reference(batch, logits, weights):
-    """float64 values ``[n, R]`` and the gradient of the weighted sum on the full logits."""
-    logits = logits.clone().requires_grad_(True)
+def _reference(batch, hidden, out_weight, weights):
+    """float64 values ``[n, R]`` and the gradient of the weighted sum on the full hidden states."""
+    hidden = hidden.clone().requires_grad_(True)
+    logits = hidden @ out_weight.T
     log_p = torch.log_softmax(logits[0, :, :VOCAB] / TEMPERATURE, dim=-1)
     index, mask = batch.response_index, batch.response_mask.double()
     labels = batch.labels[0][index]
     logp = log_p[index].gather(-1, labels[..., None])[..., 0] * mask
     entropy = -(log_p.exp() * log_p).sum(-1)[index] * mask
     ((logp * weights[0]).sum() + (entropy * weights[1]).sum()).backward()
-    return logp.detach(), entropy.detach(), logits.grad
+    return logp.detach(), entropy.detach(), hidden.grad
 
 
 @pytest.mark.dist
 def test_cp2_values_and_gradients_match_the_whole_row(tmp_path):
-    batch, logits, weights = inputs()
+    batch, hidden, out_weight, weights = inputs()
     assert all(length % 4 == 0 for length in batch.lengths)  # every segment splits into 2 * cp chunks
-    logp, entropy, grad = _reference(batch, logits, weights)
+    logp, entropy, grad = _reference(batch, hidden, out_weight, weights)
     run_torchrun(WORKERS / "cp_logprobs.py", 2, [str(tmp_path)], timeout=300)
-    shares = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for kind in ("logits", "hidden"):  # Megatron's logits, or the fused kernels on hidden states
+        _check_shares([result[kind] for result in results], batch, logp, entropy, grad)
+
+
+def _check_shares(shares, batch, logp, entropy, grad):
     for share in shares:
         assert share["local_tokens"] == batch.input_ids.shape[1] // 2
         torch.testing.assert_close(share["logp"].double(), logp, rtol=0, atol=1e-5)

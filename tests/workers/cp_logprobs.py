@@ -1,12 +1,13 @@
 """torchrun worker for tests/train/test_cp_logprobs.py: the trainer's per-token values under CP=2.
 
 Usage: ``cp_logprobs.py OUT_DIR`` on 2 processes. Megatron is initialised with context_parallel_size
-2 (gloo). Every rank builds the same packed row (segments padded to 2 * cp), the same full logits
-``[1, L, V]`` and loss weights; it takes its zigzag part of the logits, runs
-``cp_response_outputs`` (local log-prob/entropy, differentiable gather over the CP group) and
+2 (gloo). Every rank builds the same packed row (segments padded to 2 * cp), the same full hidden
+states ``[1, L, H]``, output weight ``[V, H]`` and loss weights. For each head kind (logits =
+hidden @ weight.T, or hidden + weight for the fused kernels) it takes its zigzag part of the row,
+runs ``cp_response_outputs`` (local log-prob/entropy, differentiable gather over the CP group) and
 back-propagates ``sum(w_logp * logp) + sum(w_ent * entropy)``. It writes ``OUT_DIR/rank{r}.pt``:
-the ``[n, R]`` values and its share of the gradient on the full logits; the test compares them, and
-the sum of the shares, with float64 PyTorch on the whole row.
+per kind the ``[n, R]`` values and its share of the gradient on the full hidden states; the test
+compares them, and the sum of the shares, with float64 PyTorch on the whole row.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 TEMPERATURE = 0.7
 VOCAB = 37  # the model's vocabulary; logits carry 3 padded columns beyond it
 PADDED_VOCAB = 40
+HIDDEN = 16
 
 
 def inputs():
@@ -27,9 +29,10 @@ def inputs():
     g = torch.Generator().manual_seed(0)
     seqs = [TokenSequence([3, 4, 5], [6, 7]), TokenSequence([8] * 3, [9, 10, 11, 12, 13, 14, 15, 16, 17]), TokenSequence([1, 2], [30])]
     batch = pack_micro_batch(seqs, [0, 1, 2], pad_id=0, pad_to=24, layout=PackLayout.for_layout(tp=1, cp=2, sequence_parallel=False))
-    logits = torch.randn(1, batch.input_ids.shape[1], PADDED_VOCAB, generator=g, dtype=torch.float64) * 3
+    hidden = torch.randn(1, batch.input_ids.shape[1], HIDDEN, generator=g, dtype=torch.float64)
+    out_weight = torch.randn(PADDED_VOCAB, HIDDEN, generator=g, dtype=torch.float64)
     weights = torch.randn(2, *batch.response_index.shape, generator=g, dtype=torch.float64)
-    return batch, logits, weights
+    return batch, hidden, out_weight, weights
 
 
 def main(out_dir: str) -> None:
@@ -40,16 +43,21 @@ def main(out_dir: str) -> None:
     from megatron_lcr.parallel.context import zigzag_split_packed
     from megatron_lcr.parallel.layout import ParallelConfig
     from megatron_lcr.parallel.state import destroy_megatron, initialize_megatron
-    from megatron_lcr.train.token_logprobs import ScoringSpec, response_outputs
+    from megatron_lcr.train.token_logprobs import Head, ScoringSpec, response_outputs
 
     initialize_megatron(ParallelConfig(context_parallel_size=2), seed=1)
-    batch, logits, weights = inputs()
-    full = logits.float().requires_grad_(True)
-    local = zigzag_split_packed(full, cu_seqlens(batch.lengths), 2, ps.get_context_parallel_rank())
-    out = response_outputs(local, batch, ScoringSpec(vocab_size=VOCAB, temperature=TEMPERATURE, entropy=True))
-    ((out["logp"] * weights[0].float()).sum() + (out["entropy"] * weights[1].float()).sum()).backward()
-    torch.save({"logp": out["logp"].detach(), "entropy": out["entropy"].detach(), "grad": full.grad,
-                "local_tokens": local.shape[1]}, Path(out_dir) / f"rank{torch.distributed.get_rank()}.pt")
+    batch, hidden, out_weight, weights = inputs()
+    spec = ScoringSpec(vocab_size=VOCAB, temperature=TEMPERATURE, entropy=True)
+    result = {}
+    for kind in ("logits", "hidden"):
+        full = hidden.float().requires_grad_(True)
+        local = zigzag_split_packed(full, cu_seqlens(batch.lengths), 2, ps.get_context_parallel_rank())
+        head = Head(local @ out_weight.float().T) if kind == "logits" else Head(local, out_weight.float())
+        out = response_outputs(head, batch, spec)
+        ((out["logp"] * weights[0].float()).sum() + (out["entropy"] * weights[1].float()).sum()).backward()
+        result[kind] = {"logp": out["logp"].detach(), "entropy": out["entropy"].detach(), "grad": full.grad,
+                        "local_tokens": local.shape[1]}
+    torch.save(result, Path(out_dir) / f"rank{torch.distributed.get_rank()}.pt")
     destroy_megatron()
 
 

@@ -75,8 +75,9 @@ def main(model_dir: str, out_path: str, tp: str = "1") -> None:
             batches = plan_micro_batches(seqs, token_budget=budget, dp_size=dp, dp_rank=rank, pad_id=0,
                                          fixed_length=False, units=training_units(seqs), layout=row_layout(parallel))
             norms = step_norms(seqs, 12, num_rollouts=12)
+            # The sampled runs take Megatron's logits, the exact-KD runs the fused kernels on hidden states.
             train_spec = ScoringSpec(vocab_size=policy.arch.vocab_size, temperature=TEMPERATURE,
-                                     pair_kl=estimator == "full")
+                                     pair_kl=estimator == "full", from_hidden=estimator == "full")
             metrics = guarded_update(policy.chunks, optimizer, scheduler, batches, train_spec,
                                      make_loss_fn(cfg, norms, scale=gradient_scale(len(batches))))
             results["runs"][f"{estimator}/{budget}"] = {"micro_batches": len(batches), **metrics}
