@@ -160,11 +160,12 @@ def depo_kd_loss(
 
     ``norm`` counts the kept rollouts' tokens (``Normaliser.counts(kd_mask(mask, keep))`` summed
     over the global batch). Metrics (detached 0-dim, summable): ``kd_loss``, ``kept_frac`` (kept rows
-    / ``num_rollouts``, the global rollout count; None: this micro-batch's B).
+    with any masked-in token / ``num_rollouts``, the global rollout count; None: this micro-batch's B).
     """
-    loss = aggregate(per_token_kl, kd_mask(mask, keep), aggregation, norm)
+    kept = kd_mask(mask, keep)
+    loss = aggregate(per_token_kl, kept, aggregation, norm)
     total = num_rollouts if num_rollouts is not None else keep.shape[0]
-    kept_frac = keep.to(torch.float32).sum() / max(total, 1)
+    kept_frac = kept.any(dim=-1).to(torch.float32).sum() / max(total, 1)
     return loss, {"kd_loss": loss.detach(), "kept_frac": kept_frac.detach()}
 
 

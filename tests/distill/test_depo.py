@@ -88,6 +88,9 @@ def test_kd_loss_micro_batches_sum_to_the_whole_batch():
     torch.testing.assert_close(a + b, whole)
     torch.testing.assert_close(a_m["kept_frac"] + b_m["kept_frac"], whole_m["kept_frac"])
     assert whole_m["kept_frac"].item() == pytest.approx(3 / 5)
+    # Kept rollouts with no token in the term (the short-context rows of a packed micro-batch) do not count.
+    _, none_m = depo_kd_loss(per_token, torch.zeros_like(mask), keep, norm, num_rollouts=B)
+    assert none_m["kept_frac"].item() == 0.0
 
 
 def kl_reference(student_logits, teacher_logits, temperature):
