@@ -4,9 +4,10 @@
   against hand-written tensors.
 - One ``guarded_update`` (GRPO + DePO-KD terms, sampled and exact KD) gives the same global loss and
   gradient norm with token budgets 4096 and 200 (1 vs several micro-batches), with DP=1, DP=2 and
-  TP=2: the normalisers are global and the scaling undoes Megatron's per-micro-batch and DDP
-  averaging. (Sequence parallelism cannot run here: Megatron's local-spec norms refuse it without
-  Transformer Engine; its row padding is checked by hand below.)
+  TP=2, and with the kernels' Triton implementation (interpreted on CPU) instead of the torch one:
+  the normalisers are global and the scaling undoes Megatron's per-micro-batch and DDP averaging.
+  (Sequence parallelism cannot run here: Megatron's local-spec norms refuse it without Transformer
+  Engine; its row padding is checked by hand below.)
   The exact KD term equals the float64 KL between the Hugging Face model's own distributions on the
   short and the long context.
 - A NaN loss on one micro-batch: the step is skipped, weights and LR schedule stay where they were.
@@ -95,12 +96,15 @@ def test_empty_micro_batch_is_padding_only():
 
 
 @pytest.mark.dist
-def test_update_is_invariant_to_packing_and_dp_and_skips_nan(tmp_path):
+def test_update_is_invariant_to_packing_and_dp_and_skips_nan(tmp_path, monkeypatch):
     model = make_tiny_hf("llama", tmp_path / "llama", num_layers=2)
     runs = {}
-    for name, nproc, tp in (("dp1", 1, 1), ("dp2", 2, 1), ("tp2", 2, 2)):
+    for name, nproc, tp, impl in (("dp1", 1, 1, "torch"), ("dp2", 2, 1, "torch"), ("tp2", 2, 2, "torch"),
+                                  ("dp1-triton", 1, 1, "triton")):
         out = tmp_path / f"{name}.json"
-        run_torchrun(WORKERS / "rl_update.py", nproc, [str(model), str(out), str(tp)])
+        if impl == "triton":  # the Triton kernels on CPU: the interpreter, read when they are defined
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
+        run_torchrun(WORKERS / "rl_update.py", nproc, [str(model), str(out), str(tp), impl])
         runs[name] = json.loads(out.read_text())
         assert (runs[name]["dp"], runs[name]["tp"]) == (nproc // tp, tp)
     for estimator in ("sampled", "full"):

@@ -1,6 +1,7 @@
 """torchrun worker for tests/train/test_rl_step.py: one guarded RL update under different packings.
 
-Usage: ``rl_update.py MODEL_DIR OUT_JSON [TP]``. Every rank builds the same fixed set of sequences (GRPO
+Usage: ``rl_update.py MODEL_DIR OUT_JSON [TP] [IMPL]``; IMPL ``triton`` runs the fused kernels' Triton
+implementation (under TRITON_INTERPRET=1 on CPU, set by the caller before Python starts). Every rank builds the same fixed set of sequences (GRPO
 short-context rows with advantages, DePO long-context rows with teacher log-probs), scores their old
 log-probs with the policy, then, for each DePO KD estimator (sampled, full) and token budget, builds
 a fresh policy from MODEL_DIR and runs one ``guarded_update``: the loss and grad norm must not
@@ -38,10 +39,11 @@ def sequences(full_kd: bool = False):
     return out
 
 
-def main(model_dir: str, out_path: str, tp: str = "1") -> None:
+def main(model_dir: str, out_path: str, tp: str = "1", impl: str = "auto") -> None:
     from megatron.core import parallel_state as ps
 
     from megatron_lcr.distill.depo import DePOConfig
+    from megatron_lcr.kernels import KernelConfig
     from megatron_lcr.models.builder import ModelConfig
     from megatron_lcr.parallel.layout import ParallelConfig
     from megatron_lcr.parallel.state import destroy_megatron, initialize_megatron
@@ -66,7 +68,8 @@ def main(model_dir: str, out_path: str, tp: str = "1") -> None:
             optimizer, scheduler = build_optimizer(OptimizerConfig(lr=1e-3, warmup_steps=0, decay_style="linear"),
                                                    policy.chunks, params_dtype=torch.float32,
                                                    use_distributed_optimizer=False, total_steps=10)
-            spec = ScoringSpec(vocab_size=policy.arch.vocab_size, temperature=TEMPERATURE)
+            kernels = KernelConfig(impl=impl)
+            spec = ScoringSpec(vocab_size=policy.arch.vocab_size, temperature=TEMPERATURE, kernels=kernels)
             short = [i for i, s in enumerate(seqs) if s.values["px"]]
             old = score(policy.chunks, seqs, short, spec, token_budget=budget, fixed_length=False,
                         layout=row_layout(parallel))
@@ -76,7 +79,7 @@ def main(model_dir: str, out_path: str, tp: str = "1") -> None:
                                          fixed_length=False, units=training_units(seqs), layout=row_layout(parallel))
             norms = step_norms(seqs, 12, num_rollouts=12)
             # The sampled runs take Megatron's logits, the exact-KD runs the fused kernels on hidden states.
-            train_spec = ScoringSpec(vocab_size=policy.arch.vocab_size, temperature=TEMPERATURE,
+            train_spec = ScoringSpec(vocab_size=policy.arch.vocab_size, temperature=TEMPERATURE, kernels=kernels,
                                      pair_kl=estimator == "full", from_hidden=estimator == "full")
             metrics = guarded_update(policy.chunks, optimizer, scheduler, batches, train_spec,
                                      make_loss_fn(cfg, norms, scale=gradient_scale(len(batches))))
