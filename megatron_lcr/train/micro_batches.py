@@ -173,8 +173,13 @@ def plan_micro_batches(sequences: Sequence[TokenSequence], *, token_budget: int,
     units = [[i] for i in range(len(sequences))] if units is None else [list(u) for u in units]
     if sorted(i for u in units for i in u) != list(range(len(sequences))):
         raise ValueError(f"units must partition the {len(sequences)} sequence indices")
-    plan = pack_sequences([sum(segment_length(sequences[i], layout.segment_multiple) for i in u) for u in units],
-                          token_budget=token_budget, num_ranks=dp_size, allow_empty=True,
+    lengths = [sum(segment_length(sequences[i], layout.segment_multiple) for i in u) for u in units]
+    for unit, length in zip(units, lengths):
+        if len(unit) > 1 and length > token_budget:
+            raise ValueError(f"sequences {unit} must share a micro-batch (the exact DePO KD's short and long "
+                             f"sequences of one rollout) but have {length} tokens together, more than "
+                             f"token_budget ({token_budget}): raise trainer.token_budget")
+    plan = pack_sequences(lengths, token_budget=token_budget, num_ranks=dp_size, allow_empty=True,
                           count_multiple=layout.count_multiple)
     pad_to = token_budget if fixed_length else 0
     return [pack_micro_batch(sequences, [i for u in micro for i in units[u]], pad_id=pad_id, pad_to=pad_to,

@@ -74,6 +74,9 @@ def test_units_share_a_micro_batch():
     batches = plan_micro_batches(seqs, token_budget=70, dp_size=1, dp_rank=0, pad_id=0, fixed_length=False,
                                  units=[[0, 2], [1, 3]])
     assert sorted(b.sequence_ids for b in batches) == [[0, 2], [1, 3]]
+    with pytest.raises(ValueError, match=r"have 62 tokens together, more than token_budget \(40\)"):
+        plan_micro_batches(seqs, token_budget=40, dp_size=1, dp_rank=0, pad_id=0, fixed_length=False,
+                           units=[[0, 2], [1, 3]])
     with pytest.raises(ValueError, match="partition"):
         plan_micro_batches(seqs, token_budget=80, dp_size=1, dp_rank=0, pad_id=0, fixed_length=False, units=[[0, 1]])
 
