@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_lcr.data.packing import cu_seqlens, pack_sequences, packed_position_ids
+from megatron_lcr.parallel.layout import ParallelConfig
 
 
 @dataclass
@@ -84,12 +85,7 @@ class PackedBatch:
         return ~allowed[None, None], None
 
 
-def segment_length(seq: TokenSequence, multiple: int) -> int:
-    """Tokens ``seq`` takes in a packed row: its length rounded up to ``multiple``."""
-    return segment_length_of(len(seq), multiple)
-
-
-def segment_length_of(tokens: int, multiple: int) -> int:
+def _round_up(tokens: int, multiple: int) -> int:
     return -(-tokens // multiple) * multiple
 
 
@@ -110,6 +106,12 @@ class PackLayout:
         row = math.lcm(segment, cp * tp) if sequence_parallel else segment
         return cls(segment, row, pp if vpp and vpp > 1 else 1)
 
+    @classmethod
+    def for_parallel(cls, parallel: ParallelConfig) -> "PackLayout":
+        return cls.for_layout(parallel.tensor_model_parallel_size, parallel.context_parallel_size,
+                              parallel.sequence_parallel, pp=parallel.pipeline_model_parallel_size,
+                              vpp=parallel.virtual_pipeline_model_parallel_size)
+
 
 def pack_micro_batch(sequences: Sequence[TokenSequence], ids: Sequence[int], *, pad_id: int,
                      pad_to: int, layout: PackLayout = PackLayout()) -> PackedBatch:
@@ -123,9 +125,9 @@ def pack_micro_batch(sequences: Sequence[TokenSequence], ids: Sequence[int], *, 
     if pad_to % layout.row_multiple:
         raise ValueError(f"pad_to ({pad_to}) must be a multiple of {layout.row_multiple}")
     chosen = [sequences[i] for i in ids]
-    segments = [segment_length(s, layout.segment_multiple) for s in chosen]
+    segments = [_round_up(len(s), layout.segment_multiple) for s in chosen]
     used = sum(segments)
-    total = max(pad_to, segment_length_of(used, layout.row_multiple), layout.row_multiple)
+    total = max(pad_to, _round_up(used, layout.row_multiple), layout.row_multiple)
     lengths = segments + ([total - used] if total > used else [])
     tokens = [t for s, n in zip(chosen, segments) for t in (*s.prompt, *s.response, *[pad_id] * (n - len(s)))]
     tokens += [pad_id] * (total - used)
@@ -173,7 +175,7 @@ def plan_micro_batches(sequences: Sequence[TokenSequence], *, token_budget: int,
     units = [[i] for i in range(len(sequences))] if units is None else [list(u) for u in units]
     if sorted(i for u in units for i in u) != list(range(len(sequences))):
         raise ValueError(f"units must partition the {len(sequences)} sequence indices")
-    lengths = [sum(segment_length(sequences[i], layout.segment_multiple) for i in u) for u in units]
+    lengths = [sum(_round_up(len(sequences[i]), layout.segment_multiple) for i in u) for u in units]
     for unit, length in zip(units, lengths):
         if len(unit) > 1 and length > token_budget:
             raise ValueError(f"sequences {unit} must share a micro-batch (the exact DePO KD's short and long "

@@ -134,12 +134,11 @@ class RLRunConfig:
     def __post_init__(self) -> None:
         if not self.model.hf_path and not self.trainer.load:
             raise ValueError("model.hf_path (a Hugging Face model directory) or trainer.load must be set")
-        p = self.parallel
-        rows = PackLayout.for_layout(p.tensor_model_parallel_size, p.context_parallel_size, p.sequence_parallel)
+        rows = PackLayout.for_parallel(self.parallel)
         if self.trainer.token_budget % rows.row_multiple:
             raise ValueError(f"trainer.token_budget ({self.trainer.token_budget}) must be a multiple of "
                              f"{rows.row_multiple} (zigzag chunks of 2*cp; cp*tp with sequence parallelism)")
-        if self.trainer.logprobs_from == "hidden" and p.sequence_parallel:
+        if self.trainer.logprobs_from == "hidden" and self.parallel.sequence_parallel:
             raise ValueError("trainer.logprobs_from='hidden' needs parallel.sp=false (use 'logits' or 'auto')")
         if self.depo.enabled and self.depo.mode == "kd-full" and self.parallel.context_parallel_size > 1:
             raise ValueError("depo.kd_estimator='full' needs parallel.cp=1: the exact KD compares a response's "

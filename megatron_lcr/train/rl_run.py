@@ -24,11 +24,11 @@ from megatron_lcr.train.checkpoint import latest_checkpoint, load_training_state
 from megatron_lcr.train.engines import Engines
 from megatron_lcr.train.export import export_hf
 from megatron_lcr.train.metrics_log import MetricsLog
-from megatron_lcr.train.micro_batches import plan_micro_batches
+from megatron_lcr.train.micro_batches import PackLayout, plan_micro_batches
 from megatron_lcr.train.model_setup import build_policy, has_hf_weights
 from megatron_lcr.train.rl_config import RLRunConfig
-from megatron_lcr.train.rl_step import (build_sequences, gradient_scale, guarded_update, make_loss_fn, row_layout, score,
-                                        step_norms, training_units)
+from megatron_lcr.train.rl_step import (build_sequences, gradient_scale, guarded_update, make_loss_fn, score, step_norms,
+                                        training_units)
 from megatron_lcr.train.rollouts import collect_rollouts
 from megatron_lcr.train.task import start_qa_job
 from megatron_lcr.train.token_logprobs import ScoringSpec
@@ -51,7 +51,7 @@ def _old_logprobs(cfg, policy, ref, sequences, spec) -> dict[str, float]:
     """Fill ``old_logp`` / ``teacher_logp`` (and ``ref_logp``) of the step's sequences; returns metrics."""
     short = [i for i, s in enumerate(sequences) if s.values["aux"] == 0.0]
     kwargs = dict(token_budget=cfg.trainer.token_budget, fixed_length=cfg.parallel.pipeline_model_parallel_size > 1,
-                  layout=row_layout(cfg.parallel))
+                  layout=PackLayout.for_parallel(cfg.parallel))
     old = score(policy.chunks, sequences, short, spec, **kwargs)
     refs = score(ref.chunks, sequences, short, spec, **kwargs) if ref is not None else {}
     by_rollout = {}
@@ -72,6 +72,7 @@ def _old_logprobs(cfg, policy, ref, sequences, spec) -> dict[str, float]:
 
 
 def _train_on(cfg, policy, optimizer, scheduler, sequences, spec, num_rollouts) -> dict:
+    """One guarded update; ``spec`` is the training spec (``pair_kl`` set for the exact KD)."""
     from megatron.core import parallel_state as ps
 
     dp = ps.get_data_parallel_world_size()
@@ -79,10 +80,9 @@ def _train_on(cfg, policy, optimizer, scheduler, sequences, spec, num_rollouts) 
     batches = plan_micro_batches(trained, token_budget=cfg.trainer.token_budget, dp_size=dp,
                                  dp_rank=ps.get_data_parallel_rank(), pad_id=0,
                                  fixed_length=cfg.parallel.pipeline_model_parallel_size > 1,
-                                 units=training_units(trained), layout=row_layout(cfg.parallel))
+                                 units=training_units(trained), layout=PackLayout.for_parallel(cfg.parallel))
     norms = step_norms(trained, cfg.rl.max_new_tokens, num_rollouts)
     loss_fn = make_loss_fn(cfg, norms, scale=gradient_scale(len(batches)))
-    spec = replace(spec, pair_kl=cfg.depo.enabled and cfg.depo.mode == "kd-full")
     metrics = guarded_update(policy.chunks, optimizer, scheduler, batches, spec, loss_fn)
     metrics["train/sequences"] = float(len(trained))
     metrics["train/micro_batches"] = float(len(batches))
@@ -105,6 +105,7 @@ def run_rl(cfg: RLRunConfig, out_dir: str | Path) -> dict:
         state = load_training_state(resume_from, optimizer, scheduler)
     engine_model = str(policy.hf_config_dir) if has_hf_weights(policy.hf_config_dir) else str(export_hf(policy, out_dir / "engine_init"))
     spec = _scoring_spec(cfg, policy.arch.vocab_size, entropy=cfg.rl.loss.entropy_coef > 0)
+    train_spec = replace(spec, pair_kl=cfg.depo.enabled and cfg.depo.mode == "kd-full")
     long_prompts: dict[str, list[int]] = {}
 
     def long_prompt(sample):
@@ -134,7 +135,7 @@ def run_rl(cfg: RLRunConfig, out_dir: str | Path) -> dict:
             sequences = build_sequences(rollouts, cfg.depo, long_prompt, mask_truncated=cfg.rl.advantage.mask_truncated)
             metrics.update(_old_logprobs(cfg, policy, ref, sequences, spec))
             t2 = time.perf_counter()
-            metrics.update(_train_on(cfg, policy, optimizer, scheduler, sequences, spec, len(rollouts)))
+            metrics.update(_train_on(cfg, policy, optimizer, scheduler, sequences, train_spec, len(rollouts)))
             t3 = time.perf_counter()
             if metrics["skipped"]:
                 state["bad_steps"] += 1

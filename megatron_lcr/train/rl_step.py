@@ -30,7 +30,6 @@ import torch
 
 from megatron_lcr.distill.depo import DePOConfig, DePOInputs, depo_loss
 from megatron_lcr.rl.losses import Normaliser, metric_reduction, policy_loss
-from megatron_lcr.parallel.layout import ParallelConfig
 from megatron_lcr.train.micro_batches import PackedBatch, PackLayout, TokenSequence, plan_micro_batches
 from megatron_lcr.train.rl_config import RLRunConfig
 from megatron_lcr.train.rollouts import Rollout
@@ -54,13 +53,6 @@ def build_sequences(rollouts: list[Rollout], depo: DePOConfig, long_prompt, *, m
         if aux:
             sequences.append(TokenSequence(long_prompt(r.sample), r.response, values={**common, "px": 0.0, "aux": 1.0, "teacher": 0.0}))
     return sequences
-
-
-def row_layout(parallel: ParallelConfig) -> PackLayout:
-    """What ``parallel`` requires of packed micro-batches (CP chunks, sequence parallelism, interleaving)."""
-    return PackLayout.for_layout(parallel.tensor_model_parallel_size, parallel.context_parallel_size,
-                                 parallel.sequence_parallel, pp=parallel.pipeline_model_parallel_size,
-                                 vpp=parallel.virtual_pipeline_model_parallel_size)
 
 
 def gradient_scale(num_micro_batches: int) -> float:

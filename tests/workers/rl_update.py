@@ -47,11 +47,11 @@ def main(model_dir: str, out_path: str, tp: str = "1", impl: str = "auto") -> No
     from megatron_lcr.models.builder import ModelConfig
     from megatron_lcr.parallel.layout import ParallelConfig
     from megatron_lcr.parallel.state import destroy_megatron, initialize_megatron
-    from megatron_lcr.train.micro_batches import plan_micro_batches
+    from megatron_lcr.train.micro_batches import PackLayout, plan_micro_batches
     from megatron_lcr.train.model_setup import build_policy
     from megatron_lcr.train.optimizer import OptimizerConfig, build_optimizer
     from megatron_lcr.train.rl_config import RLRunConfig
-    from megatron_lcr.train.rl_step import (gradient_scale, guarded_update, make_loss_fn, row_layout, score, step_norms,
+    from megatron_lcr.train.rl_step import (gradient_scale, guarded_update, make_loss_fn, score, step_norms,
                                             training_units)
     from megatron_lcr.train.token_logprobs import ScoringSpec
 
@@ -72,11 +72,11 @@ def main(model_dir: str, out_path: str, tp: str = "1", impl: str = "auto") -> No
             spec = ScoringSpec(vocab_size=policy.arch.vocab_size, temperature=TEMPERATURE, kernels=kernels)
             short = [i for i, s in enumerate(seqs) if s.values["px"]]
             old = score(policy.chunks, seqs, short, spec, token_budget=budget, fixed_length=False,
-                        layout=row_layout(parallel))
+                        layout=PackLayout.for_parallel(parallel))
             for i in short:
                 seqs[i].token_values["old_logp"] = old[i]["logp"]
             batches = plan_micro_batches(seqs, token_budget=budget, dp_size=dp, dp_rank=rank, pad_id=0,
-                                         fixed_length=False, units=training_units(seqs), layout=row_layout(parallel))
+                                         fixed_length=False, units=training_units(seqs), layout=PackLayout.for_parallel(parallel))
             norms = step_norms(seqs, 12, num_rollouts=12)
             # The sampled runs take Megatron's logits, the exact-KD runs the fused kernels on hidden states.
             train_spec = ScoringSpec(vocab_size=policy.arch.vocab_size, temperature=TEMPERATURE, kernels=kernels,
