@@ -26,7 +26,7 @@ def longblocks(args: argparse.Namespace) -> None:
 
     cfg = LongBlocksConfig(
         num_samples=args.num, seed=args.seed, short_tokens=args.short_tokens, long_tokens=args.long_tokens,
-        **({"families": tuple(args.families)} if args.families else {}),
+        long_noise=args.long_noise, **({"families": tuple(args.families)} if args.families else {}),
     )
     samples = generate(cfg, _counter(args.tokenizer), progress=True)
     write_samples(args.out, samples)
@@ -95,6 +95,9 @@ def add_parser(sub) -> None:
     lb.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
     lb.add_argument("--short-tokens", type=int, default=1024, help="short-context budget in tokens (default 1024)")
     lb.add_argument("--long-tokens", type=int, default=8192, help="long-context budget in tokens (default 8192)")
+    lb.add_argument("--long-noise", type=float, default=0.0,
+                    help="share of the long context's extra documents that are filler-only noise instead of "
+                         "distractors (0-1; 1: the long context differs from the short one in length alone)")
     lb.add_argument("--tokenizer", default=None, help=tok_help)
     lb.add_argument("--families", nargs="+", choices=["multihop", "grounding", "longform"], help="task families (default all)")
     lb.set_defaults(func=longblocks)

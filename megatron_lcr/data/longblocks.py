@@ -16,18 +16,22 @@ answered from pre-training knowledge and every answer is in the documents:
 Distractors are documents about *other* fresh entities with the same relation types (so surface
 cues such as "was born in" do not locate the answer); a distractor never mentions a gold entity
 nor contains the answer string (checked with a word-boundary match on its title and text).
+``long_noise`` makes a share of the documents that only the long context has *noise* instead:
+filler sentences about a fresh entity and no fact (RULER's haystack), so that the long context
+differs from the short one in length alone and not in how much it distracts.
 
 Contexts: ``short_context`` = gold + the near-duplicates that fit + distractors up to
-``short_tokens``; ``long_context`` = the short context's documents + more distractors up to
-``long_tokens``; each is shuffled. Lengths are measured on ``render_context(docs)`` with the
-caller's ``count_tokens``: documents are added while an estimate (cached per-document counts plus
-per-position headers) is under the budget, then the rendered text is counted and a distractor is
-removed or added until it lands in ``budget * (1 +- tolerance)``.
+``short_tokens``; ``long_context`` = the short context's documents + more distractors (or noise)
+up to ``long_tokens``; each is shuffled. Lengths are measured on ``render_context(docs)`` with
+the caller's ``count_tokens``: documents are added while an estimate (cached per-document counts
+plus per-position headers) is under the budget, then the rendered text is counted and a
+distractor is removed or added until it lands in ``budget * (1 +- tolerance)``.
 
 What holds (tests/data/test_longblocks.py): same config -> byte-identical JSONL; sample ``i``
 depends only on ``(seed, i)``; both lengths within the tolerance; long is a strict superset of
 short; every gold document is in both; :func:`solve` answers every question from the short or the
-long context and no multihop/grounding question from the distractors alone.
+long context and no multihop/grounding question from the distractors alone; ``long_noise`` changes
+only the documents the long context adds, and noise documents state no fact.
 """
 
 from __future__ import annotations
@@ -216,6 +220,10 @@ class LongBlocksConfig:
     """Fewest filler sentences per document (sentences)."""
     max_fillers: int = 3
     """Most filler sentences per document (sentences; at most 4)."""
+    long_noise: float = 0.0
+    """Chance that a document only the long context has is noise (filler sentences, no fact) rather
+    than a distractor (probability; 1: the long context is the short one plus a haystack, so a
+    model's long-context failure is the length alone)."""
 
     def __post_init__(self) -> None:
         self.families = tuple(self.families)
@@ -243,6 +251,8 @@ class LongBlocksConfig:
                 raise ValueError(f"min_{name} ({lo}) must be >= {floor} and <= max_{name} ({hi})")
             if cap is not None and hi > cap:
                 raise ValueError(f"max_{name} ({hi}) must be <= {cap}")
+        if not 0 <= self.long_noise <= 1:
+            raise ValueError(f"long_noise ({self.long_noise}) must be in [0, 1]")
 
 
 # --------------------------------------------------------------------------- entities and documents
@@ -366,6 +376,31 @@ def _distractor(rng: random.Random, names: _Names, forbidden: re.Pattern[str], c
         if doc is not None and not forbidden.search(f"{doc.title}\n{doc.text}"):
             return doc
     raise RuntimeError("LongBlocks ran out of fresh distractor entities (context far too long for the name pools)")
+
+
+def _noise(rng: random.Random, names: _Names, cfg: LongBlocksConfig) -> Document | None:
+    """A document about a fresh person, company or product that states no fact: only fillers.
+
+    One filler more than a distractor's fillers, so it is about as long as a distractor (fillers + fact).
+    """
+    kind = rng.choice(("person", "company", "product"))
+    name = names.fresh(kind)
+    if name is None:
+        return None
+    count = min(rng.randint(cfg.min_fillers, cfg.max_fillers) + 1, len(FILLERS[kind]))
+    return Document(title=name, text=" ".join(t.format(n=name) for t in rng.sample(FILLERS[kind], count)))
+
+
+def _long_only(rng: random.Random, names: _Names, forbidden: re.Pattern[str], cfg: LongBlocksConfig) -> Document:
+    """A document for the long context alone: noise with chance ``cfg.long_noise``, else a distractor."""
+    # No draw at long_noise=0: the random stream, hence every file made before the option, is unchanged.
+    if cfg.long_noise and rng.random() < cfg.long_noise:
+        for _ in range(1000):
+            doc = _noise(rng, names, cfg)
+            if doc is not None and not forbidden.search(f"{doc.title}\n{doc.text}"):
+                return doc
+        raise RuntimeError("LongBlocks ran out of fresh entities for noise documents (context far too long)")
+    return _distractor(rng, names, forbidden, cfg)
 
 
 # --------------------------------------------------------------------------- families
@@ -559,9 +594,11 @@ def _sample(cfg: LongBlocksConfig, index: int, lengths: _Lengths) -> Sample:
     family = cfg.families[index % len(cfg.families)]
     names = _Names(rng)
     task = _TASKS[family](rng, names, cfg)
-    draw = functools.partial(_distractor, rng, names, _mention_pattern(task.forbidden), cfg)
+    forbidden = _mention_pattern(task.forbidden)
+    draw = functools.partial(_distractor, rng, names, forbidden, cfg)
     short, short_len, left_out = _fill(task.gold, task.hard_negatives, draw, cfg.short_tokens, cfg, lengths, rng)
-    long, long_len, _ = _fill(short, left_out, draw, cfg.long_tokens, cfg, lengths, rng)
+    draw_long = functools.partial(_long_only, rng, names, forbidden, cfg)
+    long, long_len, _ = _fill(short, left_out, draw_long, cfg.long_tokens, cfg, lengths, rng)
     if len(long) <= len(short):
         raise ValueError(f"long context ({long_len} tokens) added no document to the short one ({short_len})")
     gold, near = set(task.gold), set(task.hard_negatives)
@@ -571,6 +608,11 @@ def _sample(cfg: LongBlocksConfig, index: int, lengths: _Lengths) -> Sample:
         "gold_positions_long": [i for i, doc in enumerate(long) if doc in gold],
         "short_tokens": short_len, "long_tokens": long_len,
     }
+    if cfg.long_noise:  # only then, so files made before the option are unchanged
+        in_short = set(short)
+        metadata["noise_positions_long"] = [
+            i for i, doc in enumerate(long) if doc not in in_short and not _read_facts([doc])
+        ]
     if task.hard_negatives:
         metadata["near_duplicate_positions_short"] = [i for i, doc in enumerate(short) if doc in near]
         metadata["near_duplicate_positions_long"] = [i for i, doc in enumerate(long) if doc in near]
@@ -586,7 +628,8 @@ def generate(cfg: LongBlocksConfig, count_tokens: Callable[[str], int], *, progr
     Deterministic: the same ``cfg`` gives the same samples; sample ``i`` uses only the random
     stream seeded by ``(cfg.seed, i)``. Metadata: ``hops`` (facts the answer needs), ``relations``
     or ``kind``, ``gold_positions_short`` / ``gold_positions_long`` (0-based indices into the
-    contexts), ``short_tokens`` / ``long_tokens`` (rendered lengths), ``seed``, ``index``; grounding
+    contexts), ``short_tokens`` / ``long_tokens`` (rendered lengths), ``seed``, ``index``; with
+    ``long_noise`` also ``noise_positions_long`` (the noise documents); grounding
     also ``near_duplicates`` and ``near_duplicate_positions_short`` / ``_long``.
     """
     from tqdm import tqdm

@@ -53,6 +53,20 @@ def test_families_option_restricts_the_mix(tmp_path):
     assert {s.family for s in read_samples(str(out))} == {"multihop"}
 
 
+def test_long_noise_option_fills_the_long_context_with_noise(tmp_path):
+    out = tmp_path / "noise.jsonl"
+    proc = lcr("data", "longblocks", "--out", str(out), "--num", "3", "--short-tokens", "256",
+               "--long-tokens", "1024", "--long-noise", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for sample in read_samples(str(out)):
+        extra = [i for i, doc in enumerate(sample.long_context) if doc not in sample.short_context]
+        near = sample.metadata.get("near_duplicate_positions_long", [])
+        assert sample.metadata["noise_positions_long"] == [i for i in extra if i not in near]
+    bad = lcr("data", "longblocks", "--out", str(tmp_path / "bad.jsonl"), "--num", "3", "--long-noise", "1.5")
+    assert bad.returncode != 0 and "long_noise (1.5) must be in [0, 1]" in bad.stderr
+    assert not (tmp_path / "bad.jsonl").exists()
+
+
 def test_contexts_command_builds_superset_contexts_from_hotpotqa(tmp_path):
     out = tmp_path / "hotpot.jsonl"
     distractors = tmp_path / "extra.jsonl"

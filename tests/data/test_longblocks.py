@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from megatron_lcr.data.longblocks import FAMILIES, LongBlocksConfig, generate, solve
+from megatron_lcr.data.longblocks import FAMILIES, FILLERS, LongBlocksConfig, generate, solve
 from megatron_lcr.data.schema import Sample, read_samples, render_context, write_samples
 from megatron_lcr.data.tokenizer import load_tokenizer, token_counter
 
@@ -210,6 +210,57 @@ def test_distractors_alone_do_not_answer(samples):
             assert not any(answer.search(f"{d.title}\n{d.text}") for d in only), s.id
 
 
+# --------------------------------------------------------------------------- long-context noise
+
+
+def _is_noise(doc) -> bool:
+    """Every sentence is a filler template about the document's title (hence no fact, no answer)."""
+    fillers = {t.format(n=doc.title) for group in FILLERS.values() for t in group}
+    return all(sentence in fillers for sentence in re.split(r"(?<=\.) (?=[A-Z])", doc.text))
+
+
+@pytest.fixture(scope="module")
+def noise_samples(count_tiny):
+    """``long_noise -> samples`` at (256, 1024), every family."""
+    return {
+        p: generate(LongBlocksConfig(num_samples=PER_FAMILY * len(FAMILIES), seed=7, short_tokens=256,
+                                     long_tokens=1024, long_noise=p), count_tiny)
+        for p in (0.5, 1.0)
+    }
+
+
+def test_long_noise_changes_only_what_the_long_context_adds(noise_samples, samples):
+    for p, group in noise_samples.items():
+        for s, plain in zip(group, samples[(256, 1024)]):
+            # The question, gold documents and short context are drawn before the long context.
+            assert (s.question, s.short_context, s.gold_documents) == (plain.question, plain.short_context,
+                                                                        plain.gold_documents), s.id
+            assert "noise_positions_long" not in plain.metadata
+            extra = [i for i, doc in enumerate(s.long_context) if doc not in s.short_context]
+            near = set(s.metadata.get("near_duplicate_positions_long", []))
+            noise = [i for i in extra if i not in near and _is_noise(s.long_context[i])]
+            assert s.metadata["noise_positions_long"] == noise, s.id
+            if p == 1.0:  # every added document that is not a left-over near-duplicate is noise
+                assert noise == [i for i in extra if i not in near], s.id
+            if s.family == "longform":
+                assert rouge_l(solve(s, s.long_context), s.answers[0]) > 0.99, s.id
+            else:
+                assert solve(s, s.long_context) in s.answers, s.id
+            assert solve(s, [s.long_context[i] for i in noise]) is None, s.id
+            assert abs(s.metadata["long_tokens"] - 1024) <= 0.1 * 1024
+
+
+def test_long_noise_share_follows_the_probability(noise_samples):
+    extra = noise = 0
+    for s in noise_samples[0.5]:
+        near = set(s.metadata.get("near_duplicate_positions_long", []))
+        added = [doc for i, doc in enumerate(s.long_context) if doc not in s.short_context and i not in near]
+        extra += len(added)
+        noise += sum(map(_is_noise, added))
+    # Binomial(n ~ 900, 0.5): +-0.1 is about six standard deviations.
+    assert extra > 500 and 0.4 < noise / extra < 0.6, (noise, extra)
+
+
 # --------------------------------------------------------------------------- config
 
 
@@ -222,6 +273,7 @@ def test_distractors_alone_do_not_answer(samples):
         (dict(min_hops=3, max_hops=2), r"min_hops \(3\) .* max_hops \(2\)"),
         (dict(max_facts=8), r"max_facts \(8\) must be <= 7"),
         (dict(tolerance=0.0), r"tolerance \(0.0\)"),
+        (dict(long_noise=1.5), r"long_noise \(1.5\) must be in \[0, 1\]"),
     ],
 )
 def test_config_errors_name_the_values(kwargs, message):
