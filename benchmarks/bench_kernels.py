@@ -402,6 +402,14 @@ def machine_info(device: str) -> dict:
         info["triton"] = None
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+        try:
+            import pynvml  # nvidia-ml-py
+
+            pynvml.nvmlInit()
+            info["driver"] = pynvml.nvmlSystemGetDriverVersion()
+        except Exception as exc:  # the table is still worth having without the driver version
+            info["driver"] = f"unknown ({type(exc).__name__})"
     return info
 
 
@@ -476,7 +484,9 @@ def markdown(report: dict) -> str:
         f"# Fused log-prob + entropy kernels ({report['device']})",
         "",
         f"{info.get('gpu') or info['cpu']}, {info['cores']} cores (torch intra-op threads: {info['torch_threads']}), "
-        f"torch {info['torch']}, triton {info['triton']}, python {info['python']}, {info['date']}. "
+        f"torch {info['torch']}, triton {info['triton']}, python {info['python']}"
+        + (f", CUDA {info['cuda']}, driver {info['driver']}" if "driver" in info else "")
+        + f", {info['date']}. Cases measured: {report.get('cases_done', 'all')}. "
         f"Temperature {TEMPERATURE}, random per-token upstream gradients, {report['repeats']} timed calls per path "
         "(interleaved), times in ms as p20 / p50 / p80. Peak memory: above the inputs, one forward + backward in a "
         "fresh process (method in the JSON). TFLOP/s: nominal 8 * T_kept * H * V for every path (the naive path "
@@ -547,25 +557,31 @@ def main(argv=None) -> None:
         else (CPU_SHAPES if args.device == "cpu" else CUDA_SHAPES)
     )
     dtype = "float32" if args.device == "cpu" else "bfloat16"
-    results = []
-    for tokens, hidden, vocab in shapes:
-        for masked in map(float, args.masks.split(",")):
-            case = Case(tokens=tokens, hidden=hidden, vocab=vocab, masked=masked, dtype=dtype, device=args.device)
-            print(case, flush=True)
-            rows, rate = bench_case(case, args.repeats, torch.get_num_threads())
-            results.append({"case": asdict(case), "matmul_tflops": rate, "paths": rows})
-            print(json.dumps(results[-1], indent=1, default=str), flush=True)
+    prefix = args.out or os.path.join(RESULTS, f"kernels_{args.device}")
     report = {"device": args.device, "repeats": args.repeats, "machine": machine_info(args.device),
               "command": "python benchmarks/bench_kernels.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "skipped": skipped_paths(args.device), "results": results}  # fmt: skip
-    report["checks"] = must_show(results, args.device)
-    prefix = args.out or os.path.join(RESULTS, f"kernels_{args.device}")
-    with open(prefix + ".json", "w") as f:
-        json.dump(report, f, indent=1)
-    with open(prefix + ".md", "w") as f:
-        f.write(markdown(report))
+              "skipped": skipped_paths(args.device), "results": []}  # fmt: skip
+    cases = [(shape, masked) for shape in shapes for masked in map(float, args.masks.split(","))]
+    for (tokens, hidden, vocab), masked in cases:
+        case = Case(tokens=tokens, hidden=hidden, vocab=vocab, masked=masked, dtype=dtype, device=args.device)
+        print(case, flush=True)
+        rows, rate = bench_case(case, args.repeats, torch.get_num_threads())
+        report["results"].append({"case": asdict(case), "matmul_tflops": rate, "paths": rows})
+        print(json.dumps(report["results"][-1], indent=1, default=str), flush=True)
+        # Written after every case: a run stopped by a time limit (a lent GPU's) keeps what it measured.
+        report["checks"] = must_show(report["results"], args.device)
+        report["cases_done"] = f"{len(report['results'])} of {len(cases)}"
+        write_report(report, prefix)
     print(markdown(report))
 
+
+def write_report(report: dict, prefix: str) -> None:
+    """``prefix.json`` and ``prefix.md``, each written to a temporary file and renamed into place."""
+    for suffix, text in ((".json", json.dumps(report, indent=1)), (".md", markdown(report))):
+        tmp = f"{prefix}{suffix}.tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, prefix + suffix)
 
 if __name__ == "__main__":
     main()
