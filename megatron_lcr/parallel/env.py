@@ -336,6 +336,14 @@ def init_process_group(
         )
 
 
+def collective_device() -> torch.device:
+    """Where a tensor must live for a collective over the job's groups: NCCL (GPU jobs) takes only
+    CUDA tensors, gloo only CPU ones. For small host-side values such as step metrics and flags."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _url_host(addr: str) -> str:
     """IPv6 literals need brackets inside a tcp:// URL."""
     return f"[{addr}]" if ":" in addr and not addr.startswith("[") else addr

@@ -12,7 +12,8 @@ Trainer side of the sync (engines implement the SGLang endpoints it calls):
    ``distributed``  a process group of the source (rank 0, hosting the store) and every engine rank
                     (``/init_weights_update_group``, formed as SGLang does: ``update_group.py``); per bucket the source POSTs
                     ``/update_weights_from_distributed`` and broadcasts each tensor in order
-                    (gloo on CPU, NCCL on GPU);
+                    (NCCL between GPU processes; gloo where either side is on CPU, e.g. the
+                    reference server beside a GPU trainer: tensors are staged through host memory);
    ``disk``         safetensors shards in a directory, then ``/update_weights_from_disk`` on each engine;
    ``tensor``       per bucket one ``/update_weights_from_tensor`` request per engine, for engines colocated
                     on the trainer's GPUs: SGLang's pickled CUDA-IPC form (``tensor_format='sglang'``) or
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -40,7 +42,7 @@ from megatron_lcr.atomic import atomic_dir
 from megatron_lcr.models.builder import use_transformer_engine
 from megatron_lcr.models.hf_checkpoint import ShardedSafetensorsWriter, finalize_shards
 from megatron_lcr.models.transfer import export_chunk_to_hf, maps_for_rank
-from megatron_lcr.parallel.env import free_port
+from megatron_lcr.parallel.env import collective_device, free_port
 from megatron_lcr.rollout.checksum import tensor_checksum
 from megatron_lcr.rollout.tensor_payload import TENSOR_FORMATS, serialize_bucket
 from megatron_lcr.rollout.update_group import broadcast_from_source, join_update_group
@@ -66,12 +68,15 @@ class WeightSyncConfig:
     of a tensor update."""
     tensor_format: Literal["sglang", "safetensors"] | None = None
     """Mode 'tensor' payload: 'sglang' (pickled CUDA IPC handles, GPU + sglang) or 'safetensors' (base64,
-    pickle-free: CPU, reference server, vLLM); None picks 'sglang' when CUDA is available, else 'safetensors'."""
+    pickle-free: CPU, reference server, vLLM); None: 'sglang' when trainer and engines are on GPUs."""
+    backend: Literal["nccl", "gloo"] | None = None
+    """Mode 'distributed' update-group backend; None: 'nccl' when trainer and engines are on GPUs, else
+    'gloo' (the CPU reference server joins over gloo only)."""
 
     def __post_init__(self) -> None:
-        if self.tensor_format is None:
-            self.tensor_format = "sglang" if torch.cuda.is_available() else "safetensors"
-        if self.tensor_format not in TENSOR_FORMATS:
+        if self.backend not in (None, "nccl", "gloo"):
+            raise ValueError(f"backend must be nccl or gloo (or unset), got {self.backend!r}")
+        if self.tensor_format is not None and self.tensor_format not in TENSOR_FORMATS:
             raise ValueError(f"tensor_format must be one of {', '.join(TENSOR_FORMATS)}, got {self.tensor_format!r}")
         if self.engine_tp_size < 1:
             raise ValueError(f"engine_tp_size must be >= 1, got {self.engine_tp_size}")
@@ -79,6 +84,13 @@ class WeightSyncConfig:
             raise ValueError(f"bucket_bytes must be >= 1, got {self.bucket_bytes}")
         if self.mode == "disk" and not self.disk_dir:
             raise ValueError("mode 'disk' needs disk_dir (a directory every engine can read)")
+
+
+def resolve_sync_config(cfg: WeightSyncConfig, *, cuda: bool, gpu_engines: bool) -> WeightSyncConfig:
+    """``cfg`` with its unset choices made: NCCL and CUDA IPC handles only between GPU processes."""
+    gpu = cuda and gpu_engines
+    return dataclasses.replace(cfg, backend=cfg.backend or ("nccl" if gpu else "gloo"),
+                               tensor_format=cfg.tensor_format or ("sglang" if gpu else "safetensors"))
 
 
 def _stage_tensors(policy) -> Iterator[tuple[str, torch.Tensor]]:
@@ -126,7 +138,7 @@ def _receive_stage(src: int) -> Iterator[tuple[str, torch.Tensor]]:
         if box[0] is None:
             return
         name, dtype, shape = box[0]
-        tensor = torch.empty(shape, dtype=dtype)
+        tensor = torch.empty(shape, dtype=dtype, device=collective_device())
         torch.distributed.recv(tensor, src=src)
         yield name, tensor
 
@@ -182,9 +194,9 @@ class WeightSyncer:
     outside the syncer must go through ``syncer.run(coro)``: the client lives on the syncer's loop.
     """
 
-    def __init__(self, cfg: WeightSyncConfig, client=None, *, master_address: str = "127.0.0.1",
-                 master_port: int = 0, timeout_s: float = 600.0) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: WeightSyncConfig, client=None, *, gpu_engines: bool = True,
+                 master_address: str = "127.0.0.1", master_port: int = 0, timeout_s: float = 600.0) -> None:
+        self.cfg = resolve_sync_config(cfg, cuda=torch.cuda.is_available(), gpu_engines=gpu_engines)
         self.client = client
         self.master_address = master_address
         self.master_port = master_port
@@ -201,11 +213,10 @@ class WeightSyncer:
         world = 1 + len(self.client.urls) * self.cfg.engine_tp_size
         joined = self._loop.submit(self.client.init_weights_update_group(
             master_address=self.master_address, master_port=self.master_port, world_size=world,
-            group_name=self.cfg.group_name, backend="nccl" if torch.cuda.is_available() else "gloo",
-            ranks_per_engine=self.cfg.engine_tp_size,
+            group_name=self.cfg.group_name, backend=self.cfg.backend, ranks_per_engine=self.cfg.engine_tp_size,
         ))
         self._group = join_update_group(
-            backend="nccl" if torch.cuda.is_available() else "gloo", master_address=self.master_address,
+            backend=self.cfg.backend, master_address=self.master_address,
             master_port=self.master_port, world_size=world, rank=0, group_name=self.cfg.group_name,
             timeout_s=self.timeout_s,
         )
@@ -258,7 +269,9 @@ class WeightSyncer:
             weight_version=version, flush_cache=False,
         ))
         for _, tensor in bucket:
-            broadcast_from_source(self._group, tensor.contiguous())
+            # gloo from a GPU trainer: staged through host memory (the receivers are on CPU).
+            staged = tensor if self.cfg.backend == "nccl" else tensor.cpu()
+            broadcast_from_source(self._group, staged.contiguous())
         done.result(self.timeout_s)
 
     def _post_tensor_bucket(self, bucket: list[tuple[str, torch.Tensor]], version: str) -> None:

@@ -61,7 +61,8 @@ class Engines:
                              timeout_s=cfg.request_timeout_s, max_retries=cfg.max_retries, seed=seed),
                 on_server_dead=restart_callback(self._handles) if self._handles else None,
             )
-        self.syncer = WeightSyncer(cfg.sync, client)
+        # Servers given by URL are taken to be GPU engines (SGLang, vLLM); set sync.backend for others.
+        self.syncer = WeightSyncer(cfg.sync, client, gpu_engines=bool(cfg.urls) or cfg.server.backend != "reference")
 
     def __enter__(self) -> Engines:
         try:

@@ -15,6 +15,7 @@ from functools import partial
 import torch
 
 from megatron_lcr.models.forward import causal_mask
+from megatron_lcr.parallel.env import collective_device
 
 
 @dataclass
@@ -86,7 +87,7 @@ def reduce_lm_loss(reports: list[dict]) -> float | None:
 
     if not ps.is_pipeline_last_stage(ignore_virtual=True):
         return None
-    totals = torch.stack([r["lm_loss"] for r in reports]).sum(0).float().cpu()
+    totals = torch.stack([r["lm_loss"] for r in reports]).sum(0).float().to(collective_device())
     torch.distributed.all_reduce(totals, group=ps.get_data_parallel_group())
     return (totals[0] / totals[1].clamp(min=1)).item()
 

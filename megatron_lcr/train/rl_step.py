@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_lcr.distill.depo import DePOConfig, DePOInputs, depo_loss
+from megatron_lcr.parallel.env import collective_device
 from megatron_lcr.rl.losses import Normaliser, metric_reduction, policy_loss
 from megatron_lcr.train.micro_batches import PackedBatch, PackLayout, TokenSequence, plan_micro_batches
 from megatron_lcr.train.rl_config import RLRunConfig
@@ -145,8 +146,11 @@ def reduce_reports(reports: list[dict]) -> dict[str, float]:
     names = sorted({k for r in reports for k in r})
     sums = [k for k in names if metric_reduction(k) == "sum"]
     maxes = [k for k in names if metric_reduction(k) == "max"]
-    totals = torch.tensor([sum(float(r.get(k, 0.0)) for r in reports) for k in sums], dtype=torch.float64)
-    peaks = torch.tensor([max(float(r.get(k, -math.inf)) for r in reports) for k in maxes], dtype=torch.float64)
+    device = collective_device()
+    totals = torch.tensor([sum(float(r.get(k, 0.0)) for r in reports) for k in sums], dtype=torch.float64,
+                          device=device)
+    peaks = torch.tensor([max(float(r.get(k, -math.inf)) for r in reports) for k in maxes], dtype=torch.float64,
+                         device=device)
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         group = ps.get_data_parallel_group()
         torch.distributed.all_reduce(totals, group=group)
@@ -159,7 +163,7 @@ def reduce_reports(reports: list[dict]) -> dict[str, float]:
 def _grads_finite(chunks) -> bool:
     """True on every rank iff every gradient on every rank is finite."""
     ok = all(bool(torch.isfinite(buffer.grad_data).all()) for chunk in chunks for buffer in chunk.buffers)
-    flag = torch.tensor([1.0 if ok else 0.0])
+    flag = torch.tensor([1.0 if ok else 0.0], device=collective_device())
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
     return bool(flag.item())
 

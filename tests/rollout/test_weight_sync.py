@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatron_lcr.rollout.weight_sync import WeightSyncConfig, buckets
+from megatron_lcr.rollout.weight_sync import WeightSyncConfig, buckets, resolve_sync_config
 from tests.distributed import WORKERS, run_torchrun
 from tests.tiny_hf import make_tiny_hf
 
@@ -43,9 +43,22 @@ def test_config_validation():
         WeightSyncConfig(bucket_bytes=0)
     with pytest.raises(ValueError, match="tensor_format must be one of sglang, safetensors, got 'pickle'"):
         WeightSyncConfig(mode="tensor", tensor_format="pickle")
-    # Unset, the tensor format follows the hardware: SGLang's CUDA-IPC payload needs a GPU.
-    expected = "sglang" if torch.cuda.is_available() else "safetensors"
-    assert WeightSyncConfig(mode="tensor").tensor_format == expected
+    with pytest.raises(ValueError, match="backend must be nccl or gloo .*, got 'mpi'"):
+        WeightSyncConfig(backend="mpi")
+
+
+@pytest.mark.parametrize(
+    ("cuda", "gpu_engines", "backend", "tensor_format"),
+    [(True, True, "nccl", "sglang"), (True, False, "gloo", "safetensors"), (False, True, "gloo", "safetensors"),
+     (False, False, "gloo", "safetensors")],
+)
+def test_unset_transport_follows_where_trainer_and_engines_run(cuda, gpu_engines, backend, tensor_format):
+    # NCCL and SGLang's CUDA-IPC payload only between GPU processes: a CPU reference server beside a
+    # GPU trainer gets gloo and the pickle-free payload. Explicit choices are kept.
+    got = resolve_sync_config(WeightSyncConfig(mode="tensor"), cuda=cuda, gpu_engines=gpu_engines)
+    assert (got.backend, got.tensor_format) == (backend, tensor_format)
+    kept = resolve_sync_config(WeightSyncConfig(backend="gloo", tensor_format="safetensors"), cuda=True, gpu_engines=True)
+    assert (kept.backend, kept.tensor_format) == ("gloo", "safetensors")
 
 
 @pytest.fixture

@@ -46,7 +46,7 @@ def main(hf_dir: str, urls: str, out_path: str, mode: str) -> None:
     client = SGLangClient(ClientConfig(urls=urls.split(","))) if rank0 else None
     disk_dir = os.path.join(os.path.dirname(out_path), "sync-disk")
     cfg = WeightSyncConfig(mode=mode, checksum=True, bucket_bytes=2**18, disk_dir=disk_dir)
-    syncer = WeightSyncer(cfg, client)
+    syncer = WeightSyncer(cfg, client, gpu_engines=False)  # reference servers: CPU engines
     syncer.connect()
     ids = torch.tensor([5, 17, 3, 99, 250, 7, 7, 42, 8, 600, 11, 12])
     results = {}
