@@ -40,7 +40,9 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout", "triton"],  # triton: its CPU interpreter tests the kernels
+        "plot": ["matplotlib"],  # lcr plot
+        # triton: its CPU interpreter tests the kernels; matplotlib: lcr plot is tested.
+        "dev": ["pytest>=8", "pytest-timeout", "triton", "matplotlib"],
         # CUDA-only engines; CPU code never imports them at module level.
         "gpu": ["transformer-engine[pytorch]", "sglang", "vllm"],
     },

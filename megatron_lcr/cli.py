@@ -8,10 +8,11 @@ Subcommands (each has its own ``--help``):
   lcr convert hf-to-megatron --hf DIR --out DIR --tp N --pp N
   lcr convert megatron-to-hf --ckpt DIR --out DIR
   lcr config CONFIG [--kind K] [key=value ...] print the resolved config (or every key with --keys)
-  lcr data longblocks --out FILE --num N [--seed S --short-tokens A --long-tokens B --tokenizer DIR --families ...]
+  lcr data longblocks --out FILE --num N [--seed S --short-tokens A --long-tokens B --long-noise P ...]
   lcr data contexts --source FILE --format musique|hotpotqa|2wiki|longbench|lcr --out FILE [...]
   lcr data stats FILE [FILE ...]
   lcr serve --model DIR --port P [--host H --api-key KEY ...]   CPU rollout server speaking SGLang's HTTP API
+  lcr plot RUN [RUN ...] --out FILE [--metrics KEY ...]        training curves of runs side by side
 
 Errors in the input (config keys, model directories, checkpoints, layouts) end the command with one
 line on stderr naming the file or key, and exit status 1.
@@ -101,6 +102,17 @@ def _serve(args: argparse.Namespace) -> None:
                       dtype=args.dtype, seed=args.seed, max_batch=args.max_batch))
 
 
+def _plot(args: argparse.Namespace) -> None:
+    from megatron_lcr.train.plot import DEFAULT_METRICS, plot_runs
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise RuntimeError('lcr plot needs matplotlib: pip install -e ".[plot]"') from None
+    plot_runs(args.runs, args.out, tuple(args.metrics or DEFAULT_METRICS))
+    print(f"wrote {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lcr", description="megatron_lcr: long-context reasoning post-training on Megatron-Core."
@@ -170,6 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--seed", type=int, default=0, help="seeds requests without sampling_seed, with their rid (default 0)")
     serve.add_argument("--max-batch", type=int, default=64, help="most sequences decoded together (default 64)")
     serve.set_defaults(func=_serve)
+
+    plot = sub.add_parser("plot", help="training curves of one or more runs, side by side",
+                          description="One panel per metric, one line per run, from each run's metrics.jsonl; "
+                                      "the format follows --out's suffix (.png, .svg, .pdf). Needs matplotlib.")
+    plot.add_argument("runs", nargs="+", metavar="RUN", help="output directories of lcr train/sft/pretrain")
+    plot.add_argument("--out", required=True, help="image file to write")
+    plot.add_argument("--metrics", nargs="+", metavar="KEY",
+                      help="metrics.jsonl keys, one panel each (default: eval/short_em eval/long_em "
+                           "rollout/reward_mean depo/kd_loss time/step_s)")
+    plot.set_defaults(func=_plot)
 
     from megatron_lcr.data.commands import add_parser as add_data_parser
 
