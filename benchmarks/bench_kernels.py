@@ -53,6 +53,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from megatron_lcr.atomic import atomic_write_text  # noqa: E402
 from megatron_lcr.kernels import KernelConfig, logprob_entropy  # noqa: E402
 
 TEMPERATURE = 0.7
@@ -428,7 +429,8 @@ def must_show(results: list[dict], device: str) -> list[dict]:
                 {
                     "case": label,
                     "check": "fused peak memory <= 1/8 of naive",
-                    "value": f"{mem:.3f} (1/{1 / mem:.1f})",
+                    # A toy shape's fused peak can round to 0 pages of RSS.
+                    "value": f"{mem:.3f}" + (f" (1/{1 / mem:.1f})" if mem else ""),
                     "met": mem <= 1 / 8,
                 }
             )
@@ -571,17 +573,9 @@ def main(argv=None) -> None:
         # Written after every case: a run stopped by a time limit (a lent GPU's) keeps what it measured.
         report["checks"] = must_show(report["results"], args.device)
         report["cases_done"] = f"{len(report['results'])} of {len(cases)}"
-        write_report(report, prefix)
+        atomic_write_text(prefix + ".json", json.dumps(report, indent=1))
+        atomic_write_text(prefix + ".md", markdown(report))
     print(markdown(report))
-
-
-def write_report(report: dict, prefix: str) -> None:
-    """``prefix.json`` and ``prefix.md``, each written to a temporary file and renamed into place."""
-    for suffix, text in ((".json", json.dumps(report, indent=1)), (".md", markdown(report))):
-        tmp = f"{prefix}{suffix}.tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, prefix + suffix)
 
 if __name__ == "__main__":
     main()

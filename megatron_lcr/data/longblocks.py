@@ -367,17 +367,6 @@ _DISTRACTORS: dict[str, Callable[..., Document | None]] = {
 _DISTRACTOR_WEIGHTS = {"person": 5, "company": 2, "product": 2, "periodical": 1}
 
 
-def _distractor(rng: random.Random, names: _Names, forbidden: re.Pattern[str], cfg: LongBlocksConfig) -> Document:
-    """A document about fresh entities that mentions nothing ``forbidden`` matches."""
-    kinds = list(_DISTRACTOR_WEIGHTS)
-    for _ in range(1000):
-        kind = rng.choices(kinds, weights=[_DISTRACTOR_WEIGHTS[k] for k in kinds])[0]
-        doc = _DISTRACTORS[kind](rng, names, cfg)
-        if doc is not None and not forbidden.search(f"{doc.title}\n{doc.text}"):
-            return doc
-    raise RuntimeError("LongBlocks ran out of fresh distractor entities (context far too long for the name pools)")
-
-
 def _noise(rng: random.Random, names: _Names, cfg: LongBlocksConfig) -> Document | None:
     """A document about a fresh person, company or product that states no fact: only fillers.
 
@@ -391,16 +380,27 @@ def _noise(rng: random.Random, names: _Names, cfg: LongBlocksConfig) -> Document
     return Document(title=name, text=" ".join(t.format(n=name) for t in rng.sample(FILLERS[kind], count)))
 
 
+def _distractor(
+    rng: random.Random, names: _Names, forbidden: re.Pattern[str], cfg: LongBlocksConfig, *, noise: bool = False
+) -> Document:
+    """A document about fresh entities that mentions nothing ``forbidden`` matches (``noise``: no fact either)."""
+    kinds = list(_DISTRACTOR_WEIGHTS)
+    for _ in range(1000):
+        if noise:
+            doc = _noise(rng, names, cfg)
+        else:
+            kind = rng.choices(kinds, weights=[_DISTRACTOR_WEIGHTS[k] for k in kinds])[0]
+            doc = _DISTRACTORS[kind](rng, names, cfg)
+        if doc is not None and not forbidden.search(f"{doc.title}\n{doc.text}"):
+            return doc
+    raise RuntimeError("LongBlocks ran out of fresh distractor entities (context far too long for the name pools)")
+
+
 def _long_only(rng: random.Random, names: _Names, forbidden: re.Pattern[str], cfg: LongBlocksConfig) -> Document:
     """A document for the long context alone: noise with chance ``cfg.long_noise``, else a distractor."""
     # No draw at long_noise=0: the random stream, hence every file made before the option, is unchanged.
-    if cfg.long_noise and rng.random() < cfg.long_noise:
-        for _ in range(1000):
-            doc = _noise(rng, names, cfg)
-            if doc is not None and not forbidden.search(f"{doc.title}\n{doc.text}"):
-                return doc
-        raise RuntimeError("LongBlocks ran out of fresh entities for noise documents (context far too long)")
-    return _distractor(rng, names, forbidden, cfg)
+    noise = bool(cfg.long_noise) and rng.random() < cfg.long_noise
+    return _distractor(rng, names, forbidden, cfg, noise=noise)
 
 
 # --------------------------------------------------------------------------- families

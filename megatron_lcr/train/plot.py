@@ -9,10 +9,12 @@ long context, mean reward, DePO's KD loss and seconds per step. The format follo
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from pathlib import Path
 
+from megatron_lcr.atomic import atomic_write_bytes
 from megatron_lcr.data.schema import DataError, iter_jsonl
 
 DEFAULT_METRICS = ("eval/short_em", "eval/long_em", "rollout/reward_mean", "depo/kd_loss", "time/step_s")
@@ -35,12 +37,13 @@ def read_metrics(run: str | os.PathLike) -> list[dict]:
     return records
 
 
+def _plottable(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     """``(steps, values)`` of the records that hold a finite number under ``key``, in step order."""
-    points = sorted(
-        (r["step"], float(r[key])) for r in records
-        if isinstance(r.get(key), (int, float)) and not isinstance(r[key], bool) and math.isfinite(r[key])
-    )
+    points = sorted((r["step"], float(r[key])) for r in records if _plottable(r.get(key)))
     return [s for s, _ in points], [v for _, v in points]
 
 
@@ -61,11 +64,11 @@ def plot_runs(runs: list[str], out: str | os.PathLike, metrics: tuple[str, ...] 
     import matplotlib.pyplot as plt
 
     records = [read_metrics(run) for run in runs]
-    present = [m for m in metrics if any(series(recs, m)[0] for recs in records)]
+    have = {k for recs in records for r in recs for k, v in r.items() if k != "step" and _plottable(v)}
+    present = [m for m in metrics if m in have]
     if not present:
-        have = sorted({k for recs in records for r in recs for k in r if k != "step" and series(recs, k)[0]})
         raise ValueError(f"none of the metrics {list(metrics)} is in {', '.join(map(str, runs))}; "
-                         f"they have: {', '.join(have) or 'nothing'}")
+                         f"they have: {', '.join(sorted(have)) or 'nothing'}")
     cols = min(3, len(present))
     rows = math.ceil(len(present) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
@@ -82,12 +85,10 @@ def plot_runs(runs: list[str], out: str | os.PathLike, metrics: tuple[str, ...] 
         ax.set_visible(False)
     axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
-    out = Path(out)
-    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")  # keeps the suffix: matplotlib picks the format by it
+    image = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, out)
+        fig.savefig(image, format=Path(out).suffix.lstrip(".") or None, dpi=120)
     finally:
-        tmp.unlink(missing_ok=True)
         plt.close(fig)
+    atomic_write_bytes(out, image.getvalue())
     return fig
