@@ -40,6 +40,12 @@ class RolloutConfig:
     sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     """How the trainer's weights reach the servers after every step."""
 
+    @property
+    def gpu_engines(self) -> bool:
+        """Whether the servers run on GPUs: all but launched `lcr serve` ones. Servers given by URL are
+        taken to be SGLang or vLLM; for others set ``sync.backend`` / ``sync.tensor_format``."""
+        return bool(self.urls) or self.server.backend != "reference"
+
 
 class Engines:
     """Rollout servers as the trainer sees them. Use as a context manager on every rank."""
@@ -61,8 +67,7 @@ class Engines:
                              timeout_s=cfg.request_timeout_s, max_retries=cfg.max_retries, seed=seed),
                 on_server_dead=restart_callback(self._handles) if self._handles else None,
             )
-        # Servers given by URL are taken to be GPU engines (SGLang, vLLM); set sync.backend for others.
-        self.syncer = WeightSyncer(cfg.sync, client, gpu_engines=bool(cfg.urls) or cfg.server.backend != "reference")
+        self.syncer = WeightSyncer(cfg.sync, client, gpu_engines=cfg.gpu_engines)
 
     def __enter__(self) -> Engines:
         try:

@@ -61,6 +61,15 @@ def test_unset_transport_follows_where_trainer_and_engines_run(cuda, gpu_engines
     assert (kept.backend, kept.tensor_format) == ("gloo", "safetensors")
 
 
+def test_only_launched_reference_servers_count_as_cpu_engines():
+    from megatron_lcr.rollout.sglang import SGLangLaunchConfig
+    from megatron_lcr.train.engines import RolloutConfig
+
+    assert not RolloutConfig().gpu_engines  # the default: launched `lcr serve` reference servers
+    assert RolloutConfig(server=SGLangLaunchConfig(backend="sglang")).gpu_engines
+    assert RolloutConfig(urls=["http://127.0.0.1:30000"]).gpu_engines
+
+
 @pytest.fixture
 def two_reference_servers(tmp_path):
     """Two real `lcr serve` processes holding a *different* model (seed 1) than the trainer's."""
