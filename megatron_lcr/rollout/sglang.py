@@ -1,25 +1,38 @@
-"""Start and stop rollout servers: SGLang on GPUs, or ``lcr serve`` reference servers on CPU.
+"""Start and stop rollout servers: SGLang or vLLM (GPU or CPU), or ``lcr serve`` reference servers (CPU).
 
 :func:`launch_servers` builds one command line per server, starts the processes (each in its own
-process group, output to ``{log_dir}/server{k}.log``), and returns when every server answers
-``/health`` *and* its own process tree listens on its port (so a server that failed to bind a port
-some other process holds is not mistaken for ready). A server that exits or does not become ready
-in time stops the whole launch with one line naming it, its log, and the tail of that log.
+process group under :mod:`~megatron_lcr.rollout.watchdog`, output to ``{log_dir}/server{k}.log``),
+and returns when every server answers ``/health`` *and* its own process tree listens on its port (so
+a server that failed to bind a port some other process holds is not mistaken for ready). A server
+that exits or does not become ready in time stops the whole launch with one line naming it, its
+log, and the tail of that log. The watchdog stops a server's whole process group when the process
+that launched it dies, SIGKILL included, so servers never outlive their trainer.
 
-The same code launches both backends; only the command differs:
+The same code launches every backend; only the command and environment differ:
 
 ``sglang``     ``python -m sglang.launch_server --model-path P --tp-size T --host H --port N --dtype D
-              [--mem-fraction-static F] [--api-key K] [--random-seed S] [--skip-tokenizer-init] ...``,
-              with ``CUDA_VISIBLE_DEVICES`` set to that server's ``tp_size`` GPUs. Flag names checked in
-              sglang's ``python/sglang/srt/server_args.py`` (``ServerArgs`` fields ``model_path``,
-              ``tp_size``, ``host``, ``port``, ``dtype``, ``mem_fraction_static``, ``api_key``,
-              ``random_seed``, ``skip_tokenizer_init``, ``enable_deterministic_inference``).
+              [--mem-fraction-static F] [--context-length L] [--max-total-tokens K]
+              [--max-running-requests R] [--api-key K] [--random-seed S] [--skip-tokenizer-init] ...``.
+              On GPUs with ``CUDA_VISIBLE_DEVICES`` set to that server's ``tp_size`` GPUs. On CPU (checked
+              with sglang 0.5.23) with ``--device cpu --attention-backend torch_native``, dtype ``auto`` as
+              ``float32``, small KV-pool defaults, ``SGLANG_USE_CPU_ENGINE`` removed from the inherited
+              environment (that engine needs sgl-kernel's CPU build, which PyPI lacks) and
+              ``cpu_stubs/`` first on PYTHONPATH (a ``vllm._custom_ops`` stub SGLang imports but never
+              calls on CPU). Flag names checked in sglang's ``python/sglang/srt/server_args.py``.
+``vllm``       ``python -m vllm.entrypoints.openai.api_server --model P --host H --port N --dtype D
+              [--tensor-parallel-size T] [--gpu-memory-utilization F] [--api-key K] [--seed S]
+              [--max-model-len L] [--max-num-seqs R] [--skip-tokenizer-init] [--enforce-eager (CPU)]
+              --worker-extension-cls megatron_lcr.rollout.vllm_worker.LCRWorkerExtension ...``, with
+              ``VLLM_SERVER_DEV_MODE=1`` (its ``/collective_rpc``, ``/sleep``, ``/reset_prefix_cache``
+              endpoints, used for weight reloads), the directory holding ``megatron_lcr`` first on
+              PYTHONPATH (vLLM's workers import the extension class from it) and, on CPU,
+              ``VLLM_CPU_KVCACHE_SPACE=1`` (GiB of KV cache) unless set.
 ``reference``  ``python -m megatron_lcr.cli serve --model P --host H --port N [--dtype D] [--seed S]
-              [--api-key K]`` (CPU, for tests and demos).
+              [--api-key K] [--max-batch R]`` (CPU, for tests and demos).
 
 The optional SGLang router (``python -m sglang_router.launch_router --worker-urls U... --host H
 --port N --policy P``, flags as in sgl-router's ``router_args.py``) gives one URL in front of the
-servers for tools that want one; the trainer's :class:`~megatron_lcr.rollout.client.SGLangClient`
+servers for tools that want one; the trainer's :class:`~megatron_lcr.rollout.client.RolloutClient`
 balances over the servers itself.
 """
 
@@ -42,6 +55,8 @@ import psutil
 
 from megatron_lcr.parallel.env import free_ports
 
+BACKENDS = ("sglang", "vllm", "reference")
+DEVICES = ("auto", "cuda", "cpu")
 ROUTER_POLICIES = ("random", "round_robin", "cache_aware", "power_of_two")
 SGLANG_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 # SGLang dtype names -> the reference server's --dtype ("auto" keeps its float32 default).
@@ -51,19 +66,38 @@ _REFERENCE_DTYPES = {"half": "float16", "float16": "float16", "bfloat16": "bfloa
 _LOG_TAIL_LINES = 15
 _LOG_TAIL_CHARS = 2000
 
+_ROLLOUT_DIR = Path(__file__).resolve().parent
+# Run by file path under the launcher's interpreter: see watchdog.py's docstring.
+WATCHDOG_SCRIPT = _ROLLOUT_DIR / "watchdog.py"
+# Holds vllm/_custom_ops.py for SGLang on CPU; goes on CPU SGLang servers' PYTHONPATH only.
+CPU_STUBS_DIR = _ROLLOUT_DIR / "cpu_stubs"
+# The directory megatron_lcr is imported from: vLLM's workers import the extension class through it.
+PACKAGE_PARENT = _ROLLOUT_DIR.parent.parent
+VLLM_WORKER_EXTENSION = "megatron_lcr.rollout.vllm_worker.LCRWorkerExtension"
+# SGLang on CPU, sized for a tiny model on a 2-core machine (None on GPU: SGLang sizes the pool from
+# free GPU memory). The tiny demo's requests are ~700 prompt + 64 answer tokens: 8 of them (~6.1K
+# tokens) fit a pool of 8192 with room for the radix cache's shared prompts. Left to itself, SGLang
+# sizes a CPU pool from host memory (GBs for nothing); 8192 tokens of the demo model's KV
+# (4 layers x 2 x 3 heads x 32 x 4 bytes = 3 KiB/token) are 24 MiB. More requests at once gain
+# little on 2 cores, where torch_native attention runs request by request.
+CPU_MAX_TOTAL_TOKENS = 8192
+CPU_MAX_RUNNING_REQUESTS = 8
+
 
 @dataclass(kw_only=True)
 class SGLangLaunchConfig:
     """Which rollout servers to start and how."""
 
-    backend: Literal["sglang", "reference"] = "sglang"
-    """'sglang': python -m sglang.launch_server on GPUs; 'reference': lcr serve on CPU."""
+    backend: Literal["sglang", "vllm", "reference"] = "sglang"
+    """'sglang': sglang.launch_server; 'vllm': vLLM's OpenAI-compatible server; 'reference': lcr serve (CPU)."""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """Where sglang/vllm servers run: 'auto' = 'cuda' if the launching process sees a GPU, else 'cpu'."""
     model_path: str = ""
     """Hugging Face model directory every server loads; empty: the trainer fills in its policy's weights."""
     num_servers: int = 1
     """Independent servers (data-parallel engines)."""
     tp_size: int = 1
-    """GPUs per SGLang server (its tensor-parallel degree)."""
+    """GPUs per server (its tensor-parallel degree)."""
     host: str = "127.0.0.1"
     """Interface the servers listen on (clients reach them at http://host:port)."""
     ports: list[int] = field(default_factory=list)
@@ -73,9 +107,15 @@ class SGLangLaunchConfig:
     gpu_ids: list[int] = field(default_factory=list)
     """GPUs, tp_size per server in order (numbered as this process sees them); empty: 0 .. servers * tp - 1."""
     mem_fraction_static: float | None = None
-    """Fraction of GPU memory for weights + KV cache; None: SGLang's default."""
+    """Fraction of GPU memory for weights + KV cache (vLLM: --gpu-memory-utilization); None: the engine's default."""
     dtype: str = "auto"
-    """Weight/activation dtype of the SGLang servers."""
+    """Weight/activation dtype of the servers; 'auto' on CPU: float32 (sglang, vllm)."""
+    context_length: int | None = None
+    """Longest prompt + response a server accepts (tokens; vLLM --max-model-len); None: the model's max positions."""
+    max_total_tokens: int | None = None
+    """SGLang's KV-cache pool, all requests together (tokens); None: SGLang's default on GPU, 8192 on CPU."""
+    max_running_requests: int | None = None
+    """Concurrent requests per server (count; vLLM --max-num-seqs, lcr serve --max-batch); None: default, CPU SGLang 8."""
     api_key: str | None = None
     """Servers require 'Authorization: Bearer KEY'; None: no key."""
     random_seed: int | None = None
@@ -83,7 +123,7 @@ class SGLangLaunchConfig:
     skip_tokenizer_init: bool = False
     """SGLang's --skip-tokenizer-init (token ids in, token ids out; no stop strings)."""
     deterministic: bool = False
-    """SGLang's --enable-deterministic-inference (batch-invariant kernels: a seed gives the same sample)."""
+    """SGLang's --enable-deterministic-inference (batch-invariant kernels: a seed gives the same sample; GPU only)."""
     extra_args: list[str] = field(default_factory=list)
     """More command-line arguments appended to every server's command."""
     env: dict[str, str] = field(default_factory=dict)
@@ -102,8 +142,10 @@ class SGLangLaunchConfig:
     """Router load-balancing policy: random, round_robin, cache_aware or power_of_two."""
 
     def __post_init__(self) -> None:
-        if self.backend not in ("sglang", "reference"):
-            raise ValueError(f"backend must be 'sglang' or 'reference', got {self.backend!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.num_servers < 1 or self.tp_size < 1:
             raise ValueError(f"num_servers ({self.num_servers}) and tp_size ({self.tp_size}) must be >= 1")
         if self.ports and len(self.ports) != self.num_servers:
@@ -125,6 +167,50 @@ class SGLangLaunchConfig:
             raise ValueError(f"the reference server runs on one CPU process: tp_size must be 1, got {self.tp_size}")
         if self.startup_timeout_s <= 0:
             raise ValueError(f"startup_timeout_s must be > 0, got {self.startup_timeout_s}")
+        self._check_sizes()
+        self._check_device()
+
+    def _check_sizes(self) -> None:
+        for name in ("context_length", "max_total_tokens", "max_running_requests"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 (or None), got {value}")
+        # Each engine sizes what it supports; a setting another one would silently drop is an error.
+        if self.max_total_tokens is not None and self.backend != "sglang":
+            raise ValueError(f"max_total_tokens ({self.max_total_tokens}) is an SGLang setting, but backend is "
+                             f"{self.backend!r} (vLLM on CPU: env VLLM_CPU_KVCACHE_SPACE, in GiB)")
+        if self.context_length is not None and self.backend == "reference":
+            raise ValueError(f"context_length ({self.context_length}) has no meaning for backend 'reference' "
+                             f"(lcr serve takes the model's positions)")
+        if self.deterministic and self.backend != "sglang":
+            raise ValueError(f"deterministic=True is SGLang's --enable-deterministic-inference, but backend is "
+                             f"{self.backend!r}")
+
+    def _check_device(self) -> None:
+        if self.backend == "reference" and self.device == "cuda":
+            raise ValueError("backend 'reference' (lcr serve) runs on CPU, but device is 'cuda'")
+        if self.device != "cpu":
+            return  # 'auto' is checked again once launch_servers has resolved it
+        if self.gpu_ids:
+            raise ValueError(f"gpu_ids {self.gpu_ids} given, but device is 'cpu'")
+        if self.deterministic and self.backend == "sglang":
+            # SGLang refuses deterministic inference with the torch_native attention its CPU path needs.
+            raise ValueError("deterministic=True needs SGLang on GPUs, but device is 'cpu'")
+
+    def resolved_device(self) -> Literal["cuda", "cpu"]:
+        """'cuda' or 'cpu': where the servers run ('auto' asks torch in this, the launching, process)."""
+        if self.backend == "reference":
+            return "cpu"
+        if self.device != "auto":
+            return self.device
+        import torch  # only here: resolving 'auto' is the launcher's job, not the config's
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @property
+    def on_gpus(self) -> bool:
+        """Whether the servers run on GPUs (resolves device 'auto' in this process)."""
+        return self.resolved_device() == "cuda"
 
     def server_ports(self) -> list[int]:
         return list(self.ports) if self.ports else [self.base_port + k for k in range(self.num_servers)]
@@ -139,12 +225,32 @@ class SGLangLaunchConfig:
 # --------------------------------------------------------------------------- command lines
 
 
+def engine_dtype(cfg: SGLangLaunchConfig) -> str:
+    """The engine's --dtype: 'auto' is float32 on CPU, where the engines' bf16/fp16 default is slow or missing
+    and the trainer computes its log-probs in fp32."""
+    return "float32" if cfg.dtype == "auto" and cfg.resolved_device() == "cpu" else cfg.dtype
+
+
+def _optional_flags(*pairs: tuple[str, object]) -> list[str]:
+    """``[flag, str(value)]`` for every pair whose value is not None."""
+    return [item for flag, value in pairs if value is not None for item in (flag, str(value))]
+
+
 def sglang_server_command(cfg: SGLangLaunchConfig, port: int) -> list[str]:
     """``python -m sglang.launch_server ...`` for one server."""
+    cpu = cfg.resolved_device() == "cpu"
     cmd = [cfg.interpreter(), "-m", "sglang.launch_server", "--model-path", cfg.model_path,
-           "--tp-size", str(cfg.tp_size), "--host", cfg.host, "--port", str(port), "--dtype", cfg.dtype]
-    if cfg.mem_fraction_static is not None:
-        cmd += ["--mem-fraction-static", str(cfg.mem_fraction_static)]
+           "--tp-size", str(cfg.tp_size), "--host", cfg.host, "--port", str(port), "--dtype", engine_dtype(cfg)]
+    if cpu:
+        # SGLang's own CPU attention backends need sgl-kernel's CPU build; torch_native is plain PyTorch.
+        cmd += ["--device", "cpu", "--attention-backend", "torch_native"]
+    pool, running = cfg.max_total_tokens, cfg.max_running_requests
+    if cpu:
+        pool = CPU_MAX_TOTAL_TOKENS if pool is None else pool
+        running = CPU_MAX_RUNNING_REQUESTS if running is None else running
+    cmd += _optional_flags(("--mem-fraction-static", cfg.mem_fraction_static),
+                           ("--context-length", cfg.context_length), ("--max-total-tokens", pool),
+                           ("--max-running-requests", running))
     if cfg.api_key:
         cmd += ["--api-key", cfg.api_key]
     if cfg.random_seed is not None:
@@ -153,6 +259,24 @@ def sglang_server_command(cfg: SGLangLaunchConfig, port: int) -> list[str]:
         cmd.append("--skip-tokenizer-init")
     if cfg.deterministic:
         cmd.append("--enable-deterministic-inference")
+    return cmd + list(cfg.extra_args)
+
+
+def vllm_server_command(cfg: SGLangLaunchConfig, port: int) -> list[str]:
+    """``python -m vllm.entrypoints.openai.api_server ...`` for one server (flags as vLLM's ``EngineArgs``)."""
+    cpu = cfg.resolved_device() == "cpu"
+    cmd = [cfg.interpreter(), "-m", "vllm.entrypoints.openai.api_server", "--model", cfg.model_path,
+           "--host", cfg.host, "--port", str(port), "--dtype", engine_dtype(cfg)]
+    if cfg.tp_size > 1:
+        cmd += ["--tensor-parallel-size", str(cfg.tp_size)]
+    cmd += _optional_flags(("--gpu-memory-utilization", None if cpu else cfg.mem_fraction_static),
+                           ("--api-key", cfg.api_key or None), ("--seed", cfg.random_seed),
+                           ("--max-model-len", cfg.context_length), ("--max-num-seqs", cfg.max_running_requests))
+    if cfg.skip_tokenizer_init:
+        cmd.append("--skip-tokenizer-init")
+    if cpu:
+        cmd.append("--enforce-eager")  # no CUDA graphs or torch.compile warm-up on CPU
+    cmd += ["--worker-extension-cls", VLLM_WORKER_EXTENSION]
     return cmd + list(cfg.extra_args)
 
 
@@ -166,34 +290,60 @@ def reference_server_command(cfg: SGLangLaunchConfig, port: int) -> list[str]:
         cmd += ["--seed", str(cfg.random_seed)]
     if cfg.api_key:
         cmd += ["--api-key", cfg.api_key]
+    if cfg.max_running_requests is not None:
+        cmd += ["--max-batch", str(cfg.max_running_requests)]
     return cmd + list(cfg.extra_args)
 
 
+_COMMANDS = {"sglang": sglang_server_command, "vllm": vllm_server_command, "reference": reference_server_command}
+
+
 def server_command(cfg: SGLangLaunchConfig, port: int) -> list[str]:
-    builder = sglang_server_command if cfg.backend == "sglang" else reference_server_command
-    return builder(cfg, port)
+    return _COMMANDS[cfg.backend](cfg, port)
+
+
+def _prepend_path(entry: Path, current: str | None) -> str:
+    return os.pathsep.join(p for p in (str(entry), current) if p)
 
 
 def server_env(cfg: SGLangLaunchConfig, index: int, base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment of server ``index``: its own ``tp_size`` GPUs in CUDA_VISIBLE_DEVICES (sglang backend).
+    """Environment of server ``index``: ``base`` (default: this process's) + ``cfg.env``, then per backend
+    and device what the module docstring lists. ``cfg.env`` wins over what is set here, but PYTHONPATH
+    entries the server needs stay first."""
+    env = dict(os.environ if base is None else base)
+    if cfg.backend == "reference":
+        return {**env, **cfg.env}
+    cpu = cfg.resolved_device() == "cpu"
+    if cfg.backend == "sglang" and cpu:
+        env.pop("SGLANG_USE_CPU_ENGINE", None)  # inherited only: cfg.env may set it for a CPU sgl-kernel build
+    env.update(cfg.env)
+    if cfg.backend == "sglang" and cpu:
+        env["PYTHONPATH"] = _prepend_path(CPU_STUBS_DIR, env.get("PYTHONPATH"))
+    if cfg.backend == "vllm":
+        env["PYTHONPATH"] = _prepend_path(PACKAGE_PARENT, env.get("PYTHONPATH"))
+        env.setdefault("VLLM_SERVER_DEV_MODE", "1")
+        if cpu:
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if not cpu:
+        env["CUDA_VISIBLE_DEVICES"] = _server_gpus(cfg, index, env.get("CUDA_VISIBLE_DEVICES", "").strip())
+    return env
+
+
+def _server_gpus(cfg: SGLangLaunchConfig, index: int, inherited: str) -> str:
+    """CUDA_VISIBLE_DEVICES of server ``index``: its own ``tp_size`` GPUs.
 
     GPU ids count as the launcher's own process sees them: under an inherited CUDA_VISIBLE_DEVICES
     (SLURM, a container) id k is the k-th GPU it lists.
     """
-    env = {**(os.environ if base is None else base), **cfg.env}
-    if cfg.backend != "sglang":
-        return env
     ids = cfg.gpu_ids or list(range(cfg.num_servers * cfg.tp_size))
     mine = [str(g) for g in ids[index * cfg.tp_size:(index + 1) * cfg.tp_size]]
-    inherited = env.get("CUDA_VISIBLE_DEVICES", "").strip()
     if inherited:
         visible = [d.strip() for d in inherited.split(",")]
         if max(int(g) for g in mine) >= len(visible):
             raise ValueError(f"server {index} needs GPUs {','.join(mine)} but CUDA_VISIBLE_DEVICES={inherited} "
                              f"lists {len(visible)}")
         mine = [visible[int(g)] for g in mine]
-    env["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
-    return env
+    return ",".join(mine)
 
 
 def router_command(cfg: SGLangLaunchConfig, worker_urls: Sequence[str]) -> list[str]:
@@ -206,6 +356,15 @@ def router_command(cfg: SGLangLaunchConfig, worker_urls: Sequence[str]) -> list[
 
 
 # --------------------------------------------------------------------------- processes
+
+
+def watchdog_command(command: Sequence[str]) -> list[str]:
+    """``command`` under :mod:`~megatron_lcr.rollout.watchdog`, watching this process.
+
+    This interpreter runs it (it needs only the standard library), by file path: ``-I`` keeps the
+    script's directory off its ``sys.path``, ``-S`` skips site-packages' start-up hooks.
+    """
+    return [sys.executable, "-I", "-S", str(WATCHDOG_SCRIPT), "--parent", str(os.getpid()), "--", *command]
 
 
 class ServerStartError(RuntimeError):
@@ -257,9 +416,10 @@ class ServerHandle:
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(self.command)}\n")
             log.flush()
             self._started_at = time.time()
-            # Own process group: stop() reaches the server's worker processes too.
-            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
+            # Own session and process group, led by the watchdog: stop() reaches the server's worker
+            # processes too, and the watchdog stops them all if this process dies.
+            self.process = subprocess.Popen(watchdog_command(self.command), stdout=log, stderr=subprocess.STDOUT,
+                                            env=self.env, stdin=subprocess.DEVNULL, start_new_session=True)
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -316,11 +476,16 @@ class ServerHandle:
         if self.process is None:
             return
         members = self._group_members()
-        # Signal the group only while its leader is unreaped, so the group id is still ours.
+        # Signal the group only while its leader (the watchdog) is unreaped, so the group id is still ours.
+        # SIGTERM goes to the watchdog, which passes it to the server once and, when the server has exited,
+        # stops what it left in the group; SIGKILL goes to the whole group.
         for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10.0)):
             if self.process.poll() is not None:
                 break
-            os.killpg(self.process.pid, sig)
+            if sig == signal.SIGTERM:
+                self.process.send_signal(sig)
+            else:
+                os.killpg(self.process.pid, sig)
             try:
                 self.process.wait(timeout=wait_s)
             except subprocess.TimeoutExpired:
@@ -367,6 +532,8 @@ def launch_servers(cfg: SGLangLaunchConfig) -> list[ServerHandle]:
     """Start ``cfg.num_servers`` servers and return once every one is ready."""
     if not cfg.model_path:
         raise ValueError("model_path must name a Hugging Face model directory")
+    # Resolve 'auto' once, here, so that every server gets the same device and its checks apply.
+    cfg = dataclasses.replace(cfg, device=cfg.resolved_device())
     if not cfg.ports and cfg.base_port == 0:
         cfg = dataclasses.replace(cfg, ports=free_ports(cfg.num_servers))
     handles = _make_handles(cfg)
@@ -390,7 +557,7 @@ def stop_servers(handles: Sequence[ServerHandle]) -> None:
 
 
 def restart_callback(handles: Sequence[ServerHandle]) -> Callable[[str], None]:
-    """``on_server_dead`` for :class:`SGLangClient`: restart the handle serving that URL (blocking)."""
+    """``on_server_dead`` for :class:`RolloutClient`: restart the handle serving that URL (blocking)."""
     by_url = {h.url: h for h in handles}
 
     def restart(url: str) -> None:

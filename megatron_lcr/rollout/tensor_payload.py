@@ -21,10 +21,12 @@ What SGLang expects, verified in its sources (``python/sglang/srt/managers/io_st
 
 Ours, per bucket (:func:`serialize_bucket`), chosen by ``WeightSyncConfig.tensor_format``:
 
-``sglang``       SGLang's Engine form: the pickled list of CUDA tensors, the same entry for every TP
-                 rank, ``load_format`` None. The trainer's source (global rank 0) holds the bucket,
-                 so every engine rank opens IPC handles into rank 0's GPU: engines on rank 0's node
-                 only (CUDA IPC is node-local). GPU only; needs ``sglang`` installed.
+``sglang``       SGLang's Engine form: the pickled list of tensors, the same entry for every TP rank,
+                 ``load_format`` None. The trainer's source (global rank 0) holds the bucket, so every
+                 engine rank opens IPC handles into rank 0's GPU: engines on rank 0's node only (CUDA
+                 IPC is node-local); needs ``sglang`` importable for its CUDA reductions. CPU tensors
+                 (SGLang on a CPU machine) travel as shared-memory file names (torch's
+                 ``file_system`` sharing strategy, set here) to a server on the same host.
 ``safetensors``  pickle-free, for the CPU reference server (and the in-process vLLM engine): each entry
                  is ``base64(safetensors.torch.save(bucket))`` and ``load_format`` is
                  ``"lcr_safetensors"``, a value of ours that SGLang does not know (it refuses it). The
@@ -35,10 +37,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
+from multiprocessing.reduction import ForkingPickler
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.multiprocessing  # noqa: F401 - registers torch's tensor reductions with ForkingPickler
 
 LCR_SAFETENSORS = "lcr_safetensors"
 
@@ -80,23 +85,29 @@ def decode_safetensors_payload(entries: object, *, tp_size: int = 1) -> list[tup
 
 
 def _sglang_entry(named: NamedTensors) -> str:
-    """SGLang's ``MultiprocessingSerializer`` string of the ``(name, CUDA tensor)`` list."""
-    for name, tensor in named:
-        if tensor.device.type != "cuda":
-            # ForkingPickler shares CPU tensors by file descriptor, which cannot cross HTTP.
-            raise ValueError(f"tensor_format 'sglang' sends CUDA IPC handles: {name} is on {tensor.device}, "
-                             "not a GPU (use tensor_format 'safetensors')")
-    try:
-        from sglang.srt.utils import MultiprocessingSerializer
-    except ImportError as err:
-        raise RuntimeError(f"tensor_format 'sglang' needs the sglang package (GPU only): {err}; "
-                           "install it or use tensor_format 'safetensors'") from None
-    try:  # newer SGLang patches inside serialize(); older ones leave it to the caller
-        from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
-    except ImportError:
-        from sglang.srt.patch_torch import monkey_patch_torch_reductions
-    monkey_patch_torch_reductions()
-    return MultiprocessingSerializer.serialize([(name, tensor.detach()) for name, tensor in named], output_str=True)
+    """SGLang's ``MultiprocessingSerializer`` string of the ``(name, tensor)`` list: ``base64(ForkingPickler
+    pickle)``. CUDA tensors go as IPC handles named by device UUID (SGLang's own reductions, so sglang
+    must be importable); CPU tensors (SGLang on a CPU machine, same host) as shared-memory files."""
+    devices = {tensor.device.type for _, tensor in named}
+    if devices - {"cpu", "cuda"}:
+        raise ValueError(f"tensor_format 'sglang' sends CPU or CUDA tensors, got devices {sorted(devices)}")
+    if "cuda" in devices:
+        try:  # newer SGLang patches inside serialize(); older ones leave it to the caller
+            from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+        except ImportError:
+            try:
+                from sglang.srt.patch_torch import monkey_patch_torch_reductions
+            except ImportError as err:
+                raise RuntimeError(f"tensor_format 'sglang' with CUDA tensors needs the sglang package: {err}; "
+                                   "install it or use tensor_format 'safetensors'") from None
+        monkey_patch_torch_reductions()
+    else:
+        # The default strategy shares CPU storage by file descriptor, which cannot cross HTTP; by file
+        # name it can (SGLang on CPU reads the same /dev/shm). Process-wide, as torch offers it.
+        torch.multiprocessing.set_sharing_strategy("file_system")
+    buffer = io.BytesIO()
+    ForkingPickler(buffer).dump([(name, tensor.detach()) for name, tensor in named])
+    return base64.b64encode(buffer.getvalue()).decode()
 
 
 @dataclass(frozen=True)

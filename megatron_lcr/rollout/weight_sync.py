@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -46,6 +47,8 @@ from megatron_lcr.parallel.env import collective_device, free_port
 from megatron_lcr.rollout.checksum import tensor_checksum
 from megatron_lcr.rollout.tensor_payload import TENSOR_FORMATS, serialize_bucket
 from megatron_lcr.rollout.update_group import broadcast_from_source, join_update_group
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
@@ -67,8 +70,8 @@ class WeightSyncConfig:
     """Tensor-parallel ranks per engine (SGLang --tp-size): each joins the update group, or gets an entry
     of a tensor update."""
     tensor_format: Literal["sglang", "safetensors"] | None = None
-    """Mode 'tensor' payload: 'sglang' (pickled CUDA IPC handles, GPU + sglang) or 'safetensors' (base64,
-    pickle-free: CPU, reference server, vLLM); None: 'sglang' when trainer and engines are on GPUs."""
+    """Mode 'tensor' payload: 'sglang' (SGLang's pickle: CUDA IPC handles, or shared-memory CPU tensors) or
+    'safetensors' (base64, pickle-free: lcr serve, vLLM); None: 'sglang' between GPUs, else per engine."""
     backend: Literal["nccl", "gloo"] | None = None
     """Mode 'distributed' update-group backend; None: 'nccl' when trainer and engines are on GPUs, else
     'gloo' (the CPU reference server joins over gloo only)."""
@@ -87,10 +90,21 @@ class WeightSyncConfig:
 
 
 def resolve_sync_config(cfg: WeightSyncConfig, *, cuda: bool, gpu_engines: bool) -> WeightSyncConfig:
-    """``cfg`` with its unset choices made: NCCL and CUDA IPC handles only between GPU processes."""
+    """``cfg`` with its unset choices made: NCCL and CUDA IPC handles only between GPU processes. Off
+    GPUs an unset tensor format stays None: :func:`engine_tensor_format` picks it per engine."""
     gpu = cuda and gpu_engines
     return dataclasses.replace(cfg, backend=cfg.backend or ("nccl" if gpu else "gloo"),
-                               tensor_format=cfg.tensor_format or ("sglang" if gpu else "safetensors"))
+                               tensor_format=cfg.tensor_format or ("sglang" if gpu else None))
+
+
+def engine_tensor_format(engines: Iterable[str]) -> str:
+    """The tensor payload the engines read, off GPUs: real SGLang only its own pickled form (shared-memory
+    CPU tensors); ``lcr serve`` and vLLM our pickle-free safetensors (they never unpickle network data)."""
+    formats = {"sglang" if engine == "sglang" else "safetensors" for engine in engines}
+    if len(formats) != 1:
+        raise ValueError(f"mode 'tensor' needs one payload for every engine, but these engines read {sorted(formats)}: "
+                         "set rollout.sync.tensor_format, or use mode 'distributed' or 'disk'")
+    return formats.pop()
 
 
 def _stage_tensors(policy) -> Iterator[tuple[str, torch.Tensor]]:
@@ -186,12 +200,17 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 class WeightSyncer:
-    """Drives weight updates of a set of engines (an ``SGLangClient``) from the trainer.
+    """Drives weight updates of a set of engines (a ``RolloutClient``) from the trainer.
 
     Construct it on every rank; only global rank 0 talks to engines (pass ``client`` there; the
     syncer owns it from then on and closes it). ``connect()`` once, then ``sync(policy, version)``
     after every optimizer step (every rank calls it), ``close()`` at the end. Client calls made
     outside the syncer must go through ``syncer.run(coro)``: the client lives on the syncer's loop.
+
+    A sync goes to the servers that are healthy or waiting for a catch-up (a restarted server), or to
+    the ``urls`` given (a catch-up of restarted servers alone, with the weights they missed). In mode
+    'distributed' the update group holds exactly the servers of the sync: it is formed again (under a
+    new name and port) whenever that set changes, e.g. after a server died and came back.
     """
 
     def __init__(self, cfg: WeightSyncConfig, client=None, *, gpu_engines: bool = True,
@@ -204,69 +223,132 @@ class WeightSyncer:
         self.is_source = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
         self._loop = EventLoopThread() if self.is_source else None
         self._group = None
+        self._members: list[tuple[str, int]] = []  # (url, incarnation) of the servers in the update group
+        self._group_name = cfg.group_name
+        self._formed = 0  # groups formed so far (names and ports of later ones differ)
 
     def connect(self) -> None:
         """Form the trainer+engines process group (mode 'distributed'); a no-op for 'disk' and 'tensor'."""
-        if not self.is_source or self.cfg.mode != "distributed":
-            return
-        self.master_port = self.master_port or free_port(self.master_address)
-        world = 1 + len(self.client.urls) * self.cfg.engine_tp_size
-        joined = self._loop.submit(self.client.init_weights_update_group(
-            master_address=self.master_address, master_port=self.master_port, world_size=world,
-            group_name=self.cfg.group_name, backend=self.cfg.backend, ranks_per_engine=self.cfg.engine_tp_size,
-        ))
-        self._group = join_update_group(
-            backend=self.cfg.backend, master_address=self.master_address,
-            master_port=self.master_port, world_size=world, rank=0, group_name=self.cfg.group_name,
-            timeout_s=self.timeout_s,
-        )
-        joined.result(self.timeout_s)
+        if self.is_source and self.cfg.mode == "distributed":
+            self._form_group(self.client.urls)
 
-    def sync(self, policy, version: str) -> dict:
-        """Push every weight of ``policy`` to the engines as ``version`` (every rank calls this)."""
-        tensors = hf_tensors_on_source(policy)
+    def _form_group(self, urls: list[str]) -> None:
+        """An update group of the source and exactly ``urls`` (the old one is left first)."""
+        self._leave_group()
+        name = self.cfg.group_name if self._formed == 0 else f"{self.cfg.group_name}_{self._formed}"
+        port = self.master_port if (self._formed == 0 and self.master_port) else free_port(self.master_address)
+        self._formed += 1
+        world = 1 + len(urls) * self.cfg.engine_tp_size
+        joined = self._loop.submit(self.client.init_weights_update_group(
+            master_address=self.master_address, master_port=port, world_size=world, group_name=name,
+            backend=self.cfg.backend, ranks_per_engine=self.cfg.engine_tp_size, urls=urls,
+        ))
+        try:
+            group = join_update_group(backend=self.cfg.backend, master_address=self.master_address, master_port=port,
+                                      world_size=world, rank=0, group_name=name, timeout_s=self.timeout_s)
+        except BaseException:
+            joined.cancel()
+            raise
+        joined.result(self.timeout_s)
+        self._group, self._members, self._group_name = group, self.client.incarnations(urls), name
+
+    def _leave_group(self) -> None:
+        """Destroy the current update group on its servers that still run the process that joined it,
+        and here. A server that cannot leave is only logged: the group is abandoned either way."""
+        if self._group is None:
+            return
+        group, members, self._group, self._members = self._group, self._members, None, []
+        healthy = set(self.client.healthy_urls())
+        alive = [url for url, life in members if url in healthy and self.client.incarnations([url]) == [(url, life)]]
+        try:
+            if alive:
+                self.run(self.client.destroy_weights_update_group(self._group_name, urls=alive))
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            log.warning("could not leave weight-update group %s: %s", self._group_name, exc)
+        finally:
+            torch.distributed.destroy_process_group(group)
+
+    def sync(self, policy, version: str, urls: list[str] | None = None) -> dict:
+        """Push every weight of ``policy`` to the engines as ``version`` (every rank calls this;
+        ``urls``, on the source rank: only these servers)."""
+        return self.sync_stream(hf_tensors_on_source(policy), version, urls=urls)
+
+    def sync_stream(self, tensors: Iterable[tuple[str, torch.Tensor]], version: str,
+                    urls: list[str] | None = None) -> dict:
+        """Every rank: drive ``tensors`` (an iterator that yields HF tensors on the source rank and
+        gathers shards elsewhere); the source pushes them."""
         if not self.is_source:
             for _ in tensors:  # drives this rank's part of the gather
                 pass
             return {}
-        return self.sync_tensors(tensors, version)
+        return self.sync_tensors(tensors, version, urls=urls)
 
-    def sync_tensors(self, tensors: Iterable[tuple[str, torch.Tensor]], version: str) -> dict:
+    def sync_tensors(self, tensors: Iterable[tuple[str, torch.Tensor]], version: str,
+                     urls: list[str] | None = None) -> dict:
         """Push ``(hf_name, tensor)`` pairs to the engines as ``version`` (source rank only).
 
         Returns ``{"bytes", "seconds", "weight_version"}`` and, with checksums on,
         ``"checksum_mismatches"`` (0 means every engine holds exactly these tensors).
         """
         started = time.perf_counter()
-        self.run(self.client.pause())
+        catch_up = urls is not None
+        targets = list(urls) if catch_up else self.run(self._targets())
+        if self.cfg.mode == "distributed" and self.client.incarnations(targets) != self._members:
+            self._form_group(targets)
+        self.run(self.client.pause(urls=targets))
         sent, checksums = 0, {}
         try:
             if self.cfg.mode == "disk":
-                sent, checksums = self._push_disk(tensors, version)
+                sent, checksums = self._push_disk(tensors, version, targets)
             else:
-                push = {"distributed": self._broadcast_bucket, "tensor": self._post_tensor_bucket}[self.cfg.mode]
-                for bucket in buckets(tensors, self.cfg.bucket_bytes):
-                    push(bucket, version)
-                    sent += sum(t.numel() * t.element_size() for _, t in bucket)
-                    if self.cfg.checksum:
-                        checksums.update((name, tensor_checksum(t)) for name, t in bucket)
-            self.run(self.client.flush_cache())
+                sent, checksums = self._push_buckets(tensors, version, targets)
+            self.run(self.client.flush_cache(urls=targets))
         finally:
-            self.run(self.client.resume())
+            self.run(self.client.resume(urls=targets))
+        self.run(self._synced(targets, version, catch_up))
         stats = {"bytes": sent, "seconds": time.perf_counter() - started, "weight_version": version}
         if self.cfg.checksum:
-            stats["checksum_mismatches"] = self._compare_checksums(checksums, version)
+            stats["checksum_mismatches"] = self._compare_checksums(checksums, version, targets)
         return stats
+
+    async def _targets(self) -> list[str]:
+        """Servers of a regular sync: the healthy ones and those waiting for a catch-up."""
+        await self.client.wait_for_any_server()
+        stale = self.client.stale_urls()
+        return [u for u in self.client.urls if u in stale or u in self.client.healthy_urls()]
+
+    async def _synced(self, targets: list[str], version: str, catch_up: bool) -> None:
+        """Record a regular sync's version; take back restarted servers this sync brought up to date."""
+        if not catch_up:
+            self.client.synced_version = version
+        self.client.readmit([u for u in targets if u in self.client.stale_urls()])
+
+    def _push_buckets(self, tensors, version: str, targets: list[str]) -> tuple[int, dict]:
+        """Modes 'distributed' and 'tensor', inside the engines' weight-update session."""
+        push = {"distributed": self._broadcast_bucket, "tensor": self._post_tensor_bucket}[self.cfg.mode]
+        sent, checksums = 0, {}
+        self.run(self.client.begin_weight_update(urls=targets))
+        for bucket in buckets(tensors, self.cfg.bucket_bytes):
+            push(bucket, version, targets)
+            sent += sum(t.numel() * t.element_size() for _, t in bucket)
+            if self.cfg.checksum:
+                checksums.update((name, tensor_checksum(t)) for name, t in bucket)
+        self.run(self.client.end_weight_update(urls=targets))
+        return sent, checksums
 
     def run(self, coro):
         """Run a coroutine (e.g. a client call) on the syncer's event loop; source rank only."""
         return self._loop.run(coro, self.timeout_s)
 
-    def _broadcast_bucket(self, bucket: list[tuple[str, torch.Tensor]], version: str) -> None:
+    def submit(self, coro) -> concurrent.futures.Future:
+        """Start a coroutine on the syncer's event loop without waiting for it; source rank only."""
+        return self._loop.submit(coro)
+
+    def _broadcast_bucket(self, bucket: list[tuple[str, torch.Tensor]], version: str, targets: list[str]) -> None:
         done = self._loop.submit(self.client.update_weights_from_distributed(
             names=[n for n, _ in bucket], dtypes=[dtype_name(t.dtype) for _, t in bucket],
-            shapes=[list(t.shape) for _, t in bucket], group_name=self.cfg.group_name,
-            weight_version=version, flush_cache=False,
+            shapes=[list(t.shape) for _, t in bucket], group_name=self._group_name,
+            weight_version=version, flush_cache=False, urls=targets,
         ))
         for _, tensor in bucket:
             # gloo from a GPU trainer: staged through host memory (the receivers are on CPU).
@@ -274,14 +356,16 @@ class WeightSyncer:
             broadcast_from_source(self._group, staged.contiguous())
         done.result(self.timeout_s)
 
-    def _post_tensor_bucket(self, bucket: list[tuple[str, torch.Tensor]], version: str) -> None:
+    def _post_tensor_bucket(self, bucket: list[tuple[str, torch.Tensor]], version: str, targets: list[str]) -> None:
         # The bucket stays referenced until every engine has answered: with tensor_format 'sglang' the
         # engines read this process's GPU memory through the IPC handles.
-        entries, load_format = serialize_bucket(bucket, self.cfg.tensor_format, tp_size=self.cfg.engine_tp_size)
+        fmt = self.cfg.tensor_format or engine_tensor_format(
+            self.run(self.client.api(url)).engine for url in targets)
+        entries, load_format = serialize_bucket(bucket, fmt, tp_size=self.cfg.engine_tp_size)
         self.run(self.client.update_weights_from_tensor(serialized_named_tensors=entries, load_format=load_format,
-                                                        weight_version=version, flush_cache=False))
+                                                        weight_version=version, flush_cache=False, urls=targets))
 
-    def _push_disk(self, tensors, version: str) -> tuple[int, dict]:
+    def _push_disk(self, tensors, version: str, targets: list[str]) -> tuple[int, dict]:
         out = Path(self.cfg.disk_dir) / f"weights-{version}"
         sent, checksums = 0, {}
         with atomic_dir(out, overwrite=True) as tmp:
@@ -293,12 +377,12 @@ class WeightSyncer:
                     checksums[name] = tensor_checksum(tensor)
             writer.close()
             finalize_shards(tmp, [writer.part])
-        self.run(self.client.update_weights_from_disk(str(out), weight_version=version))
+        self.run(self.client.update_weights_from_disk(str(out), weight_version=version, urls=targets))
         return sent, checksums
 
-    def _compare_checksums(self, expected: dict[str, str], version: str) -> int:
+    def _compare_checksums(self, expected: dict[str, str], version: str, targets: list[str]) -> int:
         """Number of (engine, tensor) pairs whose checksum differs from the trainer's (0 = exact)."""
-        answers = self.run(self.client.weights_checksums())
+        answers = self.run(self.client.weights_checksums(urls=targets))
         mismatches = 0
         for url, answer in answers.items():
             if answer.get("weight_version") != version:
@@ -308,9 +392,14 @@ class WeightSyncer:
         return mismatches
 
     def close(self) -> None:
-        """Leave the update group and close the client (its HTTP session lives on this syncer's loop)."""
-        if self._loop is not None:
-            if self._group is not None:
-                self.run(self.client.destroy_weights_update_group(self.cfg.group_name))
-            self.run(self.client.close())
-            self._loop.close()
+        """Leave the update group and close the client (its HTTP session lives on this syncer's loop);
+        the client is closed even when the servers are gone."""
+        if self._loop is None:
+            return
+        try:
+            self._leave_group()
+        finally:
+            try:
+                self.run(self.client.close())
+            finally:
+                self._loop.close()

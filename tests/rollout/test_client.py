@@ -24,10 +24,7 @@ from megatron_lcr.rollout.client import (
     ClientConfig,
     NoHealthyServerError,
     RolloutRequestError,
-    SGLangClient,
-    generate_payload,
-    parse_generate_response,
-    parse_score_response,
+    RolloutClient,
 )
 from megatron_lcr.rollout.checksum import tensor_checksum
 from megatron_lcr.rollout.engine import GenerateRequest, RolloutEngine, SamplingParams, expand_samples
@@ -70,9 +67,9 @@ def servers(model_dir, tmp_path_factory):
     stop_servers(handles)
 
 
-def _client(urls, **kw) -> SGLangClient:
+def _client(urls, **kw) -> RolloutClient:
     kw.setdefault("api_key", API_KEY)
-    return SGLangClient(ClientConfig(urls=list(urls), **kw))
+    return RolloutClient(ClientConfig(urls=list(urls), **kw))
 
 
 # --------------------------------------------------------------------------- units
@@ -98,29 +95,6 @@ def test_expand_samples_gives_distinct_rids_and_consecutive_seeds():
     assert specs[4].sampling.seed == specs[3].sampling.seed + 1  # drawn once per request
     with pytest.raises(ValueError, match="used twice"):
         expand_samples([GenerateRequest(input_ids=[1], rid="x"), GenerateRequest(input_ids=[1], rid="x")])
-
-
-def test_parse_generate_response_checks_ids_and_request():
-    spec = expand_samples([GenerateRequest(input_ids=[5, 6, 7], rid="r", sampling=SamplingParams(seed=1))])[0]
-    assert generate_payload(spec, "r-0")["sampling_params"]["sampling_seed"] == 1
-    body = {"text": "", "output_ids": [9, 2], "meta_info": {
-        "id": "r-0", "finish_reason": {"type": "stop", "matched": 2}, "prompt_tokens": 3,
-        "weight_version": "v3", "output_token_logprobs": [[-0.5, 9, None], [-1.25, 2, None]]}}
-    c = parse_generate_response(body, spec, "r-0", "http://s")
-    assert (c.output_ids, c.output_logprobs, c.finish_reason, c.weight_version, c.prompt_tokens) == (
-        [9, 2], [-0.5, -1.25], "stop", "v3", 3)
-    body["meta_info"]["output_token_logprobs"][1][1] = 3
-    with pytest.raises(ValueError, match="differ from output_ids"):
-        parse_generate_response(body, spec, "r-0", "http://s")
-    with pytest.raises(ValueError, match="belongs to request"):
-        parse_generate_response(body, spec, "r-0.retry1", "http://s")
-
-
-def test_parse_score_response_requires_every_token():
-    body = {"meta_info": {"id": "s", "input_token_logprobs": [[None, 5, None], [-2.0, 6, None]]}}
-    assert parse_score_response(body, [5, 6], "s", "u").input_logprobs == [None, -2.0]
-    with pytest.raises(ValueError, match="scored 3 tokens"):
-        parse_score_response(body, [5, 6, 7], "s", "u")
 
 
 def test_client_config_validation():
@@ -209,8 +183,12 @@ def test_tensor_update_reaches_every_server_and_failures_name_it(servers, model_
 
     async def update(tensor, version, client):
         entries, load_format = serialize_bucket([("model.norm.weight", tensor)], "safetensors", tp_size=1)
-        await client.update_weights_from_tensor(serialized_named_tensors=entries, load_format=load_format,
-                                                 weight_version=version, flush_cache=False)
+        await client.begin_weight_update()
+        try:
+            await client.update_weights_from_tensor(serialized_named_tensors=entries, load_format=load_format,
+                                                     weight_version=version, flush_cache=False)
+        finally:
+            await client.end_weight_update()
 
     async def run():
         async with _client([s.url for s in servers]) as client:
@@ -273,7 +251,7 @@ def test_close_aborts_in_flight_requests(servers):
 
 def test_hung_server_times_out_and_requests_move(servers):
     hung, alive = servers
-    os.kill(hung.process.pid, signal.SIGSTOP)
+    os.killpg(hung.process.pid, signal.SIGSTOP)  # the server and its watchdog
     try:
         async def run():
             async with _client([hung.url, alive.url], timeout_s=2, health_timeout_s=1, backoff_s=0.0) as client:
@@ -283,7 +261,7 @@ def test_hung_server_times_out_and_requests_move(servers):
 
         out, healthy = asyncio.run(run())
     finally:
-        os.kill(hung.process.pid, signal.SIGCONT)
+        os.killpg(hung.process.pid, signal.SIGCONT)
     assert len(out) == 8 and {c.engine_url for c in out} == {alive.url}
     assert healthy == [alive.url]
 
@@ -308,10 +286,10 @@ def test_killing_one_of_two_servers_mid_batch_returns_every_result_once(model_di
                 for i in range(64)]
 
         async def run():
-            async with SGLangClient(ClientConfig(urls=[h.url for h in handles]), on_server_dead=on_dead) as client:
+            async with RolloutClient(ClientConfig(urls=[h.url for h in handles]), on_server_dead=on_dead) as client:
                 batch = asyncio.ensure_future(client.generate(reqs))
                 await asyncio.sleep(0.6)
-                os.kill(victim.process.pid, signal.SIGKILL)
+                os.killpg(victim.process.pid, signal.SIGKILL)  # the server and its watchdog
                 start = time.monotonic()
                 out = await batch
                 elapsed = time.monotonic() - start
@@ -339,7 +317,7 @@ def test_killing_one_of_two_servers_mid_batch_returns_every_result_once(model_di
         _post(survivor.url, "/slow_down", {"forward_sleep_time": 0.0}, api_key=None)
 
         async def reference():
-            async with SGLangClient(ClientConfig(urls=[survivor.url])) as client:
+            async with RolloutClient(ClientConfig(urls=[survivor.url])) as client:
                 return await client.generate(reqs)
 
         for got, want in zip(out, asyncio.run(reference())):

@@ -7,6 +7,7 @@ the weights restore the original checkpoint before they end.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import pickle
 import socket
@@ -424,7 +425,7 @@ def test_update_weights_from_disk(server, model_dir, tmp_path):
     try:
         out = server.ok("/update_weights_from_disk", {"model_path": str(new_dir), "weight_version": "v1"})
         assert out["success"] and "v1" in out["message"] and out["num_paused_requests"] == 0
-        assert server.ok("/get_weight_version") == {"weight_version": "v1"}
+        assert server.ok("/model_info")["weight_version"] == "v1"
         new_checksums = _file_checksums(new_dir)
         info = server.ok("/get_model_info")
         assert info["weight_version"] == "v1" and info["model_path"] == str(new_dir)
@@ -454,7 +455,7 @@ def _trainer_update(server: Server, pg, named: dict[str, torch.Tensor], version:
 
     body = {"names": list(named), "dtypes": [str(t.dtype).removeprefix("torch.") for t in named.values()],
             "shapes": [list(t.shape) for t in named.values()], "group_name": "g", "weight_version": version}
-    with ThreadPoolExecutor(1) as pool:
+    with ThreadPoolExecutor(1) as pool, update_session(server):
         reply = pool.submit(server.call, "/update_weights_from_distributed", body)
         for tensor in named.values():
             broadcast_from_source(pg, tensor.clone())
@@ -510,7 +511,42 @@ def test_update_weights_from_distributed(server, hf, model_dir):
     assert server.call("/destroy_weights_update_group", {"group_name": "g"})[0] == 400
 
 
+@contextlib.contextmanager
+def update_session(server: Server):
+    """SGLang 0.5.21+'s weight-update session around tensor and distributed updates."""
+    server.ok("/begin_weight_update", {})
+    try:
+        yield
+    finally:
+        server.ok("/end_weight_update", {})
+
+
+def test_tensor_and_distributed_updates_need_a_session_as_in_sglang_0_5_21(server):
+    body = {"names": ["a"], "dtypes": ["float32"], "shapes": [[1]], "group_name": "none"}
+    for path in ("/update_weights_from_distributed", "/update_weights_from_tensor"):
+        status, out = server.call(path, body)
+        assert status == 400 and not out["success"]
+        assert "must run between begin_weight_update() and end_weight_update()" in out["message"]
+    status, out = server.call("/end_weight_update", {})
+    assert status == 400 and "no weight-update session is open" in out["message"]
+    server.ok("/begin_weight_update", {})
+    try:
+        status, out = server.call("/begin_weight_update", {})
+        assert status == 400 and "already open" in out["message"]
+    finally:
+        server.ok("/end_weight_update", {})
+    assert server.call("/begin_weight_update", {}, key=None)[0] == 401
+
+
 def test_update_weight_group_errors(server):
+    server.ok("/begin_weight_update", {})
+    try:
+        _group_errors(server)
+    finally:
+        server.ok("/end_weight_update", {})
+
+
+def _group_errors(server: Server) -> None:
     status, out = server.call("/update_weights_from_distributed",
                               {"names": ["a"], "dtypes": ["float32"], "shapes": [[1]], "group_name": "none"})
     assert status == 400 and not out["success"] and "does not exist" in out["message"]
@@ -527,7 +563,8 @@ def test_update_weight_group_errors(server):
 def _tensor_update(server: Server, named: dict[str, torch.Tensor], version: str, **kw) -> tuple[int, dict]:
     entries, load_format = serialize_bucket(list(named.items()), "safetensors", tp_size=1)
     body = {"serialized_named_tensors": entries, "load_format": load_format, "weight_version": version}
-    return server.call("/update_weights_from_tensor", body, **kw)
+    with update_session(server):
+        return server.call("/update_weights_from_tensor", body, **kw)
 
 
 def test_update_weights_from_tensor(server, hf, model_dir, tmp_path):
@@ -541,7 +578,7 @@ def test_update_weights_from_tensor(server, hf, model_dir, tmp_path):
         assert _tensor_update(server, modified, "t1", key=None)[0] == 401
         status, out = _tensor_update(server, modified, "t1")
         assert status == 200 and out["success"] and "t1" in out["message"], out
-        assert server.ok("/get_weight_version") == {"weight_version": "t1"}
+        assert server.ok("/model_info")["weight_version"] == "t1"
         assert server.ok("/lcr/weights_checksum") == {
             "weight_version": "t1", "checksums": {**original, **{n: tensor_checksum(t) for n, t in modified.items()}}}
         after = gen(server, PROMPTS[0], temperature=0, max_new_tokens=8, ignore_eos=True)
@@ -575,7 +612,8 @@ def test_update_weights_from_tensor(server, hf, model_dir, tmp_path):
         entry = base64.b64encode(pickle.dumps([("model.norm.weight", Payload())])).decode()
         for load_format in (None, "direct", "flattened_bucket", LCR_SAFETENSORS):
             body = {"serialized_named_tensors": [entry], "load_format": load_format, "weight_version": "x"}
-            status, out = server.call("/update_weights_from_tensor", body)
+            with update_session(server):
+                status, out = server.call("/update_weights_from_tensor", body)
             assert status == 400 and not out["success"], out
             assert ("never unpickles" if load_format != LCR_SAFETENSORS else "not safetensors") in out["message"]
         assert not marker.exists()
@@ -642,3 +680,11 @@ def test_client_disconnect_aborts_its_request(server):
             raise AssertionError("the disconnected request kept running")
     finally:
         server.ok("/slow_down", {"forward_sleep_time": 0})
+
+
+def test_reports_the_sglang_release_it_speaks(server):
+    info = server.ok("/server_info")
+    assert (info["version"], info["engine"]) == ("0.5.23", "lcr-serve")
+    assert server.ok("/get_server_info")["version"] == "0.5.23"  # the deprecated alias, as in SGLang
+    assert server.ok("/model_info")["weight_version"] == server.ok("/get_model_info")["weight_version"]
+    assert server.call("/get_weight_version")[0] == 404  # gone from SGLang 0.5.8 on

@@ -165,8 +165,9 @@ def test_check_finish_order_and_rules():
     assert _finish([5, 2], spec) == {"type": "stop", "matched": 2}
     assert _finish([5, 2], SamplingSpec(ignore_eos=True)) is None
     assert _finish([5, 9], SamplingSpec(stop_token_ids=frozenset({9}))) == {"type": "stop", "matched": 9}
-    # stop_token_ids hold even with ignore_eos
-    assert _finish([9], SamplingSpec(ignore_eos=True, stop_token_ids=frozenset({9}))) == {"type": "stop", "matched": 9}
+    # ignore_eos ignores stop_token_ids too, as SGLang 0.5.23 does (found by the contract suite)
+    assert _finish([9], SamplingSpec(ignore_eos=True, stop_token_ids=frozenset({9}))) is None
+    assert _finish([9], SamplingSpec(stop_token_ids=frozenset({9}))) == {"type": "stop", "matched": 9}
     # length comes first, as SGLang's Req.check_finished
     assert _finish([5, 2], spec, max_new=2) == {"type": "length", "length": 2}
     assert _finish([5, 61], SamplingSpec(stop=("w6",))) == {"type": "stop", "matched": "w6"}

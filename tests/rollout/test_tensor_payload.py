@@ -11,6 +11,9 @@ import base64
 import importlib.util
 import pickle
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -81,10 +84,23 @@ def test_unknown_format_and_duplicate_names_are_refused():
         encode_safetensors([("a", torch.zeros(2)), ("a", torch.ones(2))])
 
 
-def test_sglang_format_refuses_cpu_tensors():
-    # ForkingPickler would share a CPU tensor through a file descriptor, which cannot cross HTTP.
-    with pytest.raises(ValueError, match="model.norm.weight is on cpu, not a GPU"):
-        serialize_bucket(_bucket()[1:], "sglang", tp_size=1)
+def test_sglang_format_sends_cpu_tensors_by_shared_memory_file_name(tmp_path):
+    # What SGLang on a CPU does with an entry (MultiprocessingSerializer.deserialize): unpickle it in
+    # another process. The default fd-passing strategy could not cross HTTP; file names can.
+    bucket = _bucket()
+    entries, load_format = serialize_bucket(bucket, "sglang", tp_size=2)
+    assert load_format is None and len(entries) == 2 and entries[0] == entries[1]
+    assert torch.multiprocessing.get_sharing_strategy() == "file_system"
+    script = ("import base64, io, sys, torch\n"
+              "import torch.multiprocessing\nfrom multiprocessing.reduction import ForkingPickler\n"
+              "got = ForkingPickler.loads(base64.b64decode(sys.stdin.read()))\n"
+              "torch.save(dict(got), sys.argv[1])\n")
+    out = tmp_path / "got.pt"
+    subprocess.run([sys.executable, "-c", script, str(out)], input=entries[0], text=True, check=True, timeout=60)
+    got = torch.load(out)
+    assert list(got) == [name for name, _ in bucket]
+    for name, tensor in bucket:
+        assert torch.equal(got[name], tensor)
 
 
 @pytest.mark.gpu

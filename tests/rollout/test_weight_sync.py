@@ -49,24 +49,38 @@ def test_config_validation():
 
 @pytest.mark.parametrize(
     ("cuda", "gpu_engines", "backend", "tensor_format"),
-    [(True, True, "nccl", "sglang"), (True, False, "gloo", "safetensors"), (False, True, "gloo", "safetensors"),
-     (False, False, "gloo", "safetensors")],
+    [(True, True, "nccl", "sglang"), (True, False, "gloo", None), (False, True, "gloo", None),
+     (False, False, "gloo", None)],
 )
 def test_unset_transport_follows_where_trainer_and_engines_run(cuda, gpu_engines, backend, tensor_format):
     # NCCL and SGLang's CUDA-IPC payload only between GPU processes: a CPU reference server beside a
-    # GPU trainer gets gloo and the pickle-free payload. Explicit choices are kept.
+    # GPU trainer gets gloo, and the payload its engine reads (engine_tensor_format). Explicit choices are kept.
     got = resolve_sync_config(WeightSyncConfig(mode="tensor"), cuda=cuda, gpu_engines=gpu_engines)
     assert (got.backend, got.tensor_format) == (backend, tensor_format)
     kept = resolve_sync_config(WeightSyncConfig(backend="gloo", tensor_format="safetensors"), cuda=True, gpu_engines=True)
     assert (kept.backend, kept.tensor_format) == ("gloo", "safetensors")
 
 
-def test_only_launched_reference_servers_count_as_cpu_engines():
+def test_cpu_tensor_payload_is_the_one_each_engine_reads():
+    from megatron_lcr.rollout.weight_sync import engine_tensor_format
+
+    assert engine_tensor_format(["sglang", "sglang"]) == "sglang"  # SGLang unpickles only its own form
+    assert engine_tensor_format(["lcr-serve"]) == engine_tensor_format(["vllm"]) == "safetensors"
+    with pytest.raises(ValueError, match="one payload for every engine.*rollout.sync.tensor_format"):
+        engine_tensor_format(["sglang", "lcr-serve"])
+
+
+def test_engines_count_as_gpu_engines_where_their_device_says():
+    import torch
+
     from megatron_lcr.rollout.sglang import SGLangLaunchConfig
     from megatron_lcr.train.engines import RolloutConfig
 
     assert not RolloutConfig().gpu_engines  # the default: launched `lcr serve` reference servers
-    assert RolloutConfig(server=SGLangLaunchConfig(backend="sglang")).gpu_engines
+    assert RolloutConfig(server=SGLangLaunchConfig(backend="sglang", device="cuda")).gpu_engines
+    assert not RolloutConfig(server=SGLangLaunchConfig(backend="sglang", device="cpu")).gpu_engines
+    auto = RolloutConfig(server=SGLangLaunchConfig(backend="vllm")).gpu_engines
+    assert auto == torch.cuda.is_available()  # 'auto': where the launching process is
     assert RolloutConfig(urls=["http://127.0.0.1:30000"]).gpu_engines
 
 

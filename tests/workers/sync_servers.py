@@ -33,7 +33,7 @@ def main(hf_dir: str, urls: str, out_path: str, mode: str) -> None:
     from megatron_lcr.models.builder import ModelConfig
     from megatron_lcr.parallel.layout import ParallelConfig
     from megatron_lcr.parallel.state import destroy_megatron, initialize_megatron
-    from megatron_lcr.rollout.client import ClientConfig, SGLangClient
+    from megatron_lcr.rollout.client import ClientConfig, RolloutClient
     from megatron_lcr.rollout.weight_sync import WeightSyncConfig, WeightSyncer
     from megatron_lcr.train.lm_step import lm_train_step, micro_batches_from_sequences
     from megatron_lcr.train.model_setup import build_policy
@@ -43,7 +43,7 @@ def main(hf_dir: str, urls: str, out_path: str, mode: str) -> None:
     initialize_megatron(parallel)
     policy = build_policy(ModelConfig(hf_path=hf_dir, params_dtype="float32"), parallel)
     rank0 = torch.distributed.get_rank() == 0
-    client = SGLangClient(ClientConfig(urls=urls.split(","))) if rank0 else None
+    client = RolloutClient(ClientConfig(urls=urls.split(","))) if rank0 else None
     disk_dir = os.path.join(os.path.dirname(out_path), "sync-disk")
     cfg = WeightSyncConfig(mode=mode, checksum=True, bucket_bytes=2**18, disk_dir=disk_dir)
     syncer = WeightSyncer(cfg, client, gpu_engines=False)  # reference servers: CPU engines
