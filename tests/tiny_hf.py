@@ -25,8 +25,10 @@ _MATRIX_NOISE = 0.02
 _VECTOR_NOISE = 0.1
 
 
-def tiny_config(family: str, *, num_layers: int = 4, tie: bool | None = None):
-    """The ``transformers`` config :func:`make_tiny_hf` builds ``family`` from (no weights)."""
+def tiny_config(family: str, *, num_layers: int = 4, tie: bool | None = None, head_dim: int | None = None):
+    """The ``transformers`` config :func:`make_tiny_hf` builds ``family`` from (no weights). ``head_dim``
+    (a divisor of the hidden size 64) trades heads for head size: vLLM's CPU attention takes only
+    head sizes 32, 64, 80, ... (the default 8 heads of 8 give vLLM nothing to run)."""
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
     common = dict(
@@ -41,6 +43,9 @@ def tiny_config(family: str, *, num_layers: int = 4, tie: bool | None = None):
         eos_token_id=2,
         pad_token_id=0,
     )
+    if head_dim is not None:
+        heads = 64 // head_dim
+        common.update(num_attention_heads=heads, num_key_value_heads=max(1, heads // 2))
     if family == "llama":
         # Head_dim 8 has 4 rotary wavelengths (~6, 167, 4.4e3, 1.2e5 tokens); with an original
         # context of 64 the first is left alone and the others are divided by the factor, so a
@@ -81,13 +86,14 @@ def save_tiny_tokenizer(out_dir: str | os.PathLike) -> None:
 
 
 def make_tiny_hf(
-    family: str, out_dir: str | os.PathLike, *, seed: int = 0, num_layers: int = 4, tie: bool | None = None
+    family: str, out_dir: str | os.PathLike, *, seed: int = 0, num_layers: int = 4, tie: bool | None = None,
+    head_dim: int | None = None,
 ) -> pathlib.Path:
     """Build, perturb and save a tiny random ``family`` model (fp32 safetensors) plus tokenizer."""
     from transformers import AutoModelForCausalLM
 
     out = pathlib.Path(out_dir)
-    cfg = tiny_config(family, num_layers=num_layers, tie=tie)
+    cfg = tiny_config(family, num_layers=num_layers, tie=tie, head_dim=head_dim)
     # fork_rng: the caller's global RNG stream is left as it was.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

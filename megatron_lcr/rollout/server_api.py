@@ -369,9 +369,12 @@ async def detect_server_api(get: Get, url: str, *, allow_newer: bool = False) ->
     """Ask a server what it is: SGLang ``/server_info`` (``/get_server_info`` before 0.5.6), else vLLM ``/version``."""
     for path in ("/server_info", "/get_server_info"):
         try:
-            return sglang_api_from_server_info(await get(path), url, allow_newer=allow_newer)
+            info = await get(path)
         except NotFound:
             continue
+        if isinstance(info, dict) and "vllm_config" in info:
+            break  # vLLM's dev mode (VLLM_SERVER_DEV_MODE=1) serves a /server_info of its own, without a version
+        return sglang_api_from_server_info(info, url, allow_newer=allow_newer)
     try:
         info = await get("/version")
     except NotFound:

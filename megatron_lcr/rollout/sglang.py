@@ -54,6 +54,8 @@ from typing import Literal
 import psutil
 
 from megatron_lcr.parallel.env import free_ports
+from megatron_lcr.rollout.vllm import SERVER_ARGS as VLLM_SERVER_ARGS
+from megatron_lcr.rollout.vllm import SERVER_ENV as VLLM_SERVER_ENV
 
 BACKENDS = ("sglang", "vllm", "reference")
 DEVICES = ("auto", "cuda", "cpu")
@@ -73,7 +75,6 @@ WATCHDOG_SCRIPT = _ROLLOUT_DIR / "watchdog.py"
 CPU_STUBS_DIR = _ROLLOUT_DIR / "cpu_stubs"
 # The directory megatron_lcr is imported from: vLLM's workers import the extension class through it.
 PACKAGE_PARENT = _ROLLOUT_DIR.parent.parent
-VLLM_WORKER_EXTENSION = "megatron_lcr.rollout.vllm_worker.LCRWorkerExtension"
 # SGLang on CPU, sized for a tiny model on a 2-core machine (None on GPU: SGLang sizes the pool from
 # free GPU memory). The tiny demo's requests are ~700 prompt + 64 answer tokens: 8 of them (~6.1K
 # tokens) fit a pool of 8192 with room for the radix cache's shared prompts. Left to itself, SGLang
@@ -276,7 +277,7 @@ def vllm_server_command(cfg: SGLangLaunchConfig, port: int) -> list[str]:
         cmd.append("--skip-tokenizer-init")
     if cpu:
         cmd.append("--enforce-eager")  # no CUDA graphs or torch.compile warm-up on CPU
-    cmd += ["--worker-extension-cls", VLLM_WORKER_EXTENSION]
+    cmd += list(VLLM_SERVER_ARGS)  # log-probs after temperature; our worker extension
     return cmd + list(cfg.extra_args)
 
 
@@ -321,7 +322,8 @@ def server_env(cfg: SGLangLaunchConfig, index: int, base: dict[str, str] | None 
         env["PYTHONPATH"] = _prepend_path(CPU_STUBS_DIR, env.get("PYTHONPATH"))
     if cfg.backend == "vllm":
         env["PYTHONPATH"] = _prepend_path(PACKAGE_PARENT, env.get("PYTHONPATH"))
-        env.setdefault("VLLM_SERVER_DEV_MODE", "1")
+        for key, value in VLLM_SERVER_ENV.items():
+            env.setdefault(key, value)
         if cpu:
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     if not cpu:

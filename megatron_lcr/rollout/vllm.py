@@ -1,373 +1,364 @@
-"""A vLLM rollout engine behind the same :class:`~megatron_lcr.rollout.engine.RolloutEngine` protocol.
+"""vLLM's OpenAI-compatible server as a rollout backend: what the HTTP client sends it, and how it answers.
 
-GPU only: ``vllm`` is imported inside methods, never at module level.
+:class:`VLLMServerAPI` is the :class:`~megatron_lcr.rollout.server_api.ServerAPI` of a vLLM server;
+:func:`~megatron_lcr.rollout.server_api.detect_server_api` picks it for a server that answers
+``GET /version`` (``{"version": "0.32.0"}``). The server must run with :data:`SERVER_ARGS` and
+:data:`SERVER_ENV` (the launcher adds them; our package's parent directory goes on its
+``PYTHONPATH`` so vLLM can import the worker extension). Paths and fields below were read from
+vLLM 0.32.0's sources (``vllm/entrypoints/openai/completion/``, ``entrypoints/serve/dev/``,
+``entrypoints/rl/online/api_router.py``) and checked against a running CPU build
+(``tests/rollout/test_vllm.py``).
 
-**Offline ``vllm.LLM`` in the trainer's process, not ``vllm serve`` over HTTP.** Weight updates have
-to run code inside vLLM's workers (receive tensors, call the model's ``load_weights``); the offline
-engine does that with ``LLM.collective_rpc`` and a worker extension class
-(``worker_extension_cls``), the path of vLLM's own RLHF examples
-(``examples/offline_inference/rlhf_utils.py``), while the HTTP server only offers such hooks
-(``/collective_rpc``, ``/sleep``, ``/wake_up``) in its development mode and has no weight-update
-protocol the trainer could rely on. Token ids in, token ids and per-token log-probs out are native to
-``LLM.generate`` (``RequestOutput.outputs[i].token_ids`` / ``.logprobs``). The cost: one engine per
-process, no failover, and ``LLM.generate`` blocks, so calls run in a worker thread, one at a time.
-Use SGLang (:mod:`megatron_lcr.rollout.client`) for a fleet of servers.
+==========================  =====================================================================
+generate                    ``POST /v1/completions``: ``prompt`` (token ids), ``max_tokens``,
+                            ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``,
+                            ``stop_token_ids`` (left out with ``ignore_eos``: vLLM's stops only
+                            at EOS, ours at no token, as SGLang's), ``ignore_eos``, ``logprobs: 0`` (the sampled token
+                            only), ``return_token_ids``, ``return_tokens_as_token_ids``,
+                            ``request_id``; the penalties and ``min_p`` are sent as neutral values,
+                            since otherwise the model's ``generation_config.json`` may set them.
+                            Answer: ``id == "cmpl-" + request_id``; ``choices[0]`` has
+                            ``token_ids``, ``logprobs.token_logprobs`` / ``logprobs.tokens``
+                            (``"token_id:<id>"``, one per sampled token), ``finish_reason``.
+                            Log-probs are after temperature only with ``--logprobs-mode
+                            processed_logprobs`` (vLLM's default is the raw distribution);
+                            "processed" also renormalises over the top-k/top-p set, so they
+                            match the trainer's at top_k -1 and top_p 1 (the RL setting).
+score                       the same path with ``prompt_logprobs: 0``, ``max_tokens: 1``: ``choices[0].
+                            prompt_logprobs`` is ``[null, {"<id>": {"logprob", ...}}, ...]``, always
+                            at temperature 1 (prompt tokens skip the sampling processors) and never
+                            read from the prefix cache (vLLM skips it for prompt log-probs).
+abort                       ``POST /abort_requests {"request_ids": ["cmpl-<rid>-0"]}`` (the id the
+                            completions endpoint gives the engine); ``{}`` aborts everything.
+pause / resume              ``POST /pause?mode=abort|keep`` (SGLang's ``in_place`` is vLLM's
+                            ``keep``; SGLang's ``retract`` has no equivalent) / ``POST /resume``.
+flush                       ``POST /reset_prefix_cache?reset_running_requests=true`` -> ``{success}``:
+                            running (e.g. kept) requests are preempted and recompute their KV with
+                            the new weights, so the reset cannot fail for want of free blocks.
+memory                      ``POST /sleep?level=1`` (weights and KV cache together: its
+                            ``/release_kv_cache_memory`` needs a completed ``/pause`` first),
+                            ``POST /wake_up`` with ``tags`` as query parameters. Needs
+                            ``--enable-sleep-mode`` on GPUs; the CPU build only logs a warning.
+model info, weights         ``POST /collective_rpc {"method": "lcr_...", "kwargs": {...}}`` into
+                            :mod:`megatron_lcr.rollout.vllm_worker`, answered ``{"results": [one
+                            per worker]}``. Model info and the weight version come from every worker.
+                            Bucket updates (``distributed``: a gloo/NCCL broadcast from the trainer;
+                            ``tensor``: our ``lcr_safetensors`` payload) load between
+                            ``lcr_begin_update`` and ``lcr_end_update``, which this API sends as
+                            the session calls; the session's end is followed by the flush, so
+                            an update's ``flush_cache`` is always honoured there, never per bucket
+                            (the weights change at the session's end). A directory update is one
+                            call and does not flush: the syncer flushes after every sync.
+==========================  =====================================================================
 
-Translation, verified against vLLM's sources (``vllm/sampling_params.py``, ``vllm/outputs.py``,
-``vllm/logprobs.py``):
-
-- :class:`SamplingParams` -> vLLM ``SamplingParams(n=1, temperature, top_p, top_k, max_tokens, stop,
-  stop_token_ids, seed, ignore_eos, logprobs=0)``; ``logprobs=0`` returns only the sampled token's
-  log-prob. n samples are n prompts with seeds ``seed + j`` (as the SGLang client does), not vLLM's ``n``.
-- ``CompletionOutput.logprobs`` is a sequence (a list or vLLM's ``FlatLogprobs``) of
-  ``{token_id: Logprob(logprob, rank, decoded_token)}``, one per output token; we take the entry of
-  the sampled token.
-- Scoring: ``max_tokens=1, prompt_logprobs=0, temperature=1``; ``RequestOutput.prompt_logprobs`` has
-  ``None`` for the first token and a dict holding each prompt token's log-prob after it.
-- The engine is built with ``logprobs_mode="processed_logprobs"`` (log-probs after temperature, as
-  the trainer computes them). vLLM's "processed" also reflects top-k/top-p truncation, SGLang's does
-  not: the two agree when ``top_k == -1`` and ``top_p == 1`` (the RL setting).
-
-Weight updates use the trainer's weight-update group as it is (``update_group.join_update_group``:
-rank 0 hosts the store, the engine ranks ``1 .. tp_size`` join via ``update_group``) and the
-model's own ``load_weights`` with Hugging Face names, as the bucketed sync produces them. Tensor
-updates (mode ``tensor``) take our pickle-free ``lcr_safetensors`` payload only (``tensor_format
-'safetensors'``): the tensors are decoded here and handed to every worker's ``load_weights`` by
-``collective_rpc``. SGLang's pickled CUDA-IPC payload is refused: unpickling it needs sglang's
-serializer, and an in-process engine gains nothing from IPC handles over the tensors themselves.
-
-What is tested without a GPU (tests/rollout/test_vllm.py): the request/response translation above,
-on plain objects with vLLM's attribute names, the tensor-update payload translation, and a worker's
-group membership receiving the trainer's broadcast (gloo). What is NOT tested here (needs vLLM and CUDA): building the ``LLM``,
-``generate``/``score`` end to end, ``collective_rpc`` into the worker extension, NCCL, ``load_weights``,
-sleep/wake-up and prefix-cache reset.
+Not available from vLLM's completions endpoint: the weight version a sample was drawn with
+(``Completion.weight_version`` is None; the server's current version is in :meth:`parse_model_info`),
+and scoring without generating a token (``max_tokens`` must be >= 1: one throwaway greedy token).
+vLLM 0.32's token-in/token-out ``POST /inference/v1/generate`` (behind ``--enable-scale-out``) does
+answer per-sample ``weight_versions``, but from the engine core's own label, which only vLLM's
+``/update_weight_version`` sets: a second request per update, while the version here must change
+with the weights themselves (the worker sets it at the session's end).
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from megatron_lcr.rollout.engine import (
-    Completion,
-    GenerateRequest,
-    SampleSpec,
-    SamplingParams,
-    ScoreResult,
-    expand_samples,
+from megatron_lcr.rollout.engine import Completion, SampleSpec, ScoreResult
+from megatron_lcr.rollout.server_api import (
+    Call,
+    ModelInfo,
+    UnsupportedServerError,
+    parse_version,
+    version_text,
 )
-from megatron_lcr.rollout.tensor_payload import LCR_SAFETENSORS, decode_safetensors_payload
+from megatron_lcr.rollout.tensor_payload import LCR_SAFETENSORS
 
-ENGINE_URL = "vllm://local"
-# Import path vLLM's workers load the extension from (worker_extension_cls).
-WORKER_EXTENSION = "megatron_lcr.rollout.vllm.VLLMWorkerExtension"
+VLLM_OLDEST = (0, 32, 0)
+"""Oldest vLLM release the client supports (its dev endpoints, pause modes and layerwise reload)."""
+VLLM_NEWEST = (0, 32, 0)
+"""Newest vLLM release tested (the contract tests run its CPU build)."""
+WORKER_EXTENSION = "megatron_lcr.rollout.vllm_worker.LCRWorkerExtension"
+PROCESSED_LOGPROBS = "processed_logprobs"
+SERVER_ARGS = ("--logprobs-mode", PROCESSED_LOGPROBS, "--worker-extension-cls", WORKER_EXTENSION)
+"""Flags every vLLM rollout server needs: log-probs after temperature, and our worker methods."""
+SERVER_ENV = {"VLLM_SERVER_DEV_MODE": "1"}
+"""Environment every vLLM rollout server needs: dev mode serves /collective_rpc, /pause, /sleep, ..."""
 
-
-@dataclass(kw_only=True)
-class VLLMConfig:
-    """The in-process vLLM engine."""
-
-    model_path: str
-    """Hugging Face model directory."""
-    tp_size: int = 1
-    """GPUs of the engine (tensor-parallel degree)."""
-    dtype: str = "auto"
-    """Weight/activation dtype ('auto', 'bfloat16', 'float16', 'float32')."""
-    gpu_memory_utilization: float = 0.5
-    """Fraction of each GPU vLLM may take (weights + KV cache)."""
-    max_model_len: int | None = None
-    """Longest prompt + response (tokens); None: the model's."""
-    seed: int = 0
-    """Engine seed (per-request seeds override it for sampling)."""
-    enable_sleep_mode: bool = True
-    """Allow release_memory/resume_memory (vLLM's sleep/wake_up) when colocated with the trainer."""
-    enforce_eager: bool = False
-    """Disable CUDA graphs (slower; faster start, less memory)."""
-    engine_kwargs: dict[str, Any] = field(default_factory=dict)
-    """More keyword arguments for vllm.LLM."""
-
-    def __post_init__(self) -> None:
-        if not self.model_path:
-            raise ValueError("model_path must name a Hugging Face model directory")
-        if self.tp_size < 1:
-            raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-
-    def llm_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``vllm.LLM``."""
-        kwargs = dict(model=self.model_path, tensor_parallel_size=self.tp_size, dtype=self.dtype,
-                      gpu_memory_utilization=self.gpu_memory_utilization, seed=self.seed,
-                      enable_sleep_mode=self.enable_sleep_mode, enforce_eager=self.enforce_eager,
-                      logprobs_mode="processed_logprobs", worker_extension_cls=WORKER_EXTENSION)
-        if self.max_model_len is not None:
-            kwargs["max_model_len"] = self.max_model_len
-        return {**kwargs, **self.engine_kwargs}
+_TOKEN_PREFIX = "token_id:"
+_INFO_KEYS = ("model_path", "weight_version", "logprobs_mode", "model_type", "architectures")
+_SLEEP_TAGS = frozenset({"weights", "kv_cache"})
 
 
-# --------------------------------------------------------------------------- translation (pure)
+def _rpc(method: str, **kwargs: Any) -> Call:
+    """A call of worker method ``method`` on every worker of the server."""
+    return Call("POST", "/collective_rpc", {"method": method, "kwargs": kwargs})
 
 
-def vllm_sampling_kwargs(params: SamplingParams, *, return_logprob: bool = True) -> dict[str, Any]:
-    """Keyword arguments of vLLM's ``SamplingParams`` for one sample."""
-    if params.max_new_tokens < 1:
-        raise ValueError(f"vLLM generates at least one token: max_new_tokens must be >= 1, got {params.max_new_tokens}")
-    kwargs: dict[str, Any] = dict(n=1, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                                  max_tokens=params.max_new_tokens, seed=params.seed)
-    if params.stop:
-        kwargs["stop"] = list(params.stop)
-    if params.stop_token_ids:
-        kwargs["stop_token_ids"] = list(params.stop_token_ids)
-    if params.ignore_eos:
-        kwargs["ignore_eos"] = True
-    if return_logprob:
-        kwargs["logprobs"] = 0  # the sampled token only
-    return kwargs
+# --------------------------------------------------------------------------- requests (pure)
 
 
-def vllm_score_kwargs() -> dict[str, Any]:
-    """vLLM ``SamplingParams`` that score a prompt: every prompt token's log-prob, one throwaway token."""
-    return dict(n=1, max_tokens=1, temperature=1.0, prompt_logprobs=0)
-
-
-def _logprob_of(position: Mapping[int, Any] | None, token: int, where: str) -> float:
-    if not position or token not in position:
-        raise ValueError(f"{where}: vLLM returned no log-prob for token {token}")
-    entry = position[token]
-    return float(getattr(entry, "logprob", entry))
-
-
-def completion_from_vllm(output: Any, spec: SampleSpec, *, weight_version: str | None,
-                         engine_url: str = ENGINE_URL) -> Completion:
-    """A :class:`Completion` from a vLLM ``RequestOutput`` with one ``CompletionOutput``."""
-    sample = output.outputs[0]
-    token_ids = [int(t) for t in sample.token_ids]
-    logprobs: list[float] = []
+def completion_request(spec: SampleSpec, rid: str) -> dict:
+    """The ``/v1/completions`` body of one sample: token ids in, token ids and their log-probs out."""
+    s = spec.sampling
+    if s.max_new_tokens < 1:
+        raise ValueError(f"request {rid}: vLLM generates at least one token; max_new_tokens is {s.max_new_tokens} "
+                         "(score a prompt with score() instead)")
+    body: dict[str, Any] = {
+        "prompt": list(spec.input_ids), "max_tokens": s.max_new_tokens, "temperature": s.temperature,
+        "top_p": s.top_p, "top_k": s.top_k, "seed": s.seed, "ignore_eos": s.ignore_eos,
+        "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+        "return_token_ids": True, "return_tokens_as_token_ids": True, "request_id": rid,
+    }
+    if s.stop:
+        body["stop"] = list(s.stop)
+    if s.stop_token_ids and not s.ignore_eos:
+        # Our ignore_eos ignores stop tokens too (SGLang's rule); vLLM's only the EOS token.
+        body["stop_token_ids"] = list(s.stop_token_ids)
     if spec.return_logprob:
-        positions = sample.logprobs
-        if positions is None or len(positions) != len(token_ids):
-            got = None if positions is None else len(positions)
-            raise ValueError(f"request {spec.rid}: {len(token_ids)} tokens but {got} log-prob positions")
-        logprobs = [_logprob_of(positions[i], tok, f"request {spec.rid} token {i}") for i, tok in enumerate(token_ids)]
-    prompt_ids = getattr(output, "prompt_token_ids", None)
+        body["logprobs"] = 0
+    return body
+
+
+def score_request(sequence: Sequence[int], rid: str) -> dict:
+    """The ``/v1/completions`` body that scores ``sequence``: every prompt token's log-prob at temperature 1."""
+    return {"prompt": list(sequence), "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0,
+            "return_token_ids": True, "request_id": rid}
+
+
+def abort_request(rid: str | None) -> dict:
+    """The ``/abort_requests`` body: the engine id of sample ``rid`` (prompt 0 of its completion), or all."""
+    return {} if rid is None else {"request_ids": [f"cmpl-{rid}-0"]}
+
+
+# --------------------------------------------------------------------------- answers (pure)
+
+
+def _choice(body: Any, rid: str, url: str) -> dict:
+    if not isinstance(body, dict) or not isinstance(body.get("choices"), list) or len(body["choices"]) != 1:
+        raise ValueError(f"request {rid}: answer from {url} is not a completion with one choice: {str(body)[:300]}")
+    if body.get("id") != f"cmpl-{rid}":
+        raise ValueError(f"request {rid}: answer from {url} belongs to request {body.get('id')!r}")
+    choice = body["choices"][0]
+    if not isinstance(choice.get("token_ids"), list):
+        raise ValueError(f"request {rid}: answer from {url} has no token_ids (return_token_ids was not honoured)")
+    return choice
+
+
+def _sampled_logprobs(choice: dict, output_ids: list[int], rid: str) -> list[float]:
+    """``logprobs.token_logprobs``, checked against the tokens they belong to (``"token_id:<id>"``)."""
+    lp = choice.get("logprobs")
+    values = lp.get("token_logprobs") if isinstance(lp, dict) else None
+    tokens = lp.get("tokens") if isinstance(lp, dict) else None
+    if not (isinstance(values, list) and isinstance(tokens, list) and len(values) == len(tokens) == len(output_ids)):
+        raise ValueError(f"request {rid}: {len(output_ids)} token_ids but log-probs {str(lp)[:200]}")
+    if tokens != [f"{_TOKEN_PREFIX}{t}" for t in output_ids]:
+        raise ValueError(f"request {rid}: log-prob tokens {tokens[:8]}... differ from token_ids {output_ids[:8]}...")
+    if any(v is None for v in values):
+        raise ValueError(f"request {rid}: a sampled token has a null log-prob")
+    return [float(v) for v in values]
+
+
+def completion_from_answer(body: Any, spec: SampleSpec, rid: str, url: str) -> Completion:
+    """One sample's :class:`Completion` from a ``/v1/completions`` answer (see the module docstring)."""
+    choice = _choice(body, rid, url)
+    output_ids = [int(t) for t in choice["token_ids"]]
+    logprobs = _sampled_logprobs(choice, output_ids, rid) if spec.return_logprob else []
+    usage = body.get("usage") or {}
     return Completion(
         prompt_index=spec.prompt_index,
         sample_index=spec.sample_index,
         rid=spec.rid,
-        output_ids=token_ids,
+        output_ids=output_ids,
         output_logprobs=logprobs,
-        finish_reason=sample.finish_reason,
-        weight_version=weight_version,
-        prompt_tokens=len(prompt_ids) if prompt_ids is not None else len(spec.input_ids),
+        finish_reason=choice.get("finish_reason"),
+        weight_version=None,
+        prompt_tokens=int(usage.get("prompt_tokens", len(spec.input_ids))),
         seed=spec.sampling.seed,
-        engine_url=engine_url,
+        engine_url=url,
     )
 
 
-def score_from_vllm(output: Any, sequence: Sequence[int], *, weight_version: str | None,
-                    engine_url: str = ENGINE_URL) -> ScoreResult:
-    """A :class:`ScoreResult` from a ``RequestOutput`` requested with ``prompt_logprobs=0``."""
-    positions = output.prompt_logprobs
-    if positions is None or len(positions) != len(sequence):
-        got = None if positions is None else len(positions)
-        raise ValueError(f"scored {len(sequence)} tokens but vLLM returned {got} prompt log-prob positions")
+def score_from_answer(body: Any, sequence: Sequence[int], rid: str, url: str) -> ScoreResult:
+    """:class:`ScoreResult` from ``choices[0].prompt_logprobs``: ``[null, {"<token id>": {"logprob": x}}, ...]``."""
+    items = _choice(body, rid, url).get("prompt_logprobs")
+    if not isinstance(items, list) or len(items) != len(sequence):
+        got = len(items) if isinstance(items, list) else items
+        raise ValueError(f"request {rid}: scored {len(sequence)} tokens but prompt_logprobs has {got} entries")
     logprobs: list[float | None] = [None]
-    logprobs += [_logprob_of(positions[i], int(sequence[i]), f"prompt token {i}") for i in range(1, len(sequence))]
-    return ScoreResult(input_logprobs=logprobs, weight_version=weight_version, engine_url=engine_url)
+    for i in range(1, len(sequence)):
+        entry = items[i].get(str(int(sequence[i]))) if isinstance(items[i], dict) else None
+        if not isinstance(entry, dict) or entry.get("logprob") is None:
+            raise ValueError(f"request {rid}: prompt_logprobs[{i}] has no log-prob for token {sequence[i]}: "
+                             f"{str(items[i])[:200]}")
+        logprobs.append(float(entry["logprob"]))
+    return ScoreResult(input_logprobs=logprobs, weight_version=None, engine_url=url)
 
 
-def named_tensors_from_payload(serialized_named_tensors: Sequence[str], load_format: str | None, *,
-                               tp_size: int) -> list[tuple[str, Any]]:
-    """The ``(HF name, CPU tensor)`` pairs of an ``/update_weights_from_tensor`` payload, for ``load_weights``."""
-    if load_format != LCR_SAFETENSORS:
-        raise ValueError(f"the vLLM engine takes tensor updates only in load_format {LCR_SAFETENSORS!r} "
-                         f"(WeightSyncConfig.tensor_format 'safetensors'), not {load_format!r} (SGLang's pickled "
-                         "form); use tensor_format 'safetensors', or mode 'distributed' or 'disk'")
-    return decode_safetensors_payload(list(serialized_named_tensors), tp_size=tp_size)
+def model_info_from_results(body: Any) -> ModelInfo:
+    """:class:`ModelInfo` from ``lcr_model_info`` on every worker; the workers must agree.
+
+    Raises :class:`UnsupportedServerError` for a server launched without ``--logprobs-mode
+    processed_logprobs``: its sample log-probs would be before temperature, unlike the trainer's.
+    """
+    results = body.get("results") if isinstance(body, dict) else None
+    if not isinstance(results, list) or not results or not all(isinstance(r, dict) for r in results):
+        raise ValueError(f"lcr_model_info answered no worker results: {str(body)[:200]}")
+    first = results[0]
+    for key in _INFO_KEYS:
+        values = [r.get(key) for r in results]
+        if any(v != values[0] for v in values):
+            raise ValueError(f"the server's workers disagree on {key}: {values}")
+    if first.get("logprobs_mode") != PROCESSED_LOGPROBS:
+        raise UnsupportedServerError(
+            f"vLLM server runs with --logprobs-mode {first.get('logprobs_mode')}: sample log-probs would not be "
+            f"after temperature; launch it with --logprobs-mode {PROCESSED_LOGPROBS}")
+    version = first.get("weight_version")
+    return ModelInfo(model_path=first.get("model_path"), weight_version=None if version is None else str(version),
+                     model_type=first.get("model_type"), architectures=first.get("architectures"))
 
 
-def _torch_dtype(name: str):
-    import torch
-
-    dtype = getattr(torch, str(name).removeprefix("torch."), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r}")
-    return dtype
-
-
-# --------------------------------------------------------------------------- inside vLLM's workers
+def _sleep_call(tags: Sequence[str] | None) -> Call:
+    # /sleep releases both; /release_kv_cache_memory (the KV cache alone) needs a completed /pause first.
+    if tags is not None and frozenset(tags) != _SLEEP_TAGS:
+        raise UnsupportedServerError(f"vLLM releases the weights and the KV cache together (/sleep); "
+                                     f"asked for {sorted(set(tags))}")
+    return Call("POST", "/sleep?level=1")
 
 
-class _UpdateGroupMember:
-    """One worker's rank in the trainer's weight-update group (``update_group.join_update_group``,
-    the same rendezvous SGLang uses; NCCL on GPU)."""
-
-    def __init__(self, *, master_address: str, master_port: int, rank: int, world_size: int, backend: str,
-                 group_name: str) -> None:
-        from megatron_lcr.rollout.update_group import join_update_group
-
-        self.group = join_update_group(backend=backend, master_address=master_address, master_port=master_port,
-                                       world_size=world_size, rank=rank, group_name=group_name, timeout_s=1800)
-
-    def receive(self, tensor) -> None:
-        """One broadcast from rank 0 (the trainer's source) into ``tensor``."""
-        from megatron_lcr.rollout.update_group import broadcast_from_source
-
-        broadcast_from_source(self.group, tensor)
+def _wake_call(tags: Sequence[str] | None) -> Call:
+    if tags is None:
+        return Call("POST", "/wake_up")
+    unknown = sorted(set(tags) - _SLEEP_TAGS)
+    if unknown:
+        raise UnsupportedServerError(f"vLLM's wake_up knows tags {sorted(_SLEEP_TAGS)}, not {unknown}")
+    return Call("POST", "/wake_up?" + "&".join(f"tags={t}" for t in tags))
 
 
-class VLLMWorkerExtension:
-    """Methods vLLM mixes into its workers (``self`` is the worker: ``self.model_runner``, ``self.device``)."""
-
-    def lcr_init_weight_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
-                              group_name: str, backend: str) -> None:
-        from vllm.distributed.parallel_state import get_world_group
-
-        groups = self.__dict__.setdefault("_lcr_groups", {})
-        groups[group_name] = _UpdateGroupMember(master_address=master_address, master_port=master_port,
-                                                rank=rank_offset + get_world_group().rank, world_size=world_size,
-                                                backend=backend, group_name=group_name)
-
-    def lcr_update_weights(self, names: list[str], dtypes: list[str], shapes: list[list[int]], group_name: str) -> None:
-        """Receive one bucket (one broadcast from rank 0 per tensor, in order), then load it."""
-        import torch
-
-        member = self.__dict__["_lcr_groups"][group_name]
-        weights = []
-        for name, dtype, shape in zip(names, dtypes, shapes):
-            tensor = torch.empty(shape, dtype=_torch_dtype(dtype), device=self.device)
-            member.receive(tensor)
-            weights.append((name, tensor))
-        self.model_runner.model.load_weights(weights=weights)
-        torch.cuda.synchronize()
-
-    def lcr_load_weights(self, named_tensors: list[tuple[str, Any]]) -> None:
-        """Load (name, tensor) pairs handed over by collective_rpc (moved to this worker's device)."""
-        self.model_runner.model.load_weights(weights=[(n, t.to(self.device)) for n, t in named_tensors])
-
-    def lcr_destroy_weight_group(self, group_name: str) -> None:
-        self.__dict__.get("_lcr_groups", {}).pop(group_name, None)
+# --------------------------------------------------------------------------- the API object
 
 
-# --------------------------------------------------------------------------- the engine
+@dataclass(frozen=True)
+class VLLMServerAPI:
+    """vLLM's OpenAI-compatible server with our worker extension, at one release."""
+
+    release: tuple[int, ...] = VLLM_NEWEST
+    """vLLM release the server runs."""
+
+    def __post_init__(self) -> None:
+        if self.release < VLLM_OLDEST:
+            raise UnsupportedServerError(f"vLLM {version_text(self.release)} is older than the oldest supported "
+                                         f"release {version_text(VLLM_OLDEST)}")
+
+    @property
+    def engine(self) -> str:
+        return "vllm"
+
+    @property
+    def version(self) -> str:
+        return version_text(self.release)
+
+    @property
+    def has_checksums(self) -> bool:
+        return False  # GET /lcr/weights_checksum is lcr serve's alone
+
+    def generate_call(self, spec: SampleSpec, rid: str) -> Call:
+        return Call("POST", "/v1/completions", completion_request(spec, rid))
+
+    def parse_generate(self, body: Any, spec: SampleSpec, rid: str, url: str) -> Completion:
+        return completion_from_answer(body, spec, rid, url)
+
+    def score_call(self, sequence: Sequence[int], rid: str) -> Call:
+        return Call("POST", "/v1/completions", score_request(sequence, rid))
+
+    def parse_score(self, body: Any, sequence: Sequence[int], rid: str, url: str) -> ScoreResult:
+        return score_from_answer(body, sequence, rid, url)
+
+    def abort_call(self, rid: str | None) -> Call:
+        return Call("POST", "/abort_requests", abort_request(rid))
+
+    def model_info_call(self) -> Call:
+        return _rpc("lcr_model_info")
+
+    def parse_model_info(self, body: Any) -> ModelInfo:
+        return model_info_from_results(body)
+
+    def begin_update_calls(self) -> list[Call]:
+        return [_rpc("lcr_begin_update")]
+
+    def end_update_calls(self) -> list[Call]:
+        return [_rpc("lcr_end_update"), self.flush_call()]
+
+    def init_group_call(self, *, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                        group_name: str, backend: str) -> Call:
+        return _rpc("lcr_init_group", master_address=master_address, master_port=master_port,
+                    rank_offset=rank_offset, world_size=world_size, group_name=group_name, backend=backend)
+
+    def update_distributed_call(self, *, names: Sequence[str], dtypes: Sequence[str],
+                                shapes: Sequence[Sequence[int]], group_name: str, weight_version: str | None,
+                                flush_cache: bool) -> Call:
+        return _rpc("lcr_update_from_group", names=list(names), dtypes=list(dtypes),
+                    shapes=[list(s) for s in shapes], group_name=group_name, weight_version=weight_version)
+
+    def destroy_group_call(self, group_name: str) -> Call:
+        return _rpc("lcr_destroy_group", group_name=group_name)
+
+    def update_disk_call(self, model_path: str, *, weight_version: str | None, load_format: str | None) -> Call:
+        if load_format not in (None, "auto"):
+            raise UnsupportedServerError(f"vLLM reloads a directory in the format it was launched with; "
+                                         f"load_format {load_format!r} is not supported")
+        return _rpc("lcr_update_from_disk", model_path=model_path, weight_version=weight_version)
+
+    def update_tensor_call(self, *, serialized_named_tensors: Sequence[str], load_format: str | None,
+                           weight_version: str | None, flush_cache: bool) -> Call:
+        if load_format != LCR_SAFETENSORS:
+            raise UnsupportedServerError(
+                f"vLLM servers take tensor updates in load_format {LCR_SAFETENSORS!r} only (rollout.sync."
+                f"tensor_format 'safetensors'), not {load_format!r}; or use sync mode 'distributed' or 'disk'")
+        if not serialized_named_tensors:
+            raise ValueError("serialized_named_tensors is empty")
+        # Every lcr_safetensors entry holds the whole bucket; each worker shards it itself: send one.
+        return _rpc("lcr_update_from_tensors", payload=serialized_named_tensors[0], weight_version=weight_version)
+
+    def pause_call(self, mode: str | None) -> Call:
+        vllm_mode = {None: "abort", "abort": "abort", "in_place": "keep"}.get(mode)
+        if vllm_mode is None:
+            raise UnsupportedServerError(f"vLLM's /pause has modes abort, keep (SGLang's in_place), wait; "
+                                         f"not {mode!r}")
+        return Call("POST", f"/pause?mode={vllm_mode}")
+
+    def resume_call(self) -> Call:
+        return Call("POST", "/resume")
+
+    def flush_call(self) -> Call:
+        return Call("POST", "/reset_prefix_cache?reset_running_requests=true")
+
+    def release_memory_call(self, tags: Sequence[str] | None) -> Call:
+        return _sleep_call(tags)
+
+    def resume_memory_call(self, tags: Sequence[str] | None) -> Call:
+        return _wake_call(tags)
+
+    def check_answer(self, body: Any, url: str, path: str) -> None:
+        # /reset_prefix_cache answers 200 {"success": false} when it could not reset.
+        if isinstance(body, dict) and (body.get("success") is False or "error" in body):
+            raise RuntimeError(f"{url}{path} failed: {str(body)[:300]}")
 
 
-class VLLMEngine:
-    """:class:`RolloutEngine` on an in-process ``vllm.LLM`` (GPU only; see the module docstring)."""
-
-    def __init__(self, config: VLLMConfig, *, llm: Any = None) -> None:
-        self.config = config
-        self._llm = llm
-        self._version: str | None = "default"
-        self._lock = asyncio.Lock()  # LLM is not thread-safe: one call at a time
-        self._running = asyncio.Event()
-        self._running.set()
-
-    def _engine(self) -> Any:
-        if self._llm is None:
-            from vllm import LLM
-
-            self._llm = LLM(**self.config.llm_kwargs())
-        return self._llm
-
-    async def _run(self, fn, *args, **kwargs):
-        async with self._lock:
-            return await asyncio.to_thread(fn, *args, **kwargs)
-
-    async def generate(self, requests: Sequence[GenerateRequest]) -> list[Completion]:
-        from vllm import SamplingParams as VSamplingParams
-
-        await self._running.wait()
-        specs = expand_samples(requests)
-        prompts = [{"prompt_token_ids": list(s.input_ids)} for s in specs]
-        params = [VSamplingParams(**vllm_sampling_kwargs(s.sampling, return_logprob=s.return_logprob)) for s in specs]
-        version = self._version
-        outputs = await self._run(self._engine().generate, prompts, params, use_tqdm=False)
-        return [completion_from_vllm(o, s, weight_version=version) for o, s in zip(outputs, specs)]
-
-    async def score(self, sequences: Sequence[Sequence[int]]) -> list[ScoreResult]:
-        from vllm import SamplingParams as VSamplingParams
-
-        await self._running.wait()
-        prompts = [{"prompt_token_ids": list(seq)} for seq in sequences]
-        version = self._version
-        outputs = await self._run(self._engine().generate, prompts, VSamplingParams(**vllm_score_kwargs()),
-                                  use_tqdm=False)
-        return [score_from_vllm(o, seq, weight_version=version) for o, seq in zip(outputs, sequences)]
-
-    async def init_weights_update_group(self, *, master_address: str, master_port: int, world_size: int,
-                                        group_name: str, backend: str, ranks_per_engine: int | None = None) -> None:
-        """Join as ranks 1 .. tp_size of the group (the trainer's source is rank 0)."""
-        if world_size != 1 + self.config.tp_size:
-            raise ValueError(f"world_size ({world_size}) must be 1 + tp_size ({self.config.tp_size})")
-        await self._run(self._engine().collective_rpc, "lcr_init_weight_group",
-                        args=(master_address, master_port, 1, world_size, group_name, backend))
-
-    async def update_weights_from_distributed(self, *, names: Sequence[str], dtypes: Sequence[str],
-                                              shapes: Sequence[Sequence[int]], group_name: str,
-                                              weight_version: str | None = None, flush_cache: bool = True) -> None:
-        await self._run(self._engine().collective_rpc, "lcr_update_weights",
-                        args=(list(names), list(dtypes), [list(s) for s in shapes], group_name))
-        await self._after_update(weight_version, flush_cache)
-
-    async def update_weights_from_tensors(self, named_tensors: Iterable[tuple[str, Any]], *,
-                                          weight_version: str | None = None, flush_cache: bool = True) -> None:
-        """Load one bucket of (HF name, tensor) pairs (CPU tensors are fine; they are pickled to workers)."""
-        await self._run(self._engine().collective_rpc, "lcr_load_weights", args=(list(named_tensors),))
-        await self._after_update(weight_version, flush_cache)
-
-    async def update_weights_from_tensor(self, *, serialized_named_tensors: Sequence[str],
-                                         load_format: str | None = None, weight_version: str | None = None,
-                                         flush_cache: bool = True) -> None:
-        """Load one ``lcr_safetensors`` bucket (see :func:`named_tensors_from_payload`)."""
-        named = named_tensors_from_payload(serialized_named_tensors, load_format, tp_size=self.config.tp_size)
-        await self.update_weights_from_tensors(named, weight_version=weight_version, flush_cache=flush_cache)
-
-    async def update_weights_from_disk(self, model_path: str, *, weight_version: str | None = None,
-                                       load_format: str | None = None) -> None:
-        from safetensors.torch import load_file
-
-        files = sorted(Path(model_path).glob("*.safetensors"))
-        if not files:
-            raise ValueError(f"no safetensors files in {model_path}")
-        for path in files:
-            await self.update_weights_from_tensors(list(load_file(str(path)).items()), flush_cache=False)
-        await self._after_update(weight_version, True)
-
-    async def _after_update(self, weight_version: str | None, flush_cache: bool) -> None:
-        if flush_cache:
-            await self.flush_cache()
-        if weight_version is not None:
-            self._version = weight_version
-
-    async def destroy_weights_update_group(self, group_name: str) -> None:
-        await self._run(self._engine().collective_rpc, "lcr_destroy_weight_group", args=(group_name,))
-
-    async def pause(self) -> None:
-        """New generate/score calls wait until resume(); a call already running finishes."""
-        self._running.clear()
-
-    async def resume(self) -> None:
-        self._running.set()
-
-    async def flush_cache(self) -> None:
-        await self._run(self._engine().reset_prefix_cache)
-
-    async def health(self) -> dict[str, bool]:
-        return {ENGINE_URL: self._llm is not None}
-
-    async def release_memory(self, tags: Sequence[str] | None = None) -> None:
-        """vLLM's sleep(level=1): weights offloaded to CPU, KV cache dropped (vLLM sleeps by level, not tag)."""
-        await self._run(self._engine().sleep, level=1)
-
-    async def resume_memory(self, tags: Sequence[str] | None = None) -> None:
-        await self._run(self._engine().wake_up, tags=None if tags is None else list(tags))
-
-    async def weight_version(self) -> str | None:
-        return self._version
-
-    async def close(self) -> None:
-        self._llm = None
+def vllm_api_from_version(info: Any, url: str, *, allow_newer: bool = False) -> VLLMServerAPI:
+    """The API of a vLLM server from its ``GET /version`` answer ``{"version": "0.32.0"}``."""
+    if not isinstance(info, dict) or "version" not in info:
+        raise UnsupportedServerError(f"{url}: /version has no 'version' field: {str(info)[:200]}")
+    try:
+        release = parse_version(info["version"])
+    except ValueError as exc:
+        raise UnsupportedServerError(f"{url}: {exc}") from None
+    span = f"{version_text(VLLM_OLDEST)} to {version_text(VLLM_NEWEST)}"
+    if release < VLLM_OLDEST:
+        raise UnsupportedServerError(f"{url} runs vLLM {info['version']}; supported: {span}")
+    if release[:3] > VLLM_NEWEST and not allow_newer:
+        raise UnsupportedServerError(f"{url} runs vLLM {info['version']}, newer than the newest tested release "
+                                     f"({span}); set rollout.allow_untested_engine=true to try it")
+    return VLLMServerAPI(release=min(release[:3], VLLM_NEWEST))

@@ -160,6 +160,13 @@ def test_detection_prefers_server_info_and_falls_back_to_get_server_info():
     assert old.model_info_call().path == "/get_model_info"
 
 
+def test_vllm_dev_mode_server_info_is_not_taken_for_sglang():
+    # vLLM with VLLM_SERVER_DEV_MODE=1 answers /server_info with its own config (no version): ask /version.
+    answers = {"/server_info": {"vllm_config": {}, "vllm_env": {}, "system_env": {}}, "/version": {"version": "0.32.0"}}
+    api = asyncio.run(detect_server_api(_getter(answers), URL))
+    assert (api.engine, api.version) == ("vllm", "0.32.0")
+
+
 def test_detection_of_an_unknown_server_is_one_line():
     with pytest.raises(UnsupportedServerError, match="answers neither /server_info.*nor /version"):
         asyncio.run(detect_server_api(_getter({}), URL))

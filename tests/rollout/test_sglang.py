@@ -143,13 +143,15 @@ def test_vllm_command_and_env():
     assert vllm_server_command(cpu, 9) == [
         "py", "-m", "vllm.entrypoints.openai.api_server", "--model", "/m", "--host", "127.0.0.1", "--port", "9",
         "--dtype", "float32", "--api-key", "k", "--seed", "5", "--max-model-len", "1024", "--enforce-eager",
+        "--logprobs-mode", "processed_logprobs",
         "--worker-extension-cls", "megatron_lcr.rollout.vllm_worker.LCRWorkerExtension", "--swap-space", "1"]
     gpu = SGLangLaunchConfig(backend="vllm", model_path="/m", python="py", device="cuda", num_servers=2, tp_size=2,
                              dtype="bfloat16", mem_fraction_static=0.8, max_running_requests=64)
     assert vllm_server_command(gpu, 9) == [
         "py", "-m", "vllm.entrypoints.openai.api_server", "--model", "/m", "--host", "127.0.0.1", "--port", "9",
         "--dtype", "bfloat16", "--tensor-parallel-size", "2", "--gpu-memory-utilization", "0.8",
-        "--max-num-seqs", "64", "--worker-extension-cls", "megatron_lcr.rollout.vllm_worker.LCRWorkerExtension"]
+        "--max-num-seqs", "64", "--logprobs-mode", "processed_logprobs",
+        "--worker-extension-cls", "megatron_lcr.rollout.vllm_worker.LCRWorkerExtension"]
     assert server_env(cpu, 0, {"PYTHONPATH": "/x"}) == {
         "PYTHONPATH": f"{PACKAGE_PARENT}{os.pathsep}/x", "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
     assert server_env(replace(cpu, env={"VLLM_CPU_KVCACHE_SPACE": "4"}), 0, {})["VLLM_CPU_KVCACHE_SPACE"] == "4"

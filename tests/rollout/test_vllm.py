@@ -1,199 +1,563 @@
-"""The vLLM engine's request/response translation, without vLLM.
+"""vLLM as a rollout backend: the requests and answers of :class:`VLLMServerAPI`, and a real vLLM server.
 
-vLLM needs CUDA and is not installed here. These tests build plain objects with the attribute names of
-vLLM's ``RequestOutput`` / ``CompletionOutput`` / ``Logprob`` (``vllm/outputs.py``, ``vllm/logprobs.py``)
-and check our translation; building the engine, generation, weight loading and sleep/wake-up are not
-exercised (see the docstring of ``megatron_lcr/rollout/vllm.py``). The workers' side of a weight-update
-group is checked against the trainer's side on gloo; a tensor update's decoding and hand-over to
-``collective_rpc`` against a stand-in that records the engine's calls.
+The unit tests feed the translation functions answers shaped like vLLM 0.32.0's (copied from a running
+server). The real-server tests start vLLM's CPU build (``bash tools/engine_venv.sh vllm``; 30-90 s to
+health here, ~2.9 GB RSS) with our worker extension and speak to it with plain HTTP built from the API's
+:class:`Call` objects. Each weight transport loads a new weight set and must then give the log-probs of
+a Hugging Face model holding those weights (fp32 on both sides, max abs diff <= 1e-4), for sampled
+tokens after temperature, for a prompt whose prefix the server cached before the update, and for scoring.
 """
 
 from __future__ import annotations
 
-import asyncio
-import importlib
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
 
+from megatron_lcr.models.hf_checkpoint import ShardedSafetensorsWriter, finalize_shards
 from megatron_lcr.parallel.env import free_port
-from megatron_lcr.rollout.engine import GenerateRequest, RolloutEngine, SamplingParams, expand_samples
-from megatron_lcr.rollout.tensor_payload import serialize_bucket
-from megatron_lcr.rollout.vllm import (
-    WORKER_EXTENSION,
-    VLLMConfig,
-    VLLMEngine,
-    _UpdateGroupMember,
-    completion_from_vllm,
-    named_tensors_from_payload,
-    score_from_vllm,
-    vllm_sampling_kwargs,
-    vllm_score_kwargs,
-)
+from megatron_lcr.rollout.engine import GenerateRequest, SamplingParams, expand_samples
+from megatron_lcr.rollout.server_api import Call, UnsupportedServerError, detect_server_api
+from megatron_lcr.rollout.tensor_payload import LCR_SAFETENSORS, serialize_bucket
 from megatron_lcr.rollout.update_group import broadcast_from_source, join_update_group
+from megatron_lcr.rollout.vllm import (
+    SERVER_ARGS,
+    SERVER_ENV,
+    VLLMServerAPI,
+    completion_from_answer,
+    completion_request,
+    model_info_from_results,
+    score_from_answer,
+    score_request,
+    vllm_api_from_version,
+)
+from megatron_lcr.rollout.weight_sync import dtype_name
+from tests.distributed import REPO_ROOT
+from tests.engine_envs import engine_python
+
+TINY_BASE = REPO_ROOT / "examples" / "tiny" / "base"
+API = VLLMServerAPI()
 
 
-@dataclass
-class Logprob:
-    logprob: float
-    rank: int | None = None
-    decoded_token: str | None = None
+def _spec(return_logprob: bool = True, **sampling):
+    request = GenerateRequest(input_ids=[5, 6, 7], rid="q", sampling=SamplingParams(**sampling),
+                              return_logprob=return_logprob)
+    return expand_samples([request])[0]
 
 
-@dataclass
-class CompletionOutput:
-    index: int
-    text: str
-    token_ids: list[int]
-    cumulative_logprob: float | None
-    logprobs: object
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
+# --------------------------------------------------------------------------- requests
 
 
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    prompt_logprobs: object
-    outputs: list[CompletionOutput] = field(default_factory=list)
-    finished: bool = True
+def test_generate_request_sends_token_ids_seed_and_neutral_penalties():
+    spec = _spec(temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=16, stop=["\n\n"], stop_token_ids=[2], seed=9)
+    assert completion_request(spec, "q-0.retry1") == {
+        "prompt": [5, 6, 7], "max_tokens": 16, "temperature": 0.7, "top_p": 0.9, "top_k": 20, "seed": 9,
+        "ignore_eos": False, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
+        "frequency_penalty": 0.0, "return_token_ids": True, "return_tokens_as_token_ids": True,
+        "request_id": "q-0.retry1", "stop": ["\n\n"], "stop_token_ids": [2], "logprobs": 0}
+    plain = completion_request(_spec(return_logprob=False, seed=1), "q-0")
+    assert "logprobs" not in plain and "stop" not in plain and "stop_token_ids" not in plain
+    assert plain["ignore_eos"] is False and plain["top_k"] == -1
+    # Our ignore_eos stops at no token (SGLang's rule); vLLM's would still stop at stop_token_ids.
+    endless = completion_request(_spec(ignore_eos=True, stop_token_ids=[2], stop=["x"]), "q-0")
+    assert endless["ignore_eos"] is True and "stop_token_ids" not in endless and endless["stop"] == ["x"]
+    with pytest.raises(ValueError, match="at least one token; max_new_tokens is 0"):
+        completion_request(_spec(max_new_tokens=0), "q-0")
 
 
-class FlatPositions(Sequence):
-    """Like vLLM's FlatLogprobs: a non-list sequence of {token_id: Logprob} per position."""
-
-    def __init__(self, positions):
-        self._positions = positions
-
-    def __len__(self):
-        return len(self._positions)
-
-    def __getitem__(self, i):
-        return self._positions[i]
+def test_score_request_asks_for_prompt_logprobs_and_one_greedy_token():
+    assert score_request([4, 5, 6], "s-1") == {"prompt": [4, 5, 6], "max_tokens": 1, "temperature": 0.0,
+                                               "prompt_logprobs": 0, "return_token_ids": True, "request_id": "s-1"}
 
 
-def _spec(**sampling):
-    return expand_samples([GenerateRequest(input_ids=[5, 6, 7], rid="q", sampling=SamplingParams(**sampling))])[0]
+def test_control_calls():
+    def rpc(method, **kwargs):
+        return Call("POST", "/collective_rpc", {"method": method, "kwargs": kwargs})
+
+    assert API.model_info_call() == rpc("lcr_model_info")
+    assert API.begin_update_calls() == [rpc("lcr_begin_update")]
+    # The weights change when the session ends; the flush follows at once.
+    assert API.end_update_calls() == [rpc("lcr_end_update"),
+                                      Call("POST", "/reset_prefix_cache?reset_running_requests=true")]
+    assert API.flush_call() == Call("POST", "/reset_prefix_cache?reset_running_requests=true")
+    assert API.init_group_call(master_address="h", master_port=5, rank_offset=3, world_size=5, group_name="g",
+                               backend="gloo") == rpc("lcr_init_group", master_address="h", master_port=5,
+                                                      rank_offset=3, world_size=5, group_name="g", backend="gloo")
+    assert API.update_distributed_call(names=["a"], dtypes=["bfloat16"], shapes=[(2, 3)], group_name="g",
+                                       weight_version="7", flush_cache=True) == rpc(
+        "lcr_update_from_group", names=["a"], dtypes=["bfloat16"], shapes=[[2, 3]], group_name="g", weight_version="7")
+    assert API.destroy_group_call("g") == rpc("lcr_destroy_group", group_name="g")
+    assert API.update_disk_call("/w", weight_version="3", load_format=None) == rpc(
+        "lcr_update_from_disk", model_path="/w", weight_version="3")
+    assert API.update_tensor_call(serialized_named_tensors=["AAA", "AAA"], load_format=LCR_SAFETENSORS,
+                                  weight_version="4", flush_cache=False) == rpc(
+        "lcr_update_from_tensors", payload="AAA", weight_version="4")
+    assert API.abort_call("q-0") == Call("POST", "/abort_requests", {"request_ids": ["cmpl-q-0-0"]})
+    assert API.abort_call(None) == Call("POST", "/abort_requests", {})
+    assert [API.pause_call(m).path for m in (None, "abort", "in_place")] == [
+        "/pause?mode=abort", "/pause?mode=abort", "/pause?mode=keep"]
+    assert API.resume_call() == Call("POST", "/resume")
+    assert API.release_memory_call(None) == API.release_memory_call(["kv_cache", "weights"]) == Call(
+        "POST", "/sleep?level=1")
+    assert API.resume_memory_call(None) == Call("POST", "/wake_up")
+    assert API.resume_memory_call(["weights", "kv_cache"]) == Call("POST", "/wake_up?tags=weights&tags=kv_cache")
+    assert (API.engine, API.version, API.has_checksums) == ("vllm", "0.32.0", False)
 
 
-def test_sampling_params_to_vllm_kwargs():
-    params = SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=64, stop=["\n\n"], stop_token_ids=[2], seed=9)
-    assert vllm_sampling_kwargs(params) == dict(n=1, temperature=0.7, top_p=0.95, top_k=-1, max_tokens=64, seed=9,
-                                                stop=["\n\n"], stop_token_ids=[2], logprobs=0)
-    assert "logprobs" not in vllm_sampling_kwargs(params, return_logprob=False)
-    assert vllm_sampling_kwargs(SamplingParams(ignore_eos=True))["ignore_eos"] is True
-    with pytest.raises(ValueError, match="at least one token"):
-        vllm_sampling_kwargs(SamplingParams(max_new_tokens=0))
-    assert vllm_score_kwargs() == dict(n=1, max_tokens=1, temperature=1.0, prompt_logprobs=0)
+@pytest.mark.parametrize("make, message", [
+    (lambda: API.pause_call("retract"), "not 'retract'"),
+    (lambda: API.release_memory_call(["kv_cache"]), "together"),
+    (lambda: API.resume_memory_call(["cuda_graph"]), "not \\['cuda_graph'\\]"),
+    (lambda: API.update_disk_call("/w", weight_version=None, load_format="dummy"), "load_format 'dummy'"),
+    (lambda: API.update_tensor_call(serialized_named_tensors=["x"], load_format=None, weight_version=None,
+                                    flush_cache=True), "tensor_format 'safetensors'"),
+])
+def test_what_vllm_cannot_do_is_refused_by_name(make, message):
+    with pytest.raises(UnsupportedServerError, match=message):
+        make()
 
 
-@pytest.mark.parametrize("wrap", [list, FlatPositions])
-def test_completion_takes_the_sampled_tokens_logprob(wrap):
-    # With logprobs=k vLLM also returns the top-k tokens; the sampled one may not be the most likely.
-    positions = wrap([{11: Logprob(-0.1, 1), 12: Logprob(-2.5, 2)}, {40: Logprob(-0.3, 1), 2: Logprob(-1.7, 3)}])
-    out = RequestOutput("q-0", None, [5, 6, 7], None,
-                        [CompletionOutput(0, "", [12, 2], -4.2, positions, finish_reason="stop", stop_reason=2)])
-    c = completion_from_vllm(out, _spec(seed=4), weight_version="v1")
-    assert (c.rid, c.output_ids, c.output_logprobs, c.finish_reason, c.prompt_tokens, c.seed, c.weight_version) == (
-        "q-0", [12, 2], [-2.5, -1.7], "stop", 3, 4, "v1")
+def test_version_detection():
+    assert vllm_api_from_version({"version": "0.32.0"}, "http://s") == VLLMServerAPI(release=(0, 32, 0))
+    assert vllm_api_from_version({"version": "0.32.0+cpu"}, "http://s").version == "0.32.0"
+    with pytest.raises(UnsupportedServerError, match="runs vLLM 0.31.2; supported: 0.32.0 to 0.32.0"):
+        vllm_api_from_version({"version": "0.31.2"}, "http://s")
+    with pytest.raises(UnsupportedServerError, match="allow_untested_engine"):
+        vllm_api_from_version({"version": "0.33.0"}, "http://s")
+    assert vllm_api_from_version({"version": "0.33.0"}, "http://s", allow_newer=True).version == "0.32.0"
+    with pytest.raises(UnsupportedServerError, match="no 'version' field"):
+        vllm_api_from_version({"vllm_config": "..."}, "http://s")
 
 
-def test_completion_rejects_missing_logprobs():
-    short = RequestOutput("q-0", None, [5], None, [CompletionOutput(0, "", [12, 2], None, [{12: Logprob(-1.0)}])])
-    with pytest.raises(ValueError, match="2 tokens but 1"):
-        completion_from_vllm(short, _spec(), weight_version=None)
-    wrong = RequestOutput("q-0", None, [5], None, [CompletionOutput(0, "", [12], None, [{13: Logprob(-1.0)}])])
-    with pytest.raises(ValueError, match="no log-prob for token 12"):
-        completion_from_vllm(wrong, _spec(), weight_version=None)
+# --------------------------------------------------------------------------- answers
 
 
-def test_score_from_prompt_logprobs():
-    out = RequestOutput("s", None, [5, 6, 7], [None, {6: Logprob(-3.0, 7), 9: Logprob(-0.2, 1)}, {7: Logprob(-1.5)}])
-    assert score_from_vllm(out, [5, 6, 7], weight_version="v2").input_logprobs == [None, -3.0, -1.5]
-    with pytest.raises(ValueError, match="scored 4 tokens"):
-        score_from_vllm(out, [5, 6, 7, 8], weight_version=None)
+def _answer(rid="q-0", token_ids=(12, 2), logprobs=(-2.5, -0.25), tokens=None, finish="stop"):
+    """A /v1/completions answer as vLLM 0.32.0 writes it (return_token_ids, return_tokens_as_token_ids)."""
+    tokens = [f"token_id:{t}" for t in token_ids] if tokens is None else tokens
+    lp = None if logprobs is None else {"text_offset": [0] * len(token_ids), "token_logprobs": list(logprobs),
+                                        "tokens": tokens, "top_logprobs": [{t: v} for t, v in zip(tokens, logprobs)]}
+    return {"id": f"cmpl-{rid}", "object": "text_completion", "model": "/m",
+            "choices": [{"index": 0, "text": "", "logprobs": lp, "finish_reason": finish, "stop_reason": None,
+                         "token_ids": list(token_ids), "prompt_logprobs": None, "prompt_token_ids": [5, 6, 7]}],
+            "usage": {"prompt_tokens": 3, "total_tokens": 3 + len(token_ids), "completion_tokens": len(token_ids)}}
 
 
-def test_engine_kwargs_name_an_importable_worker_extension():
-    kwargs = VLLMConfig(model_path="/m", tp_size=2, engine_kwargs={"enforce_eager": True}).llm_kwargs()
-    assert kwargs["tensor_parallel_size"] == 2 and kwargs["enforce_eager"] is True
-    assert kwargs["logprobs_mode"] == "processed_logprobs"
-    module, _, name = kwargs["worker_extension_cls"].rpartition(".")
-    assert kwargs["worker_extension_cls"] == WORKER_EXTENSION
-    cls = getattr(importlib.import_module(module), name)
-    assert {"lcr_init_weight_group", "lcr_update_weights", "lcr_load_weights"} <= set(vars(cls))
-    assert isinstance(VLLMEngine(VLLMConfig(model_path="/m")), RolloutEngine)  # vllm is only imported on use
+def test_completion_from_answer():
+    c = completion_from_answer(_answer(), _spec(seed=4), "q-0", "http://s")
+    assert (c.rid, c.output_ids, c.output_logprobs, c.finish_reason, c.prompt_tokens, c.seed, c.engine_url) == (
+        "q-0", [12, 2], [-2.5, -0.25], "stop", 3, 4, "http://s")
+    assert c.weight_version is None  # vLLM's completions carry none
+    plain = completion_from_answer(_answer(logprobs=None, finish="length"), _spec(False), "q-0", "http://s")
+    assert (plain.output_logprobs, plain.finish_reason) == ([], "length")
 
 
-def test_tensor_update_payload_translation():
-    bucket = [("model.norm.weight", torch.arange(4.0)), ("lm_head.weight", torch.ones(2, 3, dtype=torch.bfloat16))]
-    entries, load_format = serialize_bucket(bucket, "safetensors", tp_size=2)
-    got = dict(named_tensors_from_payload(entries, load_format, tp_size=2))
-    assert set(got) == {n for n, _ in bucket}
-    assert all(got[n].dtype == t.dtype and torch.equal(got[n], t) for n, t in bucket)
-    with pytest.raises(ValueError, match="entries; the engine has 2 TP ranks"):
-        named_tensors_from_payload(entries[:1], load_format, tp_size=2)
-    # SGLang's pickled CUDA-IPC form (load_format None, 'flattened_bucket', ...) is refused by name.
-    for other in (None, "flattened_bucket"):
-        with pytest.raises(ValueError, match="tensor_format 'safetensors', or mode 'distributed' or 'disk'"):
-            named_tensors_from_payload(entries, other, tp_size=2)
+@pytest.mark.parametrize("answer, message", [
+    (_answer(rid="other"), "belongs to request 'cmpl-other'"),
+    ({"id": "cmpl-q-0", "choices": []}, "one choice"),
+    ({**_answer(), "choices": [{**_answer()["choices"][0], "token_ids": None}]}, "no token_ids"),
+    (_answer(logprobs=(-2.5,), tokens=["token_id:12"]), "2 token_ids but log-probs"),
+    (_answer(tokens=["token_id:12", "token_id:3"]), "differ from token_ids"),
+    (_answer(logprobs=(-1.0, None)), "null log-prob"),
+    (_answer(logprobs=None), "2 token_ids but log-probs None"),
+])
+def test_completion_answer_is_refused_when_it_does_not_fit(answer, message):
+    with pytest.raises(ValueError, match=message):
+        completion_from_answer(answer, _spec(), "q-0", "http://s")
 
 
-class _RecordingLLM:
-    """Stands in for ``vllm.LLM`` (not installable here): records the calls the engine makes."""
-
-    def __init__(self):
-        self.calls = []
-
-    def collective_rpc(self, method, args=()):
-        self.calls.append((method, args))
-
-    def reset_prefix_cache(self):
-        self.calls.append(("reset_prefix_cache", ()))
-
-
-def test_engine_tensor_update_loads_the_decoded_bucket_on_every_worker():
-    llm = _RecordingLLM()
-    engine = VLLMEngine(VLLMConfig(model_path="/m"), llm=llm)
-    entries, load_format = serialize_bucket([("model.norm.weight", torch.arange(4.0))], "safetensors", tp_size=1)
-    asyncio.run(engine.update_weights_from_tensor(serialized_named_tensors=entries, load_format=load_format,
-                                                  weight_version="7"))
-    (method, (named,)), flush = llm.calls
-    assert method == "lcr_load_weights" and flush == ("reset_prefix_cache", ())
-    assert [n for n, _ in named] == ["model.norm.weight"] and torch.equal(named[0][1], torch.arange(4.0))
-    assert asyncio.run(engine.weight_version()) == "7"
-    with pytest.raises(ValueError, match="not None"):
-        asyncio.run(engine.update_weights_from_tensor(serialized_named_tensors=entries, load_format=None))
-    assert len(llm.calls) == 2 and asyncio.run(engine.weight_version()) == "7"  # nothing loaded
+def test_score_from_answer():
+    entries = [None, {"6": {"logprob": -3.0, "rank": 7, "decoded_token": "w6"}},
+               {"7": {"logprob": -1.5, "rank": 1, "decoded_token": "w7"}}]
+    body = _answer(rid="s-0", logprobs=None)
+    body["choices"][0]["prompt_logprobs"] = entries
+    assert score_from_answer(body, [5, 6, 7], "s-0", "http://s").input_logprobs == [None, -3.0, -1.5]
+    with pytest.raises(ValueError, match="scored 4 tokens but prompt_logprobs has 3"):
+        score_from_answer(body, [5, 6, 7, 8], "s-0", "http://s")
+    with pytest.raises(ValueError, match=r"prompt_logprobs\[2\] has no log-prob for token 9"):
+        score_from_answer(body, [5, 6, 9], "s-0", "http://s")
 
 
-def _member_receives(port: int, queue) -> None:
-    got = torch.zeros(3, 4)
-    _UpdateGroupMember(master_address="127.0.0.1", master_port=port, rank=1, world_size=2, backend="gloo",
-                       group_name=f"vllm-test-{port}").receive(got)
-    queue.put(got.tolist())
+def _worker(**over):
+    return {"model_path": "/m", "weight_version": "3", "logprobs_mode": "processed_logprobs", "model_type": "llama",
+            "architectures": ["LlamaForCausalLM"], "update_open": False, **over}
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the trainer side picks NCCL on GPU; this checks gloo")
-def test_worker_group_member_joins_the_trainers_update_group():
-    # The vLLM worker side of a weight update against the trainer side, on gloo, in two processes
-    # (as in production: a process holds one membership of a named group).
-    ctx = torch.multiprocessing.get_context("spawn")
+def test_model_info_from_every_worker():
+    info = model_info_from_results({"results": [_worker(), _worker(update_open=True)]})
+    assert (info.model_path, info.weight_version, info.model_type, info.architectures) == (
+        "/m", "3", "llama", ["LlamaForCausalLM"])
+    with pytest.raises(ValueError, match="disagree on weight_version: \\['3', '2'\\]"):
+        model_info_from_results({"results": [_worker(), _worker(weight_version="2")]})
+    with pytest.raises(UnsupportedServerError, match="--logprobs-mode raw_logprobs"):
+        model_info_from_results({"results": [_worker(logprobs_mode="raw_logprobs")]})
+    with pytest.raises(ValueError, match="no worker results"):
+        model_info_from_results({"results": []})
+
+
+def test_check_answer_raises_on_a_failed_reset():
+    API.check_answer({"success": True}, "http://s", "/reset_prefix_cache")
+    API.check_answer({"results": [None]}, "http://s", "/collective_rpc")
+    with pytest.raises(RuntimeError, match="http://s/reset_prefix_cache failed"):
+        API.check_answer({"success": False}, "http://s", "/reset_prefix_cache")
+
+
+def test_worker_extension_imports_only_what_vllms_environment_has():
+    """vLLM's venv has torch, safetensors and vllm but none of our other dependencies."""
+    code = ("import json, sys, torch, safetensors.torch; before = set(sys.modules); "
+            "import megatron_lcr.rollout.vllm_worker, megatron_lcr.rollout.update_group, "
+            "megatron_lcr.rollout.tensor_payload; print(json.dumps(sorted(set(sys.modules) - before)))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    ours = {"megatron_lcr", "megatron_lcr.rollout", "megatron_lcr.rollout.vllm_worker",
+            "megatron_lcr.rollout.update_group", "megatron_lcr.rollout.tensor_payload"}
+    foreign = [m for m in json.loads(out.stdout) if m not in ours and m.split(".")[0] not in sys.stdlib_module_names
+               and m.split(".")[0] != "torch"]
+    assert foreign == []
+
+
+# --------------------------------------------------------------------------- a real vLLM server (CPU build)
+
+
+VLLM_PYTHON, NO_VLLM = engine_python("vllm")
+real_vllm = pytest.mark.skipif(VLLM_PYTHON is None, reason=NO_VLLM)
+
+PROMPT = [(37 * i) % 990 + 10 for i in range(40)]
+LONG_PROMPT = [(53 * i + 7) % 990 + 10 for i in range(300)]  # > one KV block: its prefix gets cached
+
+
+class HTTPFailed(Exception):
+    """A non-200 answer: status and body text."""
+
+
+def _send(url: str, call: Call, timeout: float = 300) -> object:
+    data = None if call.payload is None else json.dumps(call.payload).encode()
+    request = urllib.request.Request(url + call.path, data=data, method=call.method,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            text = resp.read().decode()
+    except urllib.error.HTTPError as err:
+        raise HTTPFailed(f"{err.code} {err.read().decode()[:1000]}") from None
+    answer = json.loads(text) if text.strip() else None
+    API.check_answer(answer, url, call.path)
+    return answer
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (API server, engine core, worker), SIGKILL after 30 s."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(30)
+
+
+def _tied_qwen2(out: Path) -> Path:
+    """A tiny Qwen2 with tied embeddings and QKV biases. (tests/tiny_hf.py's models have head_dim 8 or 16;
+    vLLM's CPU attention takes head_dim 32, 64, 80, ...)"""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from tests.tiny_hf import save_tiny_tokenizer
+
+    config = Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        with torch.no_grad():  # HF initialises norms to ones and biases to zeros: move them
+            for param in model.parameters():
+                param.add_(torch.randn_like(param) * (0.02 if param.dim() > 1 else 0.1))
+    model.save_pretrained(str(out))
+    save_tiny_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def vllm_server(request, tmp_path_factory):
+    """``(url, model_dir)`` of a vLLM server of examples/tiny/base, or of the model an indirect parameter
+    names ('qwen2-tied'). One server at a time: pytest ends one parameter's server before the next starts."""
+    work = tmp_path_factory.mktemp("vllm")
+    model_dir = _tied_qwen2(work / "model") if getattr(request, "param", None) == "qwen2-tied" else TINY_BASE
     port = free_port()
-    queue = ctx.Queue()
-    member = ctx.Process(target=_member_receives, args=(port, queue))
-    member.start()
-    sent = torch.arange(12, dtype=torch.float32).reshape(3, 4)
-    # Group names are process-wide in torch; other tests in this process may have used "g".
-    group = join_update_group(backend="gloo", master_address="127.0.0.1", master_port=port, world_size=2, rank=0,
-                              group_name=f"vllm-test-{port}", timeout_s=60)
-    broadcast_from_source(group, sent)
-    got = torch.tensor(queue.get(timeout=60))
-    member.join(60)
-    assert member.exitcode == 0
-    assert torch.equal(got, sent)
+    log = work / "server.log"
+    cmd = [VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager", *SERVER_ARGS]
+    env = {**os.environ, **SERVER_ENV, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    with open(log, "w") as out:
+        process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"vLLM exited with code {process.returncode}: {log.read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(url + "/health", timeout=5)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"vLLM not healthy after 300 s: {log.read_text()[-3000:]}")
+                time.sleep(1)
+        yield url, model_dir
+    finally:
+        _stop(process)
 
+
+@pytest.fixture
+def vllm_url(vllm_server):
+    return vllm_server[0]
+
+
+def _hf_model(model_dir: Path, seed: int | None):
+    """The model in fp32, or a new weight set: every parameter moved by seeded noise."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    if seed is not None:
+        noise = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn(param.shape, generator=noise) * (0.02 if param.dim() > 1 else 0.1))
+    return model.eval()
+
+
+@torch.no_grad()
+def _hf_logprobs(model, ids: list[int], temperature: float) -> torch.Tensor:
+    """log p(ids[t] | ids[<t]) at ``temperature`` for t >= 1: ``[len(ids) - 1]`` (float64)."""
+    logits = model(torch.tensor([ids])).logits[0].double()
+    return torch.log_softmax(logits[:-1] / temperature, -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+def _generate(url: str, prompt: list[int], rid: str, *, seed: int = 3, max_new_tokens: int = 8,
+              temperature: float = 0.7):
+    sampling = SamplingParams(temperature=temperature, seed=seed, max_new_tokens=max_new_tokens, ignore_eos=True)
+    spec = expand_samples([GenerateRequest(input_ids=prompt, rid=rid, sampling=sampling)])[0]
+    return API.parse_generate(_send(url, API.generate_call(spec, spec.rid)), spec, spec.rid, url)
+
+
+def _score(url: str, sequence: list[int], rid: str) -> list[float | None]:
+    return API.parse_score(_send(url, API.score_call(sequence, rid)), sequence, rid, url).input_logprobs
+
+
+def _assert_serves(url: str, model, tag: str) -> None:
+    """The server's sample log-probs (T=0.7, a short and a prefix-cached long prompt) and scores (T=1)
+    are those of ``model``."""
+    for i, prompt in enumerate((PROMPT, LONG_PROMPT)):
+        sample = _generate(url, prompt, f"{tag}-gen{i}")
+        expected = _hf_logprobs(model, prompt + sample.output_ids, 0.7)[len(prompt) - 1:]
+        torch.testing.assert_close(torch.tensor(sample.output_logprobs, dtype=torch.float64), expected,
+                                   rtol=0, atol=1e-4)
+    scores = _score(url, PROMPT, f"{tag}-score")
+    assert scores[0] is None
+    torch.testing.assert_close(torch.tensor(scores[1:], dtype=torch.float64), _hf_logprobs(model, PROMPT, 1.0),
+                               rtol=0, atol=1e-4)
+
+
+def _model_info(url: str):
+    return API.parse_model_info(_send(url, API.model_info_call()))
+
+
+def _new_weights(server: tuple[str, Path], seed: int):
+    """A weight set that gives other log-probs than the launch weights; the server's prefix cache is primed
+    with the long prompt under its current weights (a missing flush would show)."""
+    url, model_dir = server
+    model = _hf_model(model_dir, seed)
+    _generate(url, LONG_PROMPT, f"prime-{seed}")
+    launched = _hf_model(model_dir, None)
+    assert (_hf_logprobs(model, PROMPT, 1.0) - _hf_logprobs(launched, PROMPT, 1.0)).abs().max() > 0.1
+    return model
+
+
+def _tensor_update(url: str, model, version: str) -> None:
+    """A tensor sync with one tensor per bucket: q/k/v (qkv_proj) and gate/up (gate_up_proj) arrive in
+    separate requests."""
+    for call in API.begin_update_calls():
+        _send(url, call)
+    for name, tensor in model.state_dict().items():
+        entries, load_format = serialize_bucket([(name, tensor)], "safetensors", tp_size=1)
+        _send(url, API.update_tensor_call(serialized_named_tensors=entries, load_format=load_format,
+                                          weight_version=version, flush_cache=False))
+    assert _model_info(url).weight_version != version  # current only once the session ends
+    for call in API.end_update_calls():
+        _send(url, call)
+
+
+@real_vllm
+def test_real_server_serves_the_models_logprobs_and_reports_itself(vllm_url):
+    info = _model_info(vllm_url)
+    assert (info.model_path, info.weight_version, info.model_type, info.architectures) == (
+        str(TINY_BASE), "default", "llama", ["LlamaForCausalLM"])
+    assert vllm_api_from_version(_send(vllm_url, Call("GET", "/version")), vllm_url) == API
+    _assert_serves(vllm_url, _hf_model(TINY_BASE, None), "base")
+    # Per-sample seeds: the same seed samples the same tokens, another seed others.
+    same = [_generate(vllm_url, PROMPT, f"seed-{k}", seed=5, max_new_tokens=16).output_ids for k in range(2)]
+    other = _generate(vllm_url, PROMPT, "seed-other", seed=6, max_new_tokens=16).output_ids
+    assert same[0] == same[1] != other
+
+
+@real_vllm
+def test_real_server_is_detected_as_vllm(vllm_url):
+    import asyncio
+
+    async def get(path: str):
+        return await asyncio.to_thread(_send, vllm_url, Call("GET", path))
+
+    assert asyncio.run(detect_server_api(get, vllm_url)) == API
+
+
+@real_vllm
+def test_tensor_update_in_buckets_that_split_fused_layers(vllm_server):
+    model = _new_weights(vllm_server, seed=11)
+    _tensor_update(vllm_server[0], model, "tensor-11")
+    assert _model_info(vllm_server[0]).weight_version == "tensor-11"
+    _assert_serves(vllm_server[0], model, "tensor")
+
+
+@real_vllm
+def test_distributed_update_from_the_trainers_group(vllm_server):
+    """The test process is the trainer's rank 0 (gloo), the server's worker joins as rank 1."""
+    vllm_url = vllm_server[0]
+    model = _new_weights(vllm_server, seed=12)
+    named = list(model.state_dict().items())
+    buckets = [named[i:i + 5] for i in range(0, len(named), 5)]
+    port, name = free_port(), "lcr_test_update"
+    with ThreadPoolExecutor(1) as pool:
+        joined = pool.submit(_send, vllm_url, API.init_group_call(
+            master_address="127.0.0.1", master_port=port, rank_offset=1, world_size=2, group_name=name,
+            backend="gloo"))
+        group = join_update_group(backend="gloo", master_address="127.0.0.1", master_port=port, world_size=2,
+                                  rank=0, group_name=name, timeout_s=120)
+        joined.result(120)
+        for call in API.begin_update_calls():
+            _send(vllm_url, call)
+        for bucket in buckets:
+            received = pool.submit(_send, vllm_url, API.update_distributed_call(
+                names=[n for n, _ in bucket], dtypes=[dtype_name(t.dtype) for _, t in bucket],
+                shapes=[list(t.shape) for _, t in bucket], group_name=name, weight_version="dist-12",
+                flush_cache=False))
+            for _, tensor in bucket:
+                broadcast_from_source(group, tensor.contiguous())
+            received.result(120)
+        for call in API.end_update_calls():
+            _send(vllm_url, call)
+        _send(vllm_url, API.destroy_group_call(name))
+    assert _model_info(vllm_url).weight_version == "dist-12"
+    _assert_serves(vllm_url, model, "dist")
+
+
+@real_vllm
+def test_disk_update_from_our_sharded_checkpoint(vllm_server, tmp_path):
+    """The directory the syncer's disk mode writes: shards + index, no config.json; then the syncer's flush."""
+    vllm_url = vllm_server[0]
+    model = _new_weights(vllm_server, seed=13)
+    out = tmp_path / "weights-disk-13"
+    out.mkdir()
+    writer = ShardedSafetensorsWriter(out, max_shard_bytes=2 * 2**20)
+    for name, tensor in model.state_dict().items():
+        writer.add(name, tensor)
+    writer.close()
+    finalize_shards(out, [writer.part])
+    assert len(list(out.glob("*.safetensors"))) > 1
+    _send(vllm_url, API.update_disk_call(str(out), weight_version="disk-13", load_format=None))
+    _send(vllm_url, API.flush_call())
+    info = _model_info(vllm_url)
+    assert (info.model_path, info.weight_version) == (str(out), "disk-13")
+    _assert_serves(vllm_url, model, "disk")
+
+
+@real_vllm
+def test_session_rules(vllm_url):
+    begin, (end, flush) = API.begin_update_calls()[0], API.end_update_calls()
+    entries, load_format = serialize_bucket([("model.norm.weight", torch.ones(192))], "safetensors", tp_size=1)
+    bucket = API.update_tensor_call(serialized_named_tensors=entries, load_format=load_format,
+                                    weight_version="never", flush_cache=False)
+    version = _model_info(vllm_url).weight_version
+    with pytest.raises(HTTPFailed, match="no weight-update session is open"):
+        _send(vllm_url, bucket)
+    with pytest.raises(HTTPFailed, match="no weight-update session is open"):
+        _send(vllm_url, end)
+    _send(vllm_url, begin)
+    try:
+        # The client closes a stale session when begin answers "already open".
+        with pytest.raises(HTTPFailed, match="already open"):
+            _send(vllm_url, begin)
+        with pytest.raises(HTTPFailed, match="end it before a directory update"):
+            _send(vllm_url, API.update_disk_call(str(TINY_BASE), weight_version="x", load_format=None))
+    finally:
+        _send(vllm_url, end)
+        _send(vllm_url, flush)
+    # A session that loaded nothing changes nothing.
+    assert _model_info(vllm_url).weight_version == version
+
+
+def _generate_in_background(url: str, rid: str) -> tuple[threading.Thread, list]:
+    """A 900-token sample (~5 s on this CPU) running in a thread; its Completion lands in the list."""
+    box: list = []
+    thread = threading.Thread(target=lambda: box.append(
+        _generate(url, PROMPT, rid, seed=1, max_new_tokens=900, temperature=1.0)))
+    thread.start()
+    return thread, box
+
+
+def _until_it_ends(thread: threading.Thread, stop, undo=None) -> None:
+    """``stop()`` until the running sample ends: a stop that reaches the server before the sample (a
+    no-op abort; a pause the sample then waits out) is retried, after ``undo()``."""
+    for _ in range(20):
+        time.sleep(0.5)
+        stop()
+        thread.join(2.0)
+        if not thread.is_alive():
+            return
+        if undo is not None:
+            undo()
+    pytest.fail("the sample did not end")
+
+
+@real_vllm
+def test_abort_pause_resume_and_sleep(vllm_url):
+    thread, box = _generate_in_background(vllm_url, "long-a")
+    _until_it_ends(thread, lambda: _send(vllm_url, API.abort_call("long-a-0")))
+    assert box[0].finish_reason == "abort" and len(box[0].output_ids) < 900
+    assert len(box[0].output_logprobs) == len(box[0].output_ids)
+
+    thread, box = _generate_in_background(vllm_url, "long-all")
+    _until_it_ends(thread, lambda: _send(vllm_url, API.abort_call(None)))
+    assert box[0].finish_reason == "abort" and len(box[0].output_ids) < 900
+
+    thread, box = _generate_in_background(vllm_url, "long-p")
+    _until_it_ends(thread, lambda: _send(vllm_url, API.pause_call(None)), lambda: _send(vllm_url, API.resume_call()))
+    assert box[0].finish_reason == "abort" and len(box[0].output_ids) < 900
+    assert _send(vllm_url, Call("GET", "/is_paused")) == {"is_paused": True}
+    _send(vllm_url, API.resume_call())
+    assert _send(vllm_url, Call("GET", "/is_paused")) == {"is_paused": False}
+
+    _send(vllm_url, API.release_memory_call(None))
+    assert _send(vllm_url, Call("GET", "/is_sleeping")) == {"is_sleeping": True}
+    _send(vllm_url, API.resume_memory_call(None))
+    assert _send(vllm_url, Call("GET", "/is_sleeping")) == {"is_sleeping": False}
+    assert len(_generate(vllm_url, PROMPT, "after-sleep").output_ids) == 8
+
+
+@real_vllm
+@pytest.mark.parametrize("vllm_server", ["qwen2-tied"], indirect=True)
+def test_tied_embeddings_and_biases_reload(vllm_server):
+    """lm_head shares embed_tokens' weight (vLLM's reload notes tied parameters as a limitation)."""
+    url, model_dir = vllm_server
+    _assert_serves(url, _hf_model(model_dir, None), "tied-launch")
+    model = _new_weights(vllm_server, seed=14)
+    _tensor_update(url, model, "tied-14")
+    _assert_serves(url, model, "tied")
