@@ -234,9 +234,6 @@ class RolloutClient:
 
     async def api(self, url: str) -> ServerAPI:
         """The API of the server at ``url`` (asked once; again after a restart)."""
-        return await self._api_or_error(url)
-
-    async def _api_or_error(self, url: str) -> ServerAPI:
         try:
             return await self._api(self._server(url))
         except (_HTTPStatus, _Unreachable) as exc:
@@ -631,7 +628,7 @@ class RolloutClient:
         """Open a weight-update session where the engine needs one (SGLang >= 0.5.21). A session left
         open by a trainer that died mid-sync is closed first, so a restarted trainer can sync."""
         async def begin(url: str) -> None:
-            api = await self._api_or_error(url)
+            api = await self.api(url)
             for call in api.begin_update_calls():
                 try:
                     await self._control(lambda a, k, c=call: c, urls=[url])
@@ -649,7 +646,7 @@ class RolloutClient:
     async def end_weight_update(self, urls: Sequence[str] | None = None) -> None:
         """Close the session :meth:`begin_weight_update` opened (engines finalise the loaded weights)."""
         async def end(url: str) -> None:
-            for call in (await self._api_or_error(url)).end_update_calls():
+            for call in (await self.api(url)).end_update_calls():
                 await self._control(lambda a, k, c=call: c, urls=[url])
 
         targets = list(urls) if urls is not None else [s.url for s in await self._healthy_servers()]

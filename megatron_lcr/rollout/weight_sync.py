@@ -15,13 +15,16 @@ Trainer side of the sync (engines implement the SGLang endpoints it calls):
                     (NCCL between GPU processes; gloo where either side is on CPU, e.g. the
                     reference server beside a GPU trainer: tensors are staged through host memory);
    ``disk``         safetensors shards in a directory, then ``/update_weights_from_disk`` on each engine;
-   ``tensor``       per bucket one ``/update_weights_from_tensor`` request per engine, for engines colocated
-                    on the trainer's GPUs: SGLang's pickled CUDA-IPC form (``tensor_format='sglang'``) or
-                    our pickle-free base64 safetensors (``'safetensors'``: CPU, the reference server);
-                    the formats and what was verified in SGLang's sources: ``tensor_payload.py``.
-4. Generation is paused and the cache flushed around the sync; every engine gets the new
+   ``tensor``       per bucket one ``/update_weights_from_tensor`` request per engine, for engines on
+                    the trainer's node: SGLang's pickled form (``tensor_format='sglang'``: CUDA-IPC
+                    handles, or shared-memory CPU tensors for SGLang on a CPU) or our pickle-free base64
+                    safetensors (``'safetensors'``: lcr serve, vLLM); unset off GPUs, each engine gets
+                    the one it reads. Formats and what was verified in SGLang's sources: ``tensor_payload.py``.
+4. Generation is paused and the cache flushed around the sync; bucket updates run inside the
+   engines' weight-update session (``begin_weight_update`` ... ``end_weight_update``: SGLang >= 0.5.21
+   requires it, vLLM finalises repacked weights at its end); every engine gets the new
    ``weight_version`` (with every bucket, as SGLang's update requests carry it); optional per-tensor
-   checksums prove the engines hold exactly these weights. All three modes share this path.
+   checksums (lcr serve) prove the engines hold exactly these weights. All three modes share this path.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """``lcr train`` against the engines users run, and through an engine failure.
 
-- The tiny DePO recipe (``examples/tiny/depo.yaml``, smaller sizes) with real SGLang 0.5.23 on CPU as
-  its engine: launched by the run itself (``rollout.server.backend=sglang``), synced every step over
-  gloo; at every step the trainer's log-probs of the rollouts equal the ones SGLang sampled them
-  with (fp32, <= 1e-4), so SGLang held exactly the trainer's weights, at step 0 and after each sync.
+- The tiny DePO recipe (``examples/tiny/depo.yaml``, smaller sizes) with real SGLang 0.5.23 and real
+  vLLM 0.32 (CPU build) as its engine: launched by the run itself (``rollout.server.backend=...``),
+  synced every step over gloo; at every step the trainer's log-probs of the rollouts equal the ones
+  the engine sampled them with (fp32, <= 1e-4), so it held exactly the trainer's weights, at step 0
+  and after each sync.
 - The only ``lcr serve`` server SIGKILLed after step 1: the run restarts it, catches it up to the
   trainer's weights, finishes, and its later steps' log-probs still match (the restarted server
   never served its launch weights); no aiohttp "Unclosed client session" on the way out.
@@ -33,12 +34,13 @@ SMALL = ["trainer.steps=3", "trainer.prompts_per_step=4", "trainer.save_interval
          "data.longblocks.num_samples=64", "eval.interval=0", "trainer.tensorboard=false"]
 
 
-def test_tiny_depo_with_real_sglang_matches_engine_logprobs_every_step(tmp_path):
-    python, reason = engine_python("sglang")
+@pytest.mark.parametrize("engine", ["sglang", "vllm"])
+def test_tiny_depo_with_a_real_engine_matches_its_logprobs_every_step(tmp_path, engine):
+    python, reason = engine_python(engine)
     if python is None:
         pytest.skip(reason)
     out = tmp_path / "run"
-    proc = lcr("train", "examples/tiny/depo.yaml", "--out", str(out), "rollout.server.backend=sglang",
+    proc = lcr("train", "examples/tiny/depo.yaml", "--out", str(out), f"rollout.server.backend={engine}",
                f"rollout.server.python={python}", *SMALL, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = [m for m in metrics(out) if "loss" in m]
@@ -48,8 +50,8 @@ def test_tiny_depo_with_real_sglang_matches_engine_logprobs_every_step(tmp_path)
         assert m["sync/bytes"] > 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["trained"]) >= {"short_em", "long_em"}
-    log = (out / "rollout_logs" / "server0.log").read_text()
-    assert "sglang" in log and "--device cpu" in log  # it really was SGLang, on the CPU
+    command = next(line for line in (out / "rollout_logs" / "server0.log").read_text().splitlines() if "starting:" in line)
+    assert {"sglang": "-m sglang.launch_server", "vllm": "-m vllm.entrypoints.openai.api_server"}[engine] in command
 
 
 def _servers_of(trainer: psutil.Process) -> list[psutil.Process]:
