@@ -215,8 +215,10 @@ def test_abort_ends_running_requests(engine):
     finally:
         if engine.name != "vllm":
             _slow_down(engine, 0.0)
-    assert all(c.finish_reason == "abort" and len(c.output_ids) < 200 for c in out), [
-        (c.finish_reason, len(c.output_ids)) for c in out]
+    # A sample may finish before the first abort reaches it (vLLM has no /slow_down); the rest end aborted.
+    ends = [(c.finish_reason, len(c.output_ids)) for c in out]
+    assert any(reason == "abort" for reason, _ in ends), ends
+    assert all((reason == "abort" and n < 200) or (reason == "length" and n == 200) for reason, n in ends), ends
 
 
 def test_pause_holds_new_requests_until_continue(engine):
@@ -286,11 +288,12 @@ def test_only_server_killed_mid_batch_is_restarted_caught_up_and_every_sample_re
     if engine.name != "vllm":
         _slow_down(engine, 0.02)  # the batch runs for seconds: the kill lands in the middle (a restart is fast)
 
-    def kill_when_busy():
-        time.sleep(1.0)
+    def kill_mid_batch():
+        time.sleep(0.3)  # the requests are in; freeze them there, so the kill lands mid-batch on any engine
+        engine.run(engine.client.pause(mode="in_place"))
         os.killpg(old_group, signal.SIGKILL)  # the server, its workers and its watchdog
 
-    killer = threading.Thread(target=kill_when_busy)
+    killer = threading.Thread(target=kill_mid_batch)
     killer.start()
     started = time.monotonic()
     out = engine.engines.generate(requests)
@@ -304,4 +307,4 @@ def test_only_server_killed_mid_batch_is_restarted_caught_up_and_every_sample_re
         assert max_diff(c.output_logprobs, hf_logprobs(hf[1], prompt + c.output_ids, len(prompt), 0.7)) <= TOL
     assert engine.run(engine.client.weight_version()) == "7"
     assert engine.client.healthy_urls() == [engine.url]
-    print(f"{engine.name}: 16 requests, server killed after 1 s: done in {elapsed:.1f} s")
+    print(f"{engine.name}: 16 requests, server killed mid-batch: done in {elapsed:.1f} s")
