@@ -23,7 +23,8 @@ serve compares per-tensor checksums with the trainer's (computed inside the time
 sizes; SGLang has none). On every size SGLang's log-probs are set beside lcr serve's after the same syncs.
 
 Then N receiver processes join a plain gloo group and this process broadcasts the same tensors' bytes, one
-broadcast per tensor as the distributed sync does: that transport's ceiling on this machine, so
+broadcast per tensor as the distributed sync does, twice, timing the second pass (warm buffers and
+connections, as in every sync after a server's first): that transport's ceiling on this machine, so
 sync / raw is the share of time that is transfer (for ``tensor`` and ``disk``, a comparison with the same
 ceiling). Results go to benchmarks/results/weight_sync.{json,md} with machine info: the trainer's python
 and torch, SGLang's release and torch. CPU only: no GPU figure (NCCL, CUDA IPC) is measured here.
@@ -64,12 +65,16 @@ SIZES = {
 ENGINES = ("reference", "sglang")
 MODES = ("distributed", "tensor", "disk")
 SGLANG_VENV_PYTHON = Path.home() / ".cache" / "megatron_lcr" / "venvs" / "sglang-0.5.23" / "bin" / "python"
-# Sizes whose syncs are checked by scoring: a Hugging Face forward per sync is cheap only for small models.
-SCORED_SIZES = ("tiny",)
+# Sizes whose scored log-probs are also compared with a Hugging Face model's: a float32 HF copy of the pushed
+# weights per sync is cheap only for small models (1b: 4 GB more).
+HF_CHECKED_SIZES = ("tiny",)
 PROBE = [5, 17, 33, 48, 71, 99, 120, 7, 64, 3]
-"""Token ids scored after every sync on SCORED_SIZES (< the tiny vocabulary of 128)."""
+"""Token ids the servers score after every sync (< the tiny vocabulary of 128)."""
+RAW_PASSES = 2
+"""Passes of the raw broadcast over the same buffers; the last is timed (see raw_broadcast_seconds)."""
 LOGPROB_TOL = 1e-4
-"""Largest |engine - HF| log-prob accepted on the float32 tiny model (the engine contract tests' bound)."""
+"""Largest |engine - HF| log-prob accepted on the float32 tiny model (the engine contract tests' bound); the
+smallest change from the launch weights' log-probs that shows a sync took effect."""
 
 
 def llama_config(size: str):
@@ -129,7 +134,9 @@ def launch_config(engine: str, size: str, model_dir: Path, servers: int, log_dir
 def raw_broadcast_seconds(sizes: list[int], receivers: int, port: int) -> float:
     """Seconds to broadcast byte buffers of ``sizes`` (the model's tensors, in order) to
     ``receivers`` processes over plain gloo: the same transfers as a sync, without HTTP, pausing,
-    flushing or loading into a model."""
+    flushing or loading into a model. The second of two passes over the same buffers is timed: the
+    first pays for first-touch page faults of fresh buffers and for connection warm-up, which a
+    long-lived server pays once (its first sync), not every sync."""
     ctx = torch.multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_receiver, args=(port, i + 1, receivers + 1, sizes)) for i in range(receivers)]
     for p in procs:
@@ -137,23 +144,31 @@ def raw_broadcast_seconds(sizes: list[int], receivers: int, port: int) -> float:
     # Group names are process-wide in torch: one per measurement (the port is unique).
     group = join_update_group(backend="gloo", master_address="127.0.0.1", master_port=port,
                               world_size=receivers + 1, rank=0, group_name=f"raw-{port}", timeout_s=600)
-    buffers = [torch.empty(n, dtype=torch.uint8) for n in sizes]
-    broadcast_from_source(group, torch.empty(1, dtype=torch.uint8))  # warm-up: every receiver connected
+    buffers = [torch.ones(n, dtype=torch.uint8) for n in sizes]
+    for _ in range(RAW_PASSES - 1):
+        for buffer in buffers:
+            broadcast_from_source(group, buffer)
     started = time.perf_counter()
     for buffer in buffers:
         broadcast_from_source(group, buffer)
     seconds = time.perf_counter() - started
+    torch.distributed.destroy_process_group(group)
     for p in procs:
         p.join()
+    if any(p.exitcode != 0 for p in procs):
+        raise RuntimeError(f"raw broadcast receivers exited with {[p.exitcode for p in procs]}")
     return seconds
 
 
 def _receiver(port: int, rank: int, world: int, sizes: list[int]) -> None:
     group = join_update_group(backend="gloo", master_address="127.0.0.1", master_port=port, world_size=world,
                               rank=rank, group_name=f"raw-{port}", timeout_s=600)
-    broadcast_from_source(group, torch.empty(1, dtype=torch.uint8))
-    for buffer in [torch.empty(n, dtype=torch.uint8) for n in sizes]:
-        broadcast_from_source(group, buffer)
+    buffers = [torch.empty(n, dtype=torch.uint8) for n in sizes]
+    for _ in range(RAW_PASSES):
+        for buffer in buffers:
+            broadcast_from_source(group, buffer)
+    # Left alive, the group's gloo threads abort the process at exit ("terminate called without an active exception").
+    torch.distributed.destroy_process_group(group)
 
 
 async def launch_scores(urls: list[str]) -> list[float]:
@@ -175,11 +190,11 @@ def max_diff(got: list[list[float]], want: list[float]) -> float:
 def verify(syncer: WeightSyncer, size: str, pushed: dict[str, torch.Tensor], launch_logprobs: list[float]) -> dict:
     """What the servers hold after a sync of ``pushed`` (outside the timed sync): the version they
     report, their log-probs of PROBE and how far these are from the launch weights' (and, on
-    SCORED_SIZES, from a Hugging Face model's with the pushed weights)."""
+    HF_CHECKED_SIZES, from a Hugging Face model's with the pushed weights)."""
     got = scored_logprobs(syncer)
     check = {"reported_version": syncer.run(syncer.client.weight_version()), "logprobs": got,
              "logprob_diff_to_launch_weights": max_diff(got, launch_logprobs)}
-    if size in SCORED_SIZES:
+    if size in HF_CHECKED_SIZES:
         check["logprob_max_abs_diff"] = max_diff(got, hf_logprobs(size, pushed))
     return check
 
@@ -312,7 +327,8 @@ def markdown(result: dict) -> str:
         + (f"; {engines}" if engines else "") + ".",
         f"{rows[0]['servers']} server(s) per engine, one engine up at a time; bucket {rows[0]['bucket_bytes'] // 2**20}"
         f" MiB; median of {len(rows[0]['sync_seconds'])} syncs; wall time {result['wall_seconds'] / 60:.1f} min.",
-        "Raw gloo: the same tensors' bytes broadcast to as many receiver processes as servers. "
+        "Raw gloo: the same tensors' bytes broadcast to as many receiver processes as servers (second pass over "
+        "the same buffers timed). "
         "Tensor payload: base64 safetensors for lcr serve, SGLang's pickle of shared-memory CPU tensors for SGLang. "
         "Disk: safetensors shards in a temp dir, read back from the page cache.",
         "Verified after every sync (untimed): the weight_version the servers report; the servers' log-probs of a "
