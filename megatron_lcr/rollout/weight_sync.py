@@ -48,10 +48,13 @@ from megatron_lcr.models.hf_checkpoint import ShardedSafetensorsWriter, finalize
 from megatron_lcr.models.transfer import export_chunk_to_hf, maps_for_rank
 from megatron_lcr.parallel.env import collective_device, free_port
 from megatron_lcr.rollout.checksum import tensor_checksum
+from megatron_lcr.rollout.client import RolloutRequestError
 from megatron_lcr.rollout.tensor_payload import TENSOR_FORMATS, serialize_bucket
 from megatron_lcr.rollout.update_group import broadcast_from_source, join_update_group
 
 log = logging.getLogger(__name__)
+# Attempts to start a sync while servers die and come back (each a full restart: minutes at most).
+_PREPARE_TRIES = 3
 
 
 @dataclass(kw_only=True)
@@ -295,10 +298,11 @@ class WeightSyncer:
         """
         started = time.perf_counter()
         catch_up = urls is not None
-        targets = list(urls) if catch_up else self.run(self._targets())
-        if self.cfg.mode == "distributed" and self.client.incarnations(targets) != self._members:
-            self._form_group(targets)
-        self.run(self.client.pause(urls=targets))
+        targets = self._prepare(list(urls) if catch_up else self.run(self._targets()), catch_up)
+        if not targets:  # a catch-up whose servers died again: their next restart asks for another
+            for _ in tensors:  # the other ranks gather these tensors with this one
+                pass
+            return {"bytes": 0, "seconds": time.perf_counter() - started, "weight_version": version}
         sent, checksums = 0, {}
         try:
             if self.cfg.mode == "disk":
@@ -313,6 +317,30 @@ class WeightSyncer:
         if self.cfg.checksum:
             stats["checksum_mismatches"] = self._compare_checksums(checksums, version, targets)
         return stats
+
+    def _prepare(self, targets: list[str], catch_up: bool) -> list[str]:
+        """Form the update group if its servers changed, and pause ``targets``. A server found dead
+        meanwhile (a control call to it failed and its /health probe too) is left out: a regular sync
+        waits for its restart and pushes to it as well, a catch-up goes on without it. Returns the
+        servers to sync (empty: a catch-up's servers all died)."""
+        for _ in range(_PREPARE_TRIES):
+            before = self.client.incarnations(targets)
+            try:
+                if self.cfg.mode == "distributed" and before != self._members:
+                    self._form_group(targets)
+                self.run(self.client.pause(urls=targets))
+                return targets
+            except RolloutRequestError:
+                if catch_up:
+                    targets = [u for u in targets if u in self.client.healthy_urls() or u in self.client.stale_urls()]
+                else:
+                    targets = self.run(self._targets())
+                if self.client.incarnations(targets) == before:
+                    raise  # no server died: a real failure
+                if not targets:
+                    return []
+                log.warning("a rollout server died before the weight sync; syncing %s", ", ".join(targets))
+        raise RolloutRequestError(f"rollout servers kept dying before the weight sync ({_PREPARE_TRIES} tries)")
 
     async def _targets(self) -> list[str]:
         """Servers of a regular sync: the healthy ones and those waiting for a catch-up."""

@@ -642,7 +642,9 @@ def test_weight_update_waits_for_running_requests_unless_paused(server, hf, mode
                                  {"model_path": str(new_dir), "weight_version": "v9"})
             out = running.result(timeout=60)
             assert update.result(timeout=60)["success"]
-        assert done_at["generate"] <= done_at["update"]
+        # Client-side clocks of two responses: the update waited for the ~0.6 s generation (a few ms of
+        # HTTP delivery order between the two threads is noise, seen in CI).
+        assert done_at["update"] >= done_at["generate"] - 0.05
         assert out["meta_info"]["weight_version"] == "default"
         assert out["output_ids"] == hf_greedy(hf, PROMPTS[0], 30)  # all from the old weights
         _restore(server, model_dir)
