@@ -113,6 +113,49 @@ def _plot(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+def _add_convert_parser(sub) -> None:
+    """``lcr convert hf-to-megatron | megatron-to-hf``."""
+    convert = sub.add_parser("convert", help="convert checkpoints between Hugging Face and Megatron",
+                             description="Checkpoint conversion; both directions stream tensor by tensor.")
+    direction = convert.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
+    h2m = direction.add_parser("hf-to-megatron", help="Hugging Face directory -> Megatron distributed checkpoint",
+                               description="Write a Megatron dist checkpoint from a HF model, using TP x PP local worker processes.")
+    h2m.add_argument("--hf", required=True, help="Hugging Face model directory (config.json, safetensors, tokenizer)")
+    h2m.add_argument("--out", required=True, help="output checkpoint directory (must not exist, unless --overwrite)")
+    h2m.add_argument("--tp", type=int, default=1, help="tensor-parallel size to write at (default 1)")
+    h2m.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to write at (default 1)")
+    h2m.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                     help="stored dtype; auto keeps the HF checkpoint's (default)")
+    h2m.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    h2m.set_defaults(func=_hf_to_megatron)
+    m2h = direction.add_parser("megatron-to-hf", help="Megatron checkpoint -> Hugging Face directory",
+                               description="Write sharded safetensors + index, config.json and tokenizer files.")
+    m2h.add_argument("--ckpt", required=True, help="megatron_lcr checkpoint directory (converted or checkpoints/iter_N)")
+    m2h.add_argument("--out", required=True, help="output Hugging Face directory")
+    m2h.add_argument("--tp", type=int, default=None, help="reader TP size (default: the layout it was saved at)")
+    m2h.add_argument("--pp", type=int, default=None, help="reader PP size (default: the layout it was saved at)")
+    m2h.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard, GiB (default 5)")
+    m2h.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    m2h.set_defaults(func=_megatron_to_hf)
+
+
+def _add_serve_parser(sub) -> None:
+    """``lcr serve`` (the CPU reference rollout server)."""
+    serve = sub.add_parser("serve", help="serve a HF model over SGLang's HTTP API on CPU (rollouts, weight sync)",
+                           description="A CPU reference rollout server speaking SGLang's native HTTP API "
+                                       "(/generate, weight updates, pause/abort). Prints 'lcr serve: ready on URL' "
+                                       "to stderr when listening; stops on SIGINT/SIGTERM.")
+    serve.add_argument("--model", required=True, help="Hugging Face model directory (config.json, safetensors, tokenizer)")
+    serve.add_argument("--port", type=int, required=True, help="TCP port (0: the OS picks one; see the ready line)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: loopback only)")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every endpoint but /health*")
+    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                       help="parameter dtype (default float32)")
+    serve.add_argument("--seed", type=int, default=0, help="seeds requests without sampling_seed, with their rid (default 0)")
+    serve.add_argument("--max-batch", type=int, default=64, help="most sequences decoded together (default 64)")
+    serve.set_defaults(func=_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lcr", description="megatron_lcr: long-context reasoning post-training on Megatron-Core."
@@ -121,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     runs = (
-        ("train", "RL (GRPO/DAPO/GSPO) with optional DePO / DePO-IW, rollouts from SGLang or lcr serve",
+        ("train", "RL (GRPO/DAPO/GSPO) with optional DePO / DePO-IW, rollouts from SGLang, vLLM or lcr serve",
          "examples/tiny/depo.yaml", "checkpoints/, metrics.jsonl, tensorboard/, results.json"),
         ("sft", "supervised fine-tuning on chosen answers (SFT baseline; makes the tiny base model)",
          "examples/tiny/sft_base.yaml", "checkpoints/, metrics.jsonl, hf/, results.json"),
@@ -146,42 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="which command's config (default: train)")
     config.set_defaults(func=_config)
 
-    convert = sub.add_parser("convert", help="convert checkpoints between Hugging Face and Megatron",
-                             description="Checkpoint conversion; both directions stream tensor by tensor.")
-    direction = convert.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
-    h2m = direction.add_parser("hf-to-megatron", help="Hugging Face directory -> Megatron distributed checkpoint",
-                               description="Write a Megatron dist checkpoint from a HF model, using TP x PP local worker processes.")
-    h2m.add_argument("--hf", required=True, help="Hugging Face model directory (config.json, safetensors, tokenizer)")
-    h2m.add_argument("--out", required=True, help="output checkpoint directory (must not exist, unless --overwrite)")
-    h2m.add_argument("--tp", type=int, default=1, help="tensor-parallel size to write at (default 1)")
-    h2m.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to write at (default 1)")
-    h2m.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                     help="stored dtype; auto keeps the HF checkpoint's (default)")
-    h2m.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    h2m.set_defaults(func=_hf_to_megatron)
-    m2h = direction.add_parser("megatron-to-hf", help="Megatron checkpoint -> Hugging Face directory",
-                               description="Write sharded safetensors + index, config.json and tokenizer files.")
-    m2h.add_argument("--ckpt", required=True, help="megatron_lcr checkpoint directory (converted or checkpoints/iter_N)")
-    m2h.add_argument("--out", required=True, help="output Hugging Face directory")
-    m2h.add_argument("--tp", type=int, default=None, help="reader TP size (default: the layout it was saved at)")
-    m2h.add_argument("--pp", type=int, default=None, help="reader PP size (default: the layout it was saved at)")
-    m2h.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard, GiB (default 5)")
-    m2h.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    m2h.set_defaults(func=_megatron_to_hf)
-
-    serve = sub.add_parser("serve", help="serve a HF model over SGLang's HTTP API on CPU (rollouts, weight sync)",
-                           description="A CPU reference rollout server speaking SGLang's native HTTP API "
-                                       "(/generate, weight updates, pause/abort). Prints 'lcr serve: ready on URL' "
-                                       "to stderr when listening; stops on SIGINT/SIGTERM.")
-    serve.add_argument("--model", required=True, help="Hugging Face model directory (config.json, safetensors, tokenizer)")
-    serve.add_argument("--port", type=int, required=True, help="TCP port (0: the OS picks one; see the ready line)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: loopback only)")
-    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every endpoint but /health*")
-    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                       help="parameter dtype (default float32)")
-    serve.add_argument("--seed", type=int, default=0, help="seeds requests without sampling_seed, with their rid (default 0)")
-    serve.add_argument("--max-batch", type=int, default=64, help="most sequences decoded together (default 64)")
-    serve.set_defaults(func=_serve)
+    _add_convert_parser(sub)
+    _add_serve_parser(sub)
 
     plot = sub.add_parser("plot", help="training curves of one or more runs, side by side",
                           description="One panel per metric, one line per run, from each run's metrics.jsonl; "

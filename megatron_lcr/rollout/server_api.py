@@ -346,23 +346,31 @@ Get = Callable[[str], Awaitable[Any]]
 """``await get(path)``: the JSON of a 200 answer; raises :class:`NotFound` on 404."""
 
 
-def sglang_api_from_server_info(info: Any, url: str, *, allow_newer: bool = False) -> SGLangAPI:
-    """The API of an SGLang (or ``lcr serve``) server from its ``/server_info`` answer."""
+def reported_release(info: Any, url: str, *, engine: str, oldest: tuple[int, ...], newest: tuple[int, ...],
+                     allow_newer: bool, why_oldest: str = "") -> tuple[int, ...]:
+    """The release an engine's info answer reports, checked against the supported ``oldest`` .. ``newest``
+    (a newer one only with ``allow_newer``, then clamped to ``newest``); one-line errors naming ``url``."""
     if not isinstance(info, dict) or "version" not in info:
-        raise UnsupportedServerError(f"{url}: server info has no 'version' field: {str(info)[:200]}")
+        raise UnsupportedServerError(f"{url}: {engine} info has no 'version' field: {str(info)[:200]}")
     try:
         release = parse_version(info["version"])
     except ValueError as exc:
         raise UnsupportedServerError(f"{url}: {exc}") from None
-    engine = LCR_SERVE_ENGINE if info.get("engine") == LCR_SERVE_ENGINE else "sglang"
-    span = f"{version_text(SGLANG_OLDEST)} to {version_text(SGLANG_NEWEST)}"
-    if release < SGLANG_OLDEST:
-        raise UnsupportedServerError(f"{url} runs SGLang {info['version']}; supported: {span} (older releases "
-                                     "report no weight_version)")
-    if release[:3] > SGLANG_NEWEST and not allow_newer:
-        raise UnsupportedServerError(f"{url} runs SGLang {info['version']}, newer than the newest tested release "
+    span = f"{version_text(oldest)} to {version_text(newest)}"
+    if release < oldest:
+        raise UnsupportedServerError(f"{url} runs {engine} {info['version']}; supported: {span}{why_oldest}")
+    if release[:3] > newest and not allow_newer:
+        raise UnsupportedServerError(f"{url} runs {engine} {info['version']}, newer than the newest tested release "
                                      f"({span}); set rollout.allow_untested_engine=true to try it")
-    return SGLangAPI(release=min(release[:3], SGLANG_NEWEST), engine=engine)
+    return min(release[:3], newest)
+
+
+def sglang_api_from_server_info(info: Any, url: str, *, allow_newer: bool = False) -> SGLangAPI:
+    """The API of an SGLang (or ``lcr serve``) server from its ``/server_info`` answer."""
+    release = reported_release(info, url, engine="SGLang", oldest=SGLANG_OLDEST, newest=SGLANG_NEWEST,
+                               allow_newer=allow_newer, why_oldest=" (older releases report no weight_version)")
+    engine = LCR_SERVE_ENGINE if info.get("engine") == LCR_SERVE_ENGINE else "sglang"
+    return SGLangAPI(release=release, engine=engine)
 
 
 async def detect_server_api(get: Get, url: str, *, allow_newer: bool = False) -> ServerAPI:

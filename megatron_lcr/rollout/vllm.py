@@ -71,7 +71,7 @@ from megatron_lcr.rollout.server_api import (
     Call,
     ModelInfo,
     UnsupportedServerError,
-    parse_version,
+    reported_release,
     version_text,
 )
 from megatron_lcr.rollout.tensor_payload import LCR_SAFETENSORS
@@ -349,16 +349,5 @@ class VLLMServerAPI:
 
 def vllm_api_from_version(info: Any, url: str, *, allow_newer: bool = False) -> VLLMServerAPI:
     """The API of a vLLM server from its ``GET /version`` answer ``{"version": "0.32.0"}``."""
-    if not isinstance(info, dict) or "version" not in info:
-        raise UnsupportedServerError(f"{url}: /version has no 'version' field: {str(info)[:200]}")
-    try:
-        release = parse_version(info["version"])
-    except ValueError as exc:
-        raise UnsupportedServerError(f"{url}: {exc}") from None
-    span = f"{version_text(VLLM_OLDEST)} to {version_text(VLLM_NEWEST)}"
-    if release < VLLM_OLDEST:
-        raise UnsupportedServerError(f"{url} runs vLLM {info['version']}; supported: {span}")
-    if release[:3] > VLLM_NEWEST and not allow_newer:
-        raise UnsupportedServerError(f"{url} runs vLLM {info['version']}, newer than the newest tested release "
-                                     f"({span}); set rollout.allow_untested_engine=true to try it")
-    return VLLMServerAPI(release=min(release[:3], VLLM_NEWEST))
+    return VLLMServerAPI(release=reported_release(info, url, engine="vLLM", oldest=VLLM_OLDEST, newest=VLLM_NEWEST,
+                                                  allow_newer=allow_newer))
