@@ -6,7 +6,8 @@ and is differentiated with random per-token upstream gradients, rows masked with
 
 - ``naive``: materialised logits, ``log_softmax`` + ``gather``, entropy from the full softmax.
 - ``chunked_torch``: ``megatron_lcr.kernels.logprob_entropy`` with ``impl="torch"``.
-- ``triton``: the same op with ``impl="triton"`` (CUDA only).
+- ``triton``: the same op with ``impl="triton"`` (CUDA; on CPU only when ``TRITON_INTERPRET=1`` is set,
+  which checks the path and the tile record at toy shapes: interpreter times mean nothing).
 - ``liger_flce``: Liger-Kernel's fused linear cross-entropy, when installed (CUDA). It computes the
   gradients inside forward and scales them by a scalar in backward, so it takes no per-token upstream
   gradient: it runs with ``reduction="sum"`` (upstream gradient -1 on every kept log-prob), gated
@@ -27,6 +28,12 @@ TFLOP/s uses the nominal ``8 * T_kept * H * V`` FLOPs of a recomputing forward +
 also as a share of the machine's measured ``torch.mm`` rate (same dtype, ``[T, H] @ [H, V]``, one
 call per timing round, p50). On a shared CPU, ``--threads 1`` avoids the collapse of multi-threaded
 kernels when other jobs hold the cores.
+
+Triton tiles: each case records, per Triton kernel, the tile (``BT, BV, BH, num_warps, num_stages``)
+it ran with and where that came from: ``autotuned`` (CUDA: the fastest of ``triton_impl.TUNING_SPACE``
+for this H, V and dtype, timed on the first call at that key) or the fixed tile (CPU: the interpreter's, which is
+``KernelConfig``'s ``block_*`` fields; recorded even when the Triton path does not run). The memory
+workers are separate processes and tune again; their pick is not recorded.
 
     python benchmarks/bench_kernels.py                    # CPU: T=4096, H=1024, V=32768, fp32
     python benchmarks/bench_kernels.py --device cuda      # H100: H=4096, V in {128256, 151936}, T in {4K, 16K}, bf16
@@ -55,6 +62,7 @@ sys.path.insert(0, REPO)
 
 from megatron_lcr.atomic import atomic_write_text  # noqa: E402
 from megatron_lcr.kernels import KernelConfig, logprob_entropy  # noqa: E402
+from megatron_lcr.kernels.config import triton_available, triton_interpreting  # noqa: E402
 
 TEMPERATURE = 0.7
 IGNORE = -100
@@ -140,7 +148,8 @@ def skipped_paths(device: str) -> dict:
     """Paths this machine cannot run, and why (reported under the table)."""
     skipped = {}
     if device != "cuda":
-        skipped["triton"] = "needs CUDA (on CPU Triton runs only in its interpreter, which is for tests)"
+        if not (triton_available() and triton_interpreting()):
+            skipped["triton"] = "needs CUDA (on CPU Triton runs only in its interpreter, which is for tests)"
         skipped["liger_flce"] = "Liger-Kernel's Triton kernels need CUDA"
     else:
         try:
@@ -158,6 +167,8 @@ def available_paths(device: str) -> dict:
         "naive": (path_naive, "full", "logp + entropy"),
         "chunked_torch": (_fused("torch"), "full", "logp + entropy"),
     }
+    if device == "cpu" and triton_available() and triton_interpreting():
+        paths["triton"] = (_fused("triton"), "full", "logp + entropy (Triton interpreter: times mean nothing)")
     if device == "cuda":
         paths["triton"] = (_fused("triton"), "full", "logp + entropy")
         try:
@@ -385,6 +396,19 @@ def bench_case(case: Case, repeats: int, threads: int) -> tuple[dict, float]:
     return rows, 2 * case.tokens * case.hidden * case.vocab / statistics.median(mm_times) / 1e12
 
 
+def triton_tiles(case: Case, ran: bool) -> dict:
+    """``kernel -> tile`` of the Triton path at this case's (H, V, dtype): the tiles its launches used
+    (``ran``: the path was run), else the fixed tile the interpreter would use. Empty without Triton."""
+    if not triton_available():
+        return {}
+    from megatron_lcr.kernels import triton_impl  # imported late: TRITON_INTERPRET is read at import
+
+    if ran:  # a path that failed before its first launch records nothing
+        return triton_impl.chosen_tiles(hidden=case.hidden, vocab=case.vocab, dtype=case.torch_dtype)
+    tile = triton_impl.fixed_tile(KernelConfig())
+    return {"all kernels": {**tile, "source": "fixed (interpreter's tile; the Triton path did not run)"}}
+
+
 def machine_info(device: str) -> dict:
     cpu = platform.processor() or "unknown"
     try:
@@ -524,6 +548,17 @@ def markdown(report: dict) -> str:
         for e in report["results"]
     ]
     lines += ["", "Measured `torch.mm` rate (p50, timed in the same rounds as the paths): " + ", ".join(rates)]
+    lines += ["", "## Triton tiles", "", "| shape | masked | kernel | BT | BV | BH | warps | stages | source |",
+              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
+    for entry in report["results"]:
+        case = entry["case"]
+        shape = f"T={case['tokens']} H={case['hidden']} V={case['vocab']} {case['dtype']}"
+        for kernel, t in entry.get("triton_tiles", {}).items():
+            cells = [shape, f"{case['masked']:.0%}", kernel, *(str(t[k]) for k in ("BT", "BV", "BH")),
+                     str(t["num_warps"]), str(t["num_stages"]), t["source"]]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+    if not any(entry.get("triton_tiles") for entry in report["results"]):
+        lines.append("| (none recorded: Triton is not installed, or the run predates tile records) |")
     lines += ["", "## Acceptance checks", ""]
     lines += ["| case | check | value | met |", "| --- | --- | --- | --- |"]
     lines += [
@@ -568,7 +603,8 @@ def main(argv=None) -> None:
         case = Case(tokens=tokens, hidden=hidden, vocab=vocab, masked=masked, dtype=dtype, device=args.device)
         print(case, flush=True)
         rows, rate = bench_case(case, args.repeats, torch.get_num_threads())
-        report["results"].append({"case": asdict(case), "matmul_tflops": rate, "paths": rows})
+        tiles = triton_tiles(case, ran="triton" in rows)
+        report["results"].append({"case": asdict(case), "matmul_tflops": rate, "paths": rows, "triton_tiles": tiles})
         print(json.dumps(report["results"][-1], indent=1, default=str), flush=True)
         # Written after every case: a run stopped by a time limit (a lent GPU's) keeps what it measured.
         report["checks"] = must_show(report["results"], args.device)

@@ -5,6 +5,11 @@ that is the CPU implementation and the reference. ``impl="auto"`` picks Triton w
 a CUDA device and Triton imports, else PyTorch. ``impl="triton"`` on CPU tensors needs Triton's
 interpreter (``TRITON_INTERPRET=1`` set before the first kernel import), which is how the Triton
 kernels are tested on machines without a GPU.
+
+Triton tiles: on a GPU with ``autotune`` on, each kernel times a small space of tiles on its first
+call per (hidden size, local vocabulary, dtype) and keeps the fastest (``triton_impl.TUNING_SPACE``);
+with ``autotune`` off, and always under the interpreter (where timings mean nothing), it runs the one
+tile given by ``block_*``, ``num_warps`` and ``num_stages``.
 """
 
 from __future__ import annotations
@@ -29,16 +34,18 @@ class KernelConfig:
     """torch path: tokens (rows) per logits tile."""
     vocab_chunk_size: int = 8192
     """Vocabulary columns per tile (torch path) and per backward chunk of the Triton path (columns)."""
+    autotune: bool = True
+    """Triton on GPUs: time a small tile space per (H, V_local, dtype) on first use; False: the fixed tile."""
     block_tokens: int = 64
-    """Triton: tokens per program tile (a power of two >= 16)."""
+    """Triton: tokens per fixed tile and per block of the vocabulary-split heuristic (power of two >= 16)."""
     block_vocab: int = 128
-    """Triton: vocabulary columns per program tile (a power of two >= 16)."""
+    """Triton: vocabulary columns per program tile (a power of two >= 16) of the fixed tile."""
     block_hidden: int = 64
-    """Triton: hidden units per step of the matmul's inner loop (a power of two >= 16)."""
+    """Triton: hidden units per step of the fixed tile's matmul inner loop (a power of two >= 16)."""
     num_warps: int = 8
-    """Triton: warps per program (GPU only; ignored by the interpreter)."""
+    """Triton: warps per program of the fixed tile (GPU only; ignored by the interpreter)."""
     num_stages: int = 3
-    """Triton: software-pipelining stages of the matmul loop (GPU only)."""
+    """Triton: software-pipelining stages of the fixed tile's matmul loop (GPU only)."""
     programs_per_sm: int = 4
     """Triton forward: the vocabulary is split over programs until there are this many per SM (count)."""
     vocab_splits: int = 0

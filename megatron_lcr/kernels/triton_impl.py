@@ -1,6 +1,6 @@
 """Triton kernels of the fused log-prob / entropy / KL ops (same functions as ``torch_impl``).
 
-Forward: one program per (block of ``block_tokens`` tokens, split of the vocabulary) computes its
+Forward: one program per (block of ``BT`` tokens, split of the vocabulary) computes its
 logit tiles ``[BT, BV]`` with ``tl.dot`` over the hidden dimension (fp32 accumulation) and keeps an
 online softmax over its split; it writes a few floats per token (``[P, k, T]``), merged in PyTorch by
 ``vocab_parallel.py`` like the partials of tensor-parallel ranks. Splitting the vocabulary over
@@ -13,21 +13,97 @@ over all tokens, so the weight gradient is never accumulated across chunks in lo
 is the split used by verl's and Cut Cross-Entropy's kernels' simpler variants: the gradient matmuls
 run at cuBLAS speed, at the cost of one ``[T, chunk]`` buffer.
 
+Tiles: on a GPU every kernel is autotuned (``triton.autotune``) over ``TUNING_SPACE``, six
+``(BT, BV, BH, num_warps, num_stages)`` tiles, keyed on the hidden size, the valid local vocabulary
+columns (KL kernels: and the mode) and the tensors' dtypes: the first launch per key compiles and times
+them all, later ones reuse the fastest. Token counts are not in the key (they change every
+micro-batch). With ``KernelConfig.autotune=False``, and always under the interpreter (interpreted
+timings pick nothing useful and would multiply test time), the kernels run the one tile given by
+``KernelConfig``'s ``block_*`` / ``num_*`` fields. ``chosen_tiles`` reports which tile each kernel ran
+with; ``benchmarks/bench_kernels.py`` records it per shape.
+
+Offsets are int64 wherever a product can pass 2^31: tile indices (``tl.arange``, ``program_id``) and
+strides below 2^31 are int32 and their product wraps, while the weight alone holds V_local x H up to
+4e9 elements (256K x 16K) and logits / ``dz`` T x V_local up to 1.6e10. Every index x stride product,
+and the partials' split x T, goes through ``_offsets``, which widens to int64 first; per-token vectors
+(offsets below 4T) stay int32. ``tests/kernels/test_triton_impl.py`` checks ``_offsets`` numerically
+past 2^31 and that no kernel multiplies a stride outside it.
+
 fp32 inputs use ``input_precision="ieee"`` (no TF32) so that fp32 results match the reference.
 Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (numpy, fp32; no bf16).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from megatron_lcr.kernels.config import KernelConfig
+from megatron_lcr.kernels.config import KernelConfig, triton_interpreting
 from megatron_lcr.kernels.torch_impl import HeadGrads
 from megatron_lcr.kernels.vocab_parallel import Head
 
 KL_MODES = {"forward": 0, "reverse": 1, "jsd": 2}
+
+# ---------------------------------------------------------------------------------------------
+# Tiles: timed per (H, V_local, dtype) on GPUs, fixed by KernelConfig under the interpreter
+
+TUNING_SPACE = (
+    # (BT, BV, BH, num_warps, num_stages)
+    (64, 128, 64, 8, 3),  # KernelConfig's fixed tile
+    (128, 128, 64, 8, 3),  # many tokens: each weight tile loaded serves twice the rows
+    (128, 128, 32, 8, 4),  # the same with a shorter, deeper-pipelined inner step
+    (128, 64, 64, 4, 3),
+    (64, 64, 64, 4, 4),
+    (32, 128, 64, 4, 3),  # few tokens (small micro-batches): more programs along the tokens
+)
+"""Tiles the autotuner times on a kernel's first launch per key (H, V_local, tensor dtypes)."""
+_SPLIT_GRAIN = max(bv for _, bv, _, _, _ in TUNING_SPACE)  # vocabulary splits are multiples of every BV
+
+
+@functools.cache
+def _max_shared_memory(device_index: int) -> int:
+    return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+
+
+def _fits_shared_memory(configs: list, named_args: dict, **_launch_kwargs) -> list:
+    """Tiles whose pipelined operand buffers (``stages * (BT + BV) * BH`` elements) fit the GPU's shared
+    memory, else the smallest one. A tile that still fails to compile is timed as infinitely slow by
+    Triton's autotuner (``OutOfResources``), so this only saves compile attempts."""
+    first = next(value for value in named_args.values() if isinstance(value, torch.Tensor))
+
+    def need(c: triton.Config) -> int:
+        return c.num_stages * (c.kwargs["BT"] + c.kwargs["BV"]) * c.kwargs["BH"] * first.element_size()
+
+    budget = _max_shared_memory(first.device.index)
+    return [c for c in configs if need(c) <= budget] or [min(configs, key=need)]
+
+
+def _autotuned(*key: str):
+    """``triton.autotune`` over ``TUNING_SPACE`` keyed on ``key``; Triton appends every tensor argument's
+    dtype to the key itself. Token counts are not in the key: they change every micro-batch."""
+    configs = [
+        triton.Config({"BT": bt, "BV": bv, "BH": bh}, num_warps=warps, num_stages=stages)
+        for bt, bv, bh, warps, stages in TUNING_SPACE
+    ]
+    return triton.autotune(configs=configs, key=list(key), prune_configs_by={"early_config_prune": _fits_shared_memory})
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _offsets(index, stride):
+    """``index * stride`` in int64: every offset that multiplies a stride (or a split by T) is built here.
+
+    ``index`` is int32 (``tl.arange`` / ``program_id`` arithmetic) and so is ``stride`` below 2^31, so
+    the plain product is int32 and wraps at 2^31: vocab x hidden reaches 4e9 (V_local 256K x H 16K)
+    and tokens x vocab 1.6e10 (logits, ``dz``). Widening the index first makes the product exact.
+    """
+    return index.to(tl.int64) * stride
 
 
 @triton.jit
@@ -35,21 +111,19 @@ def _logit_tile(
     x_ptr, w_ptr, z_ptr, rows, cols, row_ok, col_ok, H, sx0, sx1, sw0, sw1, sz0, sz1, inv_temp,
     FROM_LOGITS: tl.constexpr, DOT_IEEE: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
 ):  # fmt: skip
-    """fp32 ``[BT, BV]`` tile of ``z / temperature``; ``rows`` int64 (logits can exceed 2^31 elements)."""
+    """fp32 ``[BT, BV]`` tile of ``z / temperature``; all offsets int64 (``_offsets``)."""
     if FROM_LOGITS:
-        ptrs = z_ptr + rows[:, None] * sz0 + cols[None, :] * sz1
+        ptrs = z_ptr + _offsets(rows, sz0)[:, None] + _offsets(cols, sz1)[None, :]
         z = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
     else:
         z = tl.zeros((BT, BV), dtype=tl.float32)
+        x_rows = x_ptr + _offsets(rows, sx0)[:, None]  # [BT, 1]; loop-invariant
+        w_rows = w_ptr + _offsets(cols, sw0)[:, None]  # [BV, 1]: cols * sw0 is the V x H product
         for k0 in range(0, H, BH):
             ks = k0 + tl.arange(0, BH)
             k_ok = ks < H
-            x = tl.load(
-                x_ptr + rows[:, None] * sx0 + ks[None, :] * sx1, mask=row_ok[:, None] & k_ok[None, :], other=0.0
-            )
-            w = tl.load(
-                w_ptr + cols[:, None] * sw0 + ks[None, :] * sw1, mask=col_ok[:, None] & k_ok[None, :], other=0.0
-            )
+            x = tl.load(x_rows + _offsets(ks, sx1)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_rows + _offsets(ks, sw1)[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
             if DOT_IEEE:
                 z = tl.dot(x, tl.trans(w), z, input_precision="ieee")
             else:
@@ -65,6 +139,7 @@ def _log_mix_ratio(d, beta):
     return tl.where(d <= 0.0, low, high)
 
 
+@_autotuned("H", "n_valid")
 @triton.jit
 def _logprob_fwd_kernel(
     x_ptr, w_ptr, z_ptr, lbl_ptr, part_ptr, T, H, n_valid, cols_per_split,
@@ -75,7 +150,6 @@ def _logprob_fwd_kernel(
     split = tl.program_id(1)
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     row_ok = rows < T
-    rows64 = rows.to(tl.int64)
     lbl = tl.load(lbl_ptr + rows, mask=row_ok, other=-1)
     m = tl.full((BT,), float("-inf"), tl.float32)
     s = tl.zeros((BT,), tl.float32)
@@ -86,7 +160,7 @@ def _logprob_fwd_kernel(
     for v0 in range(v_begin, v_end, BV):
         cols = v0 + tl.arange(0, BV)
         col_ok = cols < v_end
-        z = _logit_tile(x_ptr, w_ptr, z_ptr, rows64, cols, row_ok, col_ok, H, sx0, sx1, sw0, sw1, sz0, sz1,
+        z = _logit_tile(x_ptr, w_ptr, z_ptr, rows, cols, row_ok, col_ok, H, sx0, sx1, sw0, sw1, sz0, sz1,
                         inv_temp, FROM_LOGITS, DOT_IEEE, BT, BV, BH)  # fmt: skip
         t += tl.sum(tl.where(cols[None, :] == lbl[:, None], z, 0.0), axis=1)
         z = tl.where(col_ok[None, :], z, float("-inf"))
@@ -98,13 +172,14 @@ def _logprob_fwd_kernel(
         u = alpha * (u + shift * s) + tl.sum(e * tl.where(col_ok[None, :], zc, 0.0), axis=1)
         s = alpha * s + tl.sum(e, axis=1)
         m = m_new
-    out = part_ptr + split * 4 * T + rows
+    out = part_ptr + _offsets(split * 4, T) + rows  # [P, 4, T]: past 2^31 only with huge vocab_splits
     tl.store(out, m, mask=row_ok)
     tl.store(out + T, s, mask=row_ok)
     tl.store(out + 2 * T, u, mask=row_ok)
     tl.store(out + 3 * T, t, mask=row_ok)
 
 
+@_autotuned("H", "n_valid")
 @triton.jit
 def _logprob_bwd_kernel(
     x_ptr, w_ptr, z_ptr, lbl_ptr, logz_ptr, ent_ptr, gl_ptr, gh_ptr, dz_ptr,
@@ -115,12 +190,11 @@ def _logprob_bwd_kernel(
     """``dz = g_l (1[k=y] - p) - g_h p (log p + H)`` over columns ``[col0, col0 + n_cols)``, / temperature."""
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     row_ok = rows < T
-    rows64 = rows.to(tl.int64)
     local = tl.program_id(1) * BV + tl.arange(0, BV)
     cols = col0 + local
     in_chunk = local < n_cols
     col_ok = in_chunk & (cols < n_valid)
-    z = _logit_tile(x_ptr, w_ptr, z_ptr, rows64, cols, row_ok, col_ok, H, sx0, sx1, sw0, sw1, sz0, sz1,
+    z = _logit_tile(x_ptr, w_ptr, z_ptr, rows, cols, row_ok, col_ok, H, sx0, sx1, sw0, sw1, sz0, sz1,
                     inv_temp, FROM_LOGITS, DOT_IEEE, BT, BV, BH)  # fmt: skip
     log_q = z - tl.load(logz_ptr + rows, mask=row_ok, other=0.0)[:, None]
     p = tl.exp(log_q)
@@ -136,10 +210,11 @@ def _logprob_bwd_kernel(
     else:
         dz = dz * coef
     dz = tl.where(row_ok[:, None] & col_ok[None, :], dz * inv_temp, 0.0)
-    ptrs = dz_ptr + rows64[:, None] * sd0 + local[None, :] * sd1
+    ptrs = dz_ptr + _offsets(rows, sd0)[:, None] + _offsets(local, sd1)[None, :]
     tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & in_chunk[None, :])
 
 
+@_autotuned("Hs", "Ht", "n_valid", "MODE")
 @triton.jit
 def _kl_fwd_kernel(
     xs_ptr, ws_ptr, zs_ptr, xt_ptr, wt_ptr, zt_ptr, part_ptr, T, Hs, Ht, n_valid, cols_per_split,
@@ -155,7 +230,6 @@ def _kl_fwd_kernel(
     split = tl.program_id(1)
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     row_ok = rows < T
-    rows64 = rows.to(tl.int64)
     m_s = tl.full((BT,), float("-inf"), tl.float32)
     m_t = tl.full((BT,), float("-inf"), tl.float32)
     s_s = tl.zeros((BT,), tl.float32)
@@ -166,9 +240,9 @@ def _kl_fwd_kernel(
     for v0 in range(v_begin, v_end, BV):
         cols = v0 + tl.arange(0, BV)
         col_ok = cols < v_end
-        z_s = _logit_tile(xs_ptr, ws_ptr, zs_ptr, rows64, cols, row_ok, col_ok, Hs, sxs0, sxs1, sws0, sws1,
+        z_s = _logit_tile(xs_ptr, ws_ptr, zs_ptr, rows, cols, row_ok, col_ok, Hs, sxs0, sxs1, sws0, sws1,
                           szs0, szs1, inv_temp, FROM_LOGITS, DOT_IEEE, BT, BV, BH)  # fmt: skip
-        z_t = _logit_tile(xt_ptr, wt_ptr, zt_ptr, rows64, cols, row_ok, col_ok, Ht, sxt0, sxt1, swt0, swt1,
+        z_t = _logit_tile(xt_ptr, wt_ptr, zt_ptr, rows, cols, row_ok, col_ok, Ht, sxt0, sxt1, swt0, swt1,
                           szt0, szt1, inv_temp, FROM_LOGITS, DOT_IEEE, BT, BV, BH)  # fmt: skip
         if MODE == 0:
             diff = z_t - z_s  # taken before padding becomes -inf (-inf - -inf = nan)
@@ -190,7 +264,7 @@ def _kl_fwd_kernel(
         s_t = alpha_t * s_t + tl.sum(e_t, axis=1)
         m_s = ms_new
         m_t = mt_new
-    out = part_ptr + split * 5 * T + rows
+    out = part_ptr + _offsets(split * 5, T) + rows  # [P, 5, T]: past 2^31 only with huge vocab_splits
     tl.store(out, m_s, mask=row_ok)
     tl.store(out + T, s_s, mask=row_ok)
     tl.store(out + 2 * T, m_t, mask=row_ok)
@@ -198,6 +272,7 @@ def _kl_fwd_kernel(
     tl.store(out + 4 * T, a, mask=row_ok)
 
 
+@_autotuned("Hs", "Ht", "n_valid")
 @triton.jit
 def _jsd_fwd_kernel(
     xs_ptr, ws_ptr, zs_ptr, xt_ptr, wt_ptr, zt_ptr, lzs_ptr, lzt_ptr, part_ptr, T, Hs, Ht, n_valid,
@@ -208,7 +283,6 @@ def _jsd_fwd_kernel(
     split = tl.program_id(1)
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     row_ok = rows < T
-    rows64 = rows.to(tl.int64)
     lz_s = tl.load(lzs_ptr + rows, mask=row_ok, other=0.0)
     lz_t = tl.load(lzt_ptr + rows, mask=row_ok, other=0.0)
     kl_pm = tl.zeros((BT,), tl.float32)
@@ -218,19 +292,20 @@ def _jsd_fwd_kernel(
     for v0 in range(v_begin, v_end, BV):
         cols = v0 + tl.arange(0, BV)
         col_ok = cols < v_end
-        log_p = _logit_tile(xs_ptr, ws_ptr, zs_ptr, rows64, cols, row_ok, col_ok, Hs, sxs0, sxs1, sws0, sws1,
+        log_p = _logit_tile(xs_ptr, ws_ptr, zs_ptr, rows, cols, row_ok, col_ok, Hs, sxs0, sxs1, sws0, sws1,
                             szs0, szs1, inv_temp, FROM_LOGITS, DOT_IEEE, BT, BV, BH) - lz_s[:, None]  # fmt: skip
-        log_q = _logit_tile(xt_ptr, wt_ptr, zt_ptr, rows64, cols, row_ok, col_ok, Ht, sxt0, sxt1, swt0, swt1,
+        log_q = _logit_tile(xt_ptr, wt_ptr, zt_ptr, rows, cols, row_ok, col_ok, Ht, sxt0, sxt1, swt0, swt1,
                             szt0, szt1, inv_temp, FROM_LOGITS, DOT_IEEE, BT, BV, BH) - lz_t[:, None]  # fmt: skip
         d = log_q - log_p
         mix = _log_mix_ratio(d, beta)
         kl_pm += tl.sum(tl.where(col_ok[None, :], -tl.exp(log_p) * mix, 0.0), axis=1)
         kl_qm += tl.sum(tl.where(col_ok[None, :], tl.exp(log_q) * (d - mix), 0.0), axis=1)
-    out = part_ptr + split * 2 * T + rows
+    out = part_ptr + _offsets(split * 2, T) + rows  # [P, 2, T]: past 2^31 only with huge vocab_splits
     tl.store(out, kl_pm, mask=row_ok)
     tl.store(out + T, kl_qm, mask=row_ok)
 
 
+@_autotuned("Hs", "Ht", "n_valid", "MODE")
 @triton.jit
 def _kl_bwd_kernel(
     xs_ptr, ws_ptr, zs_ptr, xt_ptr, wt_ptr, zt_ptr, lzs_ptr, lzt_ptr, st_ptr, g_ptr, dzs_ptr, dzt_ptr,
@@ -243,14 +318,13 @@ def _kl_bwd_kernel(
     """``(dz_s, dz_t)`` tiles of the KL (formulas in ``torch_impl.kl_logit_grads``), / temperature."""
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     row_ok = rows < T
-    rows64 = rows.to(tl.int64)
     local = tl.program_id(1) * BV + tl.arange(0, BV)
     cols = col0 + local
     in_chunk = local < n_cols
     col_ok = in_chunk & (cols < n_valid)
-    log_p = _logit_tile(xs_ptr, ws_ptr, zs_ptr, rows64, cols, row_ok, col_ok, Hs, sxs0, sxs1, sws0, sws1,
+    log_p = _logit_tile(xs_ptr, ws_ptr, zs_ptr, rows, cols, row_ok, col_ok, Hs, sxs0, sxs1, sws0, sws1,
                         szs0, szs1, inv_temp, FROM_LOGITS, DOT_IEEE, BT, BV, BH)  # fmt: skip
-    log_q = _logit_tile(xt_ptr, wt_ptr, zt_ptr, rows64, cols, row_ok, col_ok, Ht, sxt0, sxt1, swt0, swt1,
+    log_q = _logit_tile(xt_ptr, wt_ptr, zt_ptr, rows, cols, row_ok, col_ok, Ht, sxt0, sxt1, swt0, swt1,
                         szt0, szt1, inv_temp, FROM_LOGITS, DOT_IEEE, BT, BV, BH)  # fmt: skip
     log_p = log_p - tl.load(lzs_ptr + rows, mask=row_ok, other=0.0)[:, None]
     log_q = log_q - tl.load(lzt_ptr + rows, mask=row_ok, other=0.0)[:, None]
@@ -274,11 +348,11 @@ def _kl_bwd_kernel(
     store_ok = row_ok[:, None] & in_chunk[None, :]
     if NEED_S:
         dz_s = tl.where(ok, dz_s * scale, 0.0)
-        ptrs = dzs_ptr + rows64[:, None] * sds0 + local[None, :] * sds1
+        ptrs = dzs_ptr + _offsets(rows, sds0)[:, None] + _offsets(local, sds1)[None, :]
         tl.store(ptrs, dz_s.to(dzs_ptr.dtype.element_ty), mask=store_ok)
     if NEED_T:
         dz_t = tl.where(ok, dz_t * scale, 0.0)
-        ptrs = dzt_ptr + rows64[:, None] * sdt0 + local[None, :] * sdt1
+        ptrs = dzt_ptr + _offsets(rows, sdt0)[:, None] + _offsets(local, sdt1)[None, :]
         tl.store(ptrs, dz_t.to(dzt_ptr.dtype.element_ty), mask=store_ok)
 
 
@@ -300,21 +374,70 @@ def _dot_ieee(head: Head) -> bool:
     return tensor.dtype == torch.float32
 
 
-def _launch_opts(config: KernelConfig) -> dict:
+_TILES_RUN: dict[tuple[str, int, int, str], dict] = {}
+"""``(kernel, H, valid local columns, dtype) -> tile`` of each kernel's latest launch (``chosen_tiles``)."""
+
+
+def _autotuning(config: KernelConfig) -> bool:
+    return config.autotune and not triton_interpreting()
+
+
+def fixed_tile(config: KernelConfig) -> dict:
+    """The one tile kernels run with when not autotuning (``autotune=False``, or the interpreter)."""
     return {"BT": config.block_tokens, "BV": config.block_vocab, "BH": config.block_hidden,
             "num_warps": config.num_warps, "num_stages": config.num_stages}  # fmt: skip
 
 
+def _launch(name: str, kernel, grid, args: tuple, kwargs: dict, config: KernelConfig, key: tuple) -> None:
+    """``kernel[grid](*args, **kwargs)`` with the autotuner's tile or the fixed one; records which ran.
+
+    ``grid(meta)`` reads ``BT`` / ``BV`` from ``meta``; ``key`` is ``(H, n_valid, dtype)`` for the record.
+    """
+    if _autotuning(config):
+        kernel[grid](*args, **kwargs)
+        best = kernel.best_config
+        tile = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages, "source": "autotuned"}
+    else:
+        tile = fixed_tile(config)
+        kernel.fn[grid](*args, **kwargs, **tile)  # the plain @triton.jit function under the autotuner
+        tile["source"] = "fixed (interpreter)" if triton_interpreting() else "fixed (autotune=False)"
+    hidden, n_valid, dtype = key
+    _TILES_RUN[(name, hidden, n_valid, str(dtype))] = tile
+
+
+def chosen_tiles(*, hidden: int, vocab: int, dtype: torch.dtype) -> dict[str, dict]:
+    """``kernel -> {BT, BV, BH, num_warps, num_stages, source}`` of each kernel's latest launch at this key.
+
+    ``hidden``: H (0 for logits inputs; the student's for KL kernels); ``vocab``: valid local vocabulary
+    columns; ``dtype``: the weight's (or logits'). Kernels: logprob_forward, logprob_backward,
+    kl_forward, jsd_forward, kl_backward; only those launched at this key appear.
+    """
+    want = (hidden, vocab, str(dtype))
+    return {name: dict(tile) for (name, *rest), tile in _TILES_RUN.items() if tuple(rest) == want}
+
+
 def _splits(num_tokens: int, n_valid: int, device: torch.device, config: KernelConfig) -> tuple[int, int]:
-    """``(splits, cols_per_split)``: programs along the vocabulary per token block, columns each."""
-    tiles = max(1, triton.cdiv(n_valid, config.block_vocab))
+    """``(splits, cols_per_split)``: programs along the vocabulary per token block, columns each.
+
+    Fixed before the launch (the partials buffer is ``[splits, k, T]``), so with autotuning a split is a
+    multiple of every tuned ``BV`` and the programs count uses ``config.block_tokens`` token blocks.
+    """
+    grain = _SPLIT_GRAIN if _autotuning(config) else config.block_vocab
+    tiles = max(1, triton.cdiv(n_valid, grain))
     if config.vocab_splits:
         want = config.vocab_splits
     else:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
         want = triton.cdiv(config.programs_per_sm * sms, triton.cdiv(num_tokens, config.block_tokens))
-    cols_per_split = triton.cdiv(tiles, min(max(want, 1), tiles)) * config.block_vocab
+    cols_per_split = triton.cdiv(tiles, min(max(want, 1), tiles)) * grain
     return max(1, triton.cdiv(n_valid, cols_per_split)), cols_per_split
+
+
+def _head_key(head: Head, n_valid: int) -> tuple:
+    """``(H, n_valid, dtype)`` under which ``_launch`` records a tile."""
+    if head.from_logits:
+        return 0, n_valid, head.logits.dtype
+    return head.weight.shape[1], n_valid, head.weight.dtype
 
 
 def _partials_layout(part: torch.Tensor) -> torch.Tensor:
@@ -334,10 +457,10 @@ def logprob_partials(
     part[:, 1:] = 0.0
     if num_tokens and n_valid:
         args = _head_args(head)
-        grid = (triton.cdiv(num_tokens, config.block_tokens), splits)
-        _logprob_fwd_kernel[grid](
-            *args[:3], labels, part, num_tokens, args[3], n_valid, cols_per_split, *args[4:], inv_temp,
-            FROM_LOGITS=head.from_logits, DOT_IEEE=_dot_ieee(head), **_launch_opts(config),
+        _launch(
+            "logprob_forward", _logprob_fwd_kernel, lambda meta: (triton.cdiv(num_tokens, meta["BT"]), splits),
+            (*args[:3], labels, part, num_tokens, args[3], n_valid, cols_per_split, *args[4:], inv_temp),
+            {"FROM_LOGITS": head.from_logits, "DOT_IEEE": _dot_ieee(head)}, config, _head_key(head, n_valid),
         )  # fmt: skip
     return _partials_layout(part)
 
@@ -399,13 +522,15 @@ def logprob_backward(
     def launch(c0: int, n_cols: int, dz: torch.Tensor) -> None:
         if not num_tokens:
             return
-        grid = (triton.cdiv(num_tokens, config.block_tokens), triton.cdiv(n_cols, config.block_vocab))
-        _logprob_bwd_kernel[grid](
-            *args[:3], labels, log_z, entropy,
-            log_z if g_logp is None else g_logp, log_z if g_entropy is None else g_entropy, dz,
-            num_tokens, args[3], n_valid, c0, n_cols, *args[4:], dz.stride(0), dz.stride(1), inv_temp,
-            HAS_GL=g_logp is not None, HAS_GH=g_entropy is not None,
-            FROM_LOGITS=head.from_logits, DOT_IEEE=_dot_ieee(head), **_launch_opts(config),
+        _launch(
+            "logprob_backward", _logprob_bwd_kernel,
+            lambda meta: (triton.cdiv(num_tokens, meta["BT"]), triton.cdiv(n_cols, meta["BV"])),
+            (*args[:3], labels, log_z, entropy,
+             log_z if g_logp is None else g_logp, log_z if g_entropy is None else g_entropy, dz,
+             num_tokens, args[3], n_valid, c0, n_cols, *args[4:], dz.stride(0), dz.stride(1), inv_temp),
+            {"HAS_GL": g_logp is not None, "HAS_GH": g_entropy is not None,
+             "FROM_LOGITS": head.from_logits, "DOT_IEEE": _dot_ieee(head)},
+            config, _head_key(head, n_valid),
         )  # fmt: skip
 
     return _chunked_backward(head, n_valid, need_hidden, need_weight, config, launch)
@@ -428,11 +553,11 @@ def kl_partials(
     part[:, 0] = part[:, 2] = float("-inf")
     if num_tokens and n_valid:
         ptrs, dims, strides = _pair_args(student, teacher)
-        grid = (triton.cdiv(num_tokens, config.block_tokens), splits)
-        _kl_fwd_kernel[grid](
-            *ptrs, part, num_tokens, *dims, n_valid, cols_per_split, *strides, inv_temp,
-            MODE=KL_MODES[kind], FROM_LOGITS=student.from_logits, DOT_IEEE=_dot_ieee(student),
-            **_launch_opts(config),
+        _launch(
+            "kl_forward", _kl_fwd_kernel, lambda meta: (triton.cdiv(num_tokens, meta["BT"]), splits),
+            (*ptrs, part, num_tokens, *dims, n_valid, cols_per_split, *strides, inv_temp),
+            {"MODE": KL_MODES[kind], "FROM_LOGITS": student.from_logits, "DOT_IEEE": _dot_ieee(student)},
+            config, _head_key(student, n_valid),
         )  # fmt: skip
     return _partials_layout(part)
 
@@ -454,10 +579,11 @@ def jsd_sums(
     part = torch.zeros((splits, 2, num_tokens), dtype=torch.float32, device=log_z_s.device)
     if num_tokens and n_valid:
         ptrs, dims, strides = _pair_args(student, teacher)
-        grid = (triton.cdiv(num_tokens, config.block_tokens), splits)
-        _jsd_fwd_kernel[grid](
-            *ptrs, log_z_s, log_z_t, part, num_tokens, *dims, n_valid, cols_per_split, *strides, inv_temp, beta,
-            FROM_LOGITS=student.from_logits, DOT_IEEE=_dot_ieee(student), **_launch_opts(config),
+        _launch(
+            "jsd_forward", _jsd_fwd_kernel, lambda meta: (triton.cdiv(num_tokens, meta["BT"]), splits),
+            (*ptrs, log_z_s, log_z_t, part, num_tokens, *dims, n_valid, cols_per_split, *strides, inv_temp, beta),
+            {"FROM_LOGITS": student.from_logits, "DOT_IEEE": _dot_ieee(student)}, config,
+            _head_key(student, n_valid),
         )  # fmt: skip
     return part.sum(dim=0).t()
 
@@ -490,12 +616,14 @@ def kl_backward(
             return
         ref_s = dz_s if dz_s is not None else dz_t
         ref_t = dz_t if dz_t is not None else dz_s
-        grid = (triton.cdiv(num_tokens, config.block_tokens), triton.cdiv(n_cols, config.block_vocab))
-        _kl_bwd_kernel[grid](
-            *ptrs, log_z_s, log_z_t, stats, g, ref_s, ref_t, num_tokens, *dims, n_valid, c0, n_cols,
-            *strides, ref_s.stride(0), ref_s.stride(1), ref_t.stride(0), ref_t.stride(1), inv_temp, beta,
-            MODE=KL_MODES[kind], NEED_S=dz_s is not None, NEED_T=dz_t is not None,
-            FROM_LOGITS=student.from_logits, DOT_IEEE=_dot_ieee(student), **_launch_opts(config),
+        _launch(
+            "kl_backward", _kl_bwd_kernel,
+            lambda meta: (triton.cdiv(num_tokens, meta["BT"]), triton.cdiv(n_cols, meta["BV"])),
+            (*ptrs, log_z_s, log_z_t, stats, g, ref_s, ref_t, num_tokens, *dims, n_valid, c0, n_cols,
+             *strides, ref_s.stride(0), ref_s.stride(1), ref_t.stride(0), ref_t.stride(1), inv_temp, beta),
+            {"MODE": KL_MODES[kind], "NEED_S": dz_s is not None, "NEED_T": dz_t is not None,
+             "FROM_LOGITS": student.from_logits, "DOT_IEEE": _dot_ieee(student)},
+            config, _head_key(student, n_valid),
         )  # fmt: skip
 
     need_s, need_t = needs[0] or needs[1], needs[2] or needs[3]
