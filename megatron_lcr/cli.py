@@ -102,6 +102,16 @@ def _serve(args: argparse.Namespace) -> None:
                       dtype=args.dtype, seed=args.seed, max_batch=args.max_batch))
 
 
+def _rollout_servers(args: argparse.Namespace) -> None:
+    from megatron_lcr.config import load_config
+    from megatron_lcr.rollout.node import node_server_config, run_rollout_node
+    from megatron_lcr.train.rl_config import RLRunConfig
+
+    cfg = load_config(RLRunConfig, args.config, args.overrides)
+    server = node_server_config(cfg.rollout.server, model_path=cfg.model.hf_path, host=args.host, log_dir=args.log_dir)
+    run_rollout_node(server, urls_file=args.urls_file, advertise=args.advertise)
+
+
 def _plot(args: argparse.Namespace) -> None:
     from megatron_lcr.train.plot import DEFAULT_METRICS, plot_runs
 
@@ -156,6 +166,22 @@ def _add_serve_parser(sub) -> None:
     serve.set_defaults(func=_serve)
 
 
+def _add_rollout_servers_parser(sub) -> None:
+    """``lcr rollout-servers`` (a run's engines on a rollout node of their own)."""
+    node = sub.add_parser("rollout-servers", help="start a run config's rollout servers on this node (rollout nodes)",
+                          description="Launch the rollout.server section of an lcr train CONFIG here, write the "
+                                      "servers' URLs to --urls-file once all are ready, restart any that dies, stop "
+                                      "them on SIGTERM/SIGINT. The trainer gets the URLs as rollout.urls.")
+    node.add_argument("config", help="lcr train YAML config")
+    node.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, as for lcr train")
+    node.add_argument("--host", default="0.0.0.0", help="address the servers bind (default 0.0.0.0: reachable "
+                                                         "from the trainer's nodes)")
+    node.add_argument("--advertise", default="", help="host name in the written URLs (default: this node's name)")
+    node.add_argument("--urls-file", default=None, help="file to write the URLs to, one per line")
+    node.add_argument("--log-dir", default="rollout_logs", help="directory of the servers' logs (default rollout_logs)")
+    node.set_defaults(func=_rollout_servers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lcr", description="megatron_lcr: long-context reasoning post-training on Megatron-Core."
@@ -191,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_convert_parser(sub)
     _add_serve_parser(sub)
+    _add_rollout_servers_parser(sub)
 
     plot = sub.add_parser("plot", help="training curves of one or more runs, side by side",
                           description="One panel per metric, one line per run, from each run's metrics.jsonl; "

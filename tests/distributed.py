@@ -14,24 +14,26 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKERS = Path(__file__).resolve().parent / "workers"
 
 
+def torchrun_command(nproc: int, *args: str) -> tuple[list[str], dict[str, str]]:
+    """``torchrun --standalone --nproc_per_node=nproc ARGS`` and its environment: this checkout first on
+    the import path, one thread per process (nproc processes share the machine's cores), offline HF.
+    ``--standalone`` lets the rendezvous bind a port the OS picks, so concurrent runs (pytest-xdist,
+    two checkouts) cannot collide on one."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args], env
+
+
 def run_torchrun(
     script: str | os.PathLike, nproc: int, args: Sequence[str] = (), *, timeout: float = 600
 ) -> str:
     """Run ``script`` on ``nproc`` local processes; returns its combined stdout and stderr.
 
     Raises AssertionError with the tail of the output if torchrun exits non-zero or times out.
-    ``--standalone`` lets the rendezvous bind a port the OS picks, so concurrent runs (pytest-xdist,
-    two checkouts) cannot collide on one.
     """
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
-    env.setdefault("OMP_NUM_THREADS", "1")  # nproc processes share the machine's cores
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--standalone", f"--nproc_per_node={nproc}",
-        str(script), *map(str, args),
-    ]  # fmt: skip
+    cmd, env = torchrun_command(nproc, str(script), *map(str, args))
     name = Path(script).name
     proc = subprocess.Popen(
         cmd, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

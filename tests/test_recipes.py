@@ -4,8 +4,9 @@ No GPU and no model download: Hugging Face configs cannot be fetched here, so th
 dimensions of each architecture are written below (from each model's ``config.json``:
 hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, intermediate_size,
 vocab_size) and ``validate_layout`` checks the recipe's layout against them. The hardware each
-recipe is written for is its machine-readable header line ``# recipe: nodes=N gpus_per_node=G
-rollout_servers=node0``; ``node0`` means trainer rank 0 launches the servers on the first node's GPUs.
+recipe is written for is its machine-readable header line ``# recipe: trainer_nodes=N rollout_nodes=K
+gpus_per_node=G``: the trainer on N nodes, the SGLang servers on K nodes of their own (disaggregated:
+``parallel/placement.py``), started by ``lcr rollout-servers`` and handed to the trainer as rollout.urls.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import yaml
 from megatron_lcr.cli import main as lcr_main
 from megatron_lcr.config import load_config
 from megatron_lcr.parallel.layout import ModelDims, validate_layout
+from megatron_lcr.parallel.placement import check_rollout_placement
 from megatron_lcr.train.rl_config import RLRunConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,14 +50,18 @@ FP8_TOKEN_MULTIPLE = 16
 class Recipe:
     path: Path
     cfg: RLRunConfig
-    nodes: int
+    trainer_nodes: int
+    rollout_nodes: int
     gpus_per_node: int
-    rollout_servers: str
     dims: ModelDims
 
     @property
     def world_size(self) -> int:
-        return self.nodes * self.gpus_per_node
+        return self.trainer_nodes * self.gpus_per_node
+
+    @property
+    def nodes(self) -> int:
+        return self.trainer_nodes + self.rollout_nodes
 
 
 def read_header(path: Path) -> dict[str, str]:
@@ -68,8 +74,9 @@ def read_header(path: Path) -> dict[str, str]:
 def load_recipe(path: Path, overrides: list[str] | None = None) -> Recipe:
     header = read_header(path)
     cfg = load_config(RLRunConfig, path, overrides or [])
-    return Recipe(path=path, cfg=cfg, nodes=int(header["nodes"]), gpus_per_node=int(header["gpus_per_node"]),
-                  rollout_servers=header["rollout_servers"], dims=DIMS[Path(cfg.model.hf_path).name])
+    return Recipe(path=path, cfg=cfg, trainer_nodes=int(header["trainer_nodes"]),
+                  rollout_nodes=int(header["rollout_nodes"]), gpus_per_node=int(header["gpus_per_node"]),
+                  dims=DIMS[Path(cfg.model.hf_path).name])
 
 
 @pytest.fixture(params=RECIPES, ids=[p.name for p in RECIPES])
@@ -126,22 +133,34 @@ def test_split_sequences_have_fixed_length_rows(recipe):
         assert per_rank % FP8_TOKEN_MULTIPLE == 0
 
 
-def test_rollout_servers_fit_beside_the_trainer(recipe):
+def test_rollout_servers_fill_their_own_nodes(recipe):
     rollout, dims = recipe.cfg.rollout, recipe.dims
     server = rollout.server
-    assert server.backend == "sglang" and not rollout.urls
-    assert recipe.rollout_servers == "node0"  # rank 0 launches them on its own node's GPUs
-    gpus = server.gpu_ids or list(range(server.num_servers * server.tp_size))
-    assert len(gpus) == server.num_servers * server.tp_size <= recipe.gpus_per_node
-    assert all(0 <= g < recipe.gpus_per_node for g in gpus)
-    # Colocated with trainer ranks: SGLang must leave most of each GPU to Megatron.
-    assert server.mem_fraction_static is not None and server.mem_fraction_static <= 0.5
+    assert server.backend == "sglang" and not rollout.urls  # the SLURM script passes the URLs
+    assert recipe.rollout_nodes >= 1
+    assert server.num_servers * server.tp_size == recipe.gpus_per_node  # one rollout node, all its GPUs
+    assert server.host == "0.0.0.0"  # reachable from the trainer nodes
     # SGLang shards query heads over its TP ranks and splits (or replicates) KV heads.
     assert dims.num_attention_heads % server.tp_size == 0
     kv = dims.num_query_groups
     assert kv % server.tp_size == 0 or server.tp_size % kv == 0
     assert rollout.sync.mode == "distributed"
     assert rollout.sync.engine_tp_size == server.tp_size
+
+
+def test_placement_check_passes_as_launched_and_refuses_colocation(recipe):
+    """As the SLURM script launches it (rollout.urls given) the placement check passes; started with
+    plain torchrun and no URLs, trainer rank 0 would launch the servers on its own node's GPUs, which
+    the trainer ranks there use: the check refuses that with one line naming the GPUs."""
+    trainer_gpus = range(recipe.gpus_per_node)
+    launched = load_recipe(recipe.path, ["rollout.urls=[http://rollout-node:30000]"]).cfg.rollout
+    check_rollout_placement(trainer_gpus=trainer_gpus, rollout_gpus=launched.launched_gpus(on_gpus=True),
+                            sync_mode=launched.sync.mode)
+    rollout = recipe.cfg.rollout
+    with pytest.raises(ValueError, match=r"^rollout GPUs 0-7 are also trainer GPUs") as err:
+        check_rollout_placement(trainer_gpus=trainer_gpus, rollout_gpus=rollout.launched_gpus(on_gpus=True),
+                                sync_mode=rollout.sync.mode)
+    assert "\n" not in str(err.value)
 
 
 def test_paper_setting(recipe):
@@ -201,7 +220,7 @@ def test_readme_table_matches_the_recipes(recipe):
     dp = recipe.world_size // (par.tensor_model_parallel_size * par.pipeline_model_parallel_size
                                * par.context_parallel_size)
     assert cells[1] == Path(recipe.cfg.model.hf_path).name
-    assert cells[3] == f"{recipe.nodes} x {recipe.gpus_per_node}"
+    assert cells[3] == f"{recipe.trainer_nodes} + {recipe.rollout_nodes} x {recipe.gpus_per_node}"
     assert cells[4] == (f"{par.tensor_model_parallel_size}/{par.pipeline_model_parallel_size}/"
                         f"{par.context_parallel_size}/{dp}")
     assert recipe.path.name in cells[-1]
@@ -215,11 +234,14 @@ def _sbatch_default(option: str) -> str:
 
 def test_sbatch_script_parses():
     subprocess.run(["bash", "-n", str(SBATCH)], check=True)
-    assert _sbatch_default("ntasks-per-node") == _sbatch_default("gpus-per-node")  # one task per GPU
+    assert _sbatch_default("ntasks-per-node") == _sbatch_default("gpus-per-node")  # one trainer task per GPU
+    assert re.search(r"^ROLLOUT_NODES=\$\{ROLLOUT_NODES:-1\}$", SBATCH.read_text(), flags=re.M)
 
 
 def test_launch_lines_request_the_recipes_nodes(recipe):
-    """The header's sbatch command gets the recipe's node count (given, or the script's default)."""
+    """The header's sbatch command gets the recipe's node count, trainer + rollout (given, or the script's
+    default), and the script's default of one rollout node."""
+    assert recipe.rollout_nodes == 1
     text = recipe.path.read_text()
     match = re.search(r"sbatch (.*?)examples/slurm/depo_8b\.sbatch\s+(?:\\\n#\s*)?(\S+)", text)
     assert match, f"{recipe.path.name}: no sbatch launch line"

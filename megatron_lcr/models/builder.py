@@ -31,7 +31,8 @@ class ModelConfig:
     params_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """Dtype of parameters and activations (the optimizer keeps fp32 master weights)."""
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
-    """Layer implementation: TE when TE and CUDA are present under 'auto', else Megatron's local one."""
+    """Layer implementation: 'auto' = TE when TE and CUDA are present and params_dtype is 16-bit, else
+    Megatron's local one (TE has no attention backend for float32 packed THD sequences)."""
     fp8: Literal["e4m3", "hybrid"] | None = None
     """FP8 format for TE linear layers (hybrid: e4m3 forward, e5m2 gradients); None disables FP8."""
     fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
@@ -54,6 +55,12 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.fp8 is not None and self.transformer_impl == "local":
             raise ValueError(f"fp8={self.fp8!r} needs transformer_impl 'transformer_engine' or 'auto', not 'local'")
+        if self.params_dtype == "float32" and (self.transformer_impl == "transformer_engine" or self.fp8):
+            # TE turns Flash and Fused attention off for non-16-bit inputs and Unfused attention takes
+            # no THD (packed) layout: every packed forward would fail inside TE.
+            what = f"fp8={self.fp8!r}" if self.fp8 else f"transformer_impl={self.transformer_impl!r}"
+            raise ValueError(f"params_dtype 'float32' with {what}: Transformer Engine has no attention backend for "
+                             "float32 packed sequences; use params_dtype 'bfloat16' or transformer_impl 'local'")
         for name in ("attention_dropout", "hidden_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -72,7 +79,7 @@ def use_transformer_engine(cfg: ModelConfig) -> bool:
         raise RuntimeError("transformer_impl 'transformer_engine' needs Transformer Engine and a CUDA GPU")
     if cfg.fp8 is not None and not te_available():
         raise RuntimeError(f"fp8={cfg.fp8!r} needs Transformer Engine and a CUDA GPU")
-    return te_available()
+    return te_available() and cfg.params_dtype != "float32"  # see ModelConfig.transformer_impl
 
 
 def resolved_vocab_size(arch: HFArch, cfg: ModelConfig, parallel: ParallelConfig) -> int:

@@ -4,12 +4,16 @@
 tested without launching anything; `init_process_group` turns its result into a default
 `torch.distributed` process group (NCCL on GPU, gloo on CPU).
 
+`is_loopback` and `routable_address` tell whether an address reaches other nodes, and at which of
+this host's addresses another node reaches us (the weight-update group's rendezvous address).
+
 Precedence: torchrun-style variables (RANK, WORLD_SIZE, ...) win over SLURM's, because a job that
 runs `torchrun` inside `srun` has both and the torchrun ones describe the actual worker processes.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -87,6 +91,38 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port on ``host`` that was free a moment ago (the OS picks it; we release it)."""
     return free_ports(1, host)[0]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a connection to ``host`` (a name or IP literal, as written: no DNS lookup) stays on the
+    host that makes it: ``localhost`` and ``*.localhost``, 127.0.0.0/8, ::1, ::ffff:127.x.y.z, and the
+    unspecified 0.0.0.0 / :: (a connect to them reaches the connecting host too)."""
+    name = host.strip().strip("[]").rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        ip = ipaddress.ip_address(name)
+    except ValueError:
+        return False  # a host name: only its own node's resolver knows where it points
+    mapped = getattr(ip, "ipv4_mapped", None)
+    ip = mapped or ip
+    return ip.is_loopback or ip.is_unspecified
+
+
+def routable_address(peer: str, port: int = 9) -> str | None:
+    """This host's address on the interface that routes to ``peer`` (where ``peer`` would see our
+    packets come from), or None when ``peer`` does not resolve or no route leads there.
+
+    A UDP ``connect`` only asks the kernel for a route and a source address; no packet is sent, so
+    this works for any address, reachable or not.
+    """
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(peer, port, type=socket.SOCK_DGRAM)[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.connect(sockaddr)
+            return sock.getsockname()[0]
+    except OSError:  # socket.gaierror included: no such name, no route, no interface
+        return None
 
 
 def read_dist_env(environ: Mapping[str, str]) -> DistEnv:

@@ -16,6 +16,8 @@ from typing import ClassVar
 # tests/parallel/test_layout.py against its RankGenerator). Its attention/dense groups use this
 # order with ep = 1; its expert groups use it with cp = 1 and expert-tp = tp.
 MEGATRON_RANK_ORDER = "tp-cp-ep-dp-pp"
+# torch's own default for a collective's timeout, ours when the config does not need longer (seconds).
+DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0
 
 
 @dataclass(kw_only=True)
@@ -45,6 +47,9 @@ class ParallelConfig:
     """Split LayerNorm/dropout activations along the sequence over the tensor-parallel ranks."""
     use_distributed_optimizer: bool = False
     """Shard optimizer state over the data-parallel ranks (ZeRO-1 style)."""
+    timeout_s: float | None = None
+    """Longest wait of one collective before the job fails (seconds); None: 1800, or longer where the run's
+    config needs it (``lcr train``: rank 0 starts the rollout servers while the other ranks wait)."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -55,6 +60,8 @@ class ParallelConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0 (or None), got {self.timeout_s}")
         tp, pp, vpp = (
             self.tensor_model_parallel_size,
             self.pipeline_model_parallel_size,

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from megatron_lcr.parallel import cpu_compat
 from megatron_lcr.parallel.env import init_process_group, read_dist_env
-from megatron_lcr.parallel.layout import ModelDims, ParallelConfig, validate_layout
+from megatron_lcr.parallel.layout import DEFAULT_COLLECTIVE_TIMEOUT_S, ModelDims, ParallelConfig, validate_layout
 
 
 def initialize_megatron(
@@ -35,7 +35,7 @@ def initialize_megatron(
 
     env = read_dist_env(os.environ)
     dp = validate_layout(parallel, world_size=env.world_size, dims=dims, seq_length=seq_length)
-    init_process_group(env)
+    init_process_group(env, timeout_s=parallel.timeout_s or DEFAULT_COLLECTIVE_TIMEOUT_S)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(

@@ -15,6 +15,7 @@ Trainer side of the sync (engines implement the SGLang endpoints it calls):
                     (NCCL between GPU processes; gloo where either side is on CPU, e.g. the
                     reference server beside a GPU trainer: tensors are staged through host memory);
    ``disk``         safetensors shards in a directory, then ``/update_weights_from_disk`` on each engine;
+                    older copies are deleted once the engines hold the new one (``disk_keep`` remain);
    ``tensor``       per bucket one ``/update_weights_from_tensor`` request per engine, for engines on
                     the trainer's node: SGLang's pickled form (``tensor_format='sglang'``: CUDA-IPC
                     handles, or shared-memory CPU tensors for SGLang on a CPU) or our pickle-free base64
@@ -25,6 +26,16 @@ Trainer side of the sync (engines implement the SGLang endpoints it calls):
    requires it, vLLM finalises repacked weights at its end); every engine gets the new
    ``weight_version`` (with every bucket, as SGLang's update requests carry it); optional per-tensor
    checksums (lcr serve) prove the engines hold exactly these weights. All three modes share this path.
+
+The update group's rendezvous: rank 0 hosts a TCP store that listens on every interface; the engines
+connect to ``master_address`` (:func:`update_group_address`: 127.0.0.1 only while every engine is on this
+host; else rank 0's routable address). A loopback address with an engine on another host is refused
+(:func:`check_update_group_address`), at config time when it was configured.
+
+Limits: ``timeout_s`` bounds the group's rendezvous and collectives. Client calls have no second limit
+here: the client bounds each HTTP request itself (``request_timeout_s`` for generation,
+``control_timeout_s`` for control calls, ``revive_timeout_s`` for a restart), and a batch of requests
+legitimately outlasts any one of them.
 """
 
 from __future__ import annotations
@@ -33,12 +44,17 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import logging
+import os
+import re
+import shutil
+import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import torch
 
@@ -46,7 +62,7 @@ from megatron_lcr.atomic import atomic_dir
 from megatron_lcr.models.builder import use_transformer_engine
 from megatron_lcr.models.hf_checkpoint import ShardedSafetensorsWriter, finalize_shards
 from megatron_lcr.models.transfer import export_chunk_to_hf, maps_for_rank
-from megatron_lcr.parallel.env import collective_device, free_port
+from megatron_lcr.parallel.env import DEFAULT_MASTER_ADDR, collective_device, free_port, is_loopback, routable_address
 from megatron_lcr.rollout.checksum import tensor_checksum
 from megatron_lcr.rollout.client import RolloutRequestError
 from megatron_lcr.rollout.tensor_payload import TENSOR_FORMATS, serialize_bucket
@@ -55,6 +71,9 @@ from megatron_lcr.rollout.update_group import broadcast_from_source, join_update
 log = logging.getLogger(__name__)
 # Attempts to start a sync while servers die and come back (each a full restart: minutes at most).
 _PREPARE_TRIES = 3
+# Mode 'disk': weights-{version} copies, and atomic_dir's temporary siblings of them (a crashed write).
+_DISK_COPY = re.compile(r"weights-.+")
+_DISK_TEMP = re.compile(r"\.weights-.+\.(tmp|old)-[^.]+")
 
 
 @dataclass(kw_only=True)
@@ -71,7 +90,18 @@ class WeightSyncConfig:
     group_name: str = "lcr_weight_sync"
     """Name of the trainer+engines process group."""
     disk_dir: str = ""
-    """Directory for mode 'disk' (must be visible to every engine)."""
+    """Directory for mode 'disk' (must be visible to every engine; this run's own: weights-* found there
+    from an earlier run are deleted as older copies)."""
+    disk_keep: int = 1
+    """Mode 'disk': weight copies left in disk_dir after a sync (count, >= 1). The engines have loaded the
+    newest copy when /update_weights_from_disk returns and never read an older one again (a restarted
+    server is caught up by a sync that writes a new copy), so 1 suffices; more keep earlier steps' weights."""
+    master_address: str = ""
+    """Mode 'distributed': address (IP or host name of the trainer's rank-0 node) the engines connect to for
+    the update group; empty: auto (127.0.0.1 if every engine URL is loopback, else MASTER_ADDR if routable,
+    else this node's address on the route to the first remote engine)."""
+    timeout_s: float = 600.0
+    """Limit on forming the update group (every engine rank joining it) and on each broadcast in it (seconds)."""
     engine_tp_size: int = 1
     """Tensor-parallel ranks per engine (SGLang --tp-size): each joins the update group, or gets an entry
     of a tensor update."""
@@ -93,6 +123,10 @@ class WeightSyncConfig:
             raise ValueError(f"bucket_bytes must be >= 1, got {self.bucket_bytes}")
         if self.mode == "disk" and not self.disk_dir:
             raise ValueError("mode 'disk' needs disk_dir (a directory every engine can read)")
+        if self.disk_keep < 1:
+            raise ValueError(f"disk_keep must be >= 1 (the copy the engines just loaded), got {self.disk_keep}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
 
 
 def resolve_sync_config(cfg: WeightSyncConfig, *, cuda: bool, gpu_engines: bool) -> WeightSyncConfig:
@@ -111,6 +145,80 @@ def engine_tensor_format(engines: Iterable[str]) -> str:
         raise ValueError(f"mode 'tensor' needs one payload for every engine, but these engines read {sorted(formats)}: "
                          "set rollout.sync.tensor_format, or use mode 'distributed' or 'disk'")
     return formats.pop()
+
+
+def _url_host_port(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def update_group_address(configured: str, engine_urls: Sequence[str], environ: Mapping[str, str]) -> tuple[str, str]:
+    """``(address, origin)``: where the engines reach the update group's store (rank 0 of the trainer, this
+    process, hosts it on every interface), and where that address came from, for messages.
+
+    The first that applies: ``configured`` (rollout.sync.master_address); 127.0.0.1 when every engine
+    URL's host is loopback; ``MASTER_ADDR`` (torchrun's, or SLURM's first node: rank 0's node) unless
+    loopback; this host's address on the interface that routes to the first remote engine; this host's
+    name, resolved (which may be loopback: :func:`check_update_group_address` then says so).
+    """
+    if configured:
+        return configured, "rollout.sync.master_address"
+    remote = [(host, port) for host, port in map(_url_host_port, engine_urls) if not is_loopback(host)]
+    if not remote:
+        return DEFAULT_MASTER_ADDR, "every engine is on this host"
+    master = environ.get("MASTER_ADDR", "")
+    if master and not is_loopback(master):
+        return master, "MASTER_ADDR"
+    host, port = remote[0]
+    routed = routable_address(host, port)
+    if routed is not None and not is_loopback(routed):
+        return routed, f"the route to {host}"
+    name = socket.gethostname()
+    try:
+        return socket.gethostbyname(name), f"host name {name!r}"
+    except OSError:  # the engines may still resolve it
+        return name, "host name"
+
+
+def check_update_group_address(address: str, engine_urls: Sequence[str], origin: str = "") -> None:
+    """Raise ValueError (one line, naming both) when ``address`` is loopback but an engine URL is on another
+    host: that engine would look for the store on its own loopback and wait out the group's timeout. An
+    empty ``address`` (auto) is resolved later and checked then; host names count as other hosts."""
+    if not address or not is_loopback(address):
+        return
+    for url in engine_urls:
+        if not is_loopback(_url_host_port(url)[0]):
+            how = f" (auto: {origin})" if origin else ""
+            raise ValueError(f"rollout.sync.master_address {address!r}{how} is loopback but engine {url} is on "
+                             "another host: set it to this node's routable address")
+
+
+def prune_weight_copies(disk_dir: Path, written: Sequence[Path], keep: int,
+                        protected: Collection[str | Path] = ()) -> list[Path]:
+    """Delete all but the newest ``keep`` weight copies (``weights-*`` directories) in ``disk_dir``, and
+    atomic_dir's leftovers of crashed writes (``.weights-*.tmp-*``, ``.old-*``); returns the deleted paths.
+
+    ``written``: the copies this run wrote, oldest first: newest by write order (versions are strings:
+    '10' sorts before '9'). Other copies (an earlier run's) are older than those, newest by mtime.
+    ``protected`` (the directories the engines were launched from) is never deleted. A directory that
+    cannot be deleted is logged and skipped: disk space is no reason to stop training.
+    """
+    disk_dir = Path(disk_dir).resolve()
+    spared = {Path(p).resolve() for p in protected}
+    entries = [p for p in disk_dir.iterdir() if p.is_dir() and not p.is_symlink() and p not in spared] \
+        if disk_dir.is_dir() else []
+    newest_first = dict.fromkeys(Path(p).resolve() for p in reversed(written))
+    ours = [p for p in newest_first if p in entries]
+    others = sorted((p for p in entries if _DISK_COPY.fullmatch(p.name) and p not in newest_first),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    deleted = []
+    for path in (ours + others)[keep:] + [p for p in entries if _DISK_TEMP.fullmatch(p.name)]:
+        try:
+            shutil.rmtree(path)
+            deleted.append(path)
+        except OSError as exc:
+            log.warning("could not delete old weight copy %s: %s", path, exc)
+    return deleted
 
 
 def _stage_tensors(policy) -> Iterator[tuple[str, torch.Tensor]]:
@@ -193,7 +301,12 @@ class EventLoopThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def run(self, coro, timeout: float | None = None):
-        return self.submit(coro).result(timeout)
+        future = self.submit(coro)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()  # stop the coroutine too, or it runs on unnoticed
+            raise
 
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -213,49 +326,77 @@ class WeightSyncer:
     after every optimizer step (every rank calls it), ``close()`` at the end. Client calls made
     outside the syncer must go through ``syncer.run(coro)``: the client lives on the syncer's loop.
 
+    Limits come from ``cfg`` (``timeout_s``: the update group) and from the client's own config (each
+    HTTP request); ``run`` adds none unless asked. In mode 'distributed' the engines reach the group at
+    ``cfg.master_address``, or at the address :func:`update_group_address` picks (checked, once).
+
     A sync goes to the servers that are healthy or waiting for a catch-up (a restarted server), or to
     the ``urls`` given (a catch-up of restarted servers alone, with the weights they missed). In mode
     'distributed' the update group holds exactly the servers of the sync: it is formed again (under a
     new name and port) whenever that set changes, e.g. after a server died and came back.
     """
 
-    def __init__(self, cfg: WeightSyncConfig, client=None, *, gpu_engines: bool = True,
-                 master_address: str = "127.0.0.1", master_port: int = 0, timeout_s: float = 600.0) -> None:
+    def __init__(self, cfg: WeightSyncConfig, client=None, *, gpu_engines: bool = True, master_port: int = 0) -> None:
         self.cfg = resolve_sync_config(cfg, cuda=torch.cuda.is_available(), gpu_engines=gpu_engines)
         self.client = client
-        self.master_address = master_address
+        self.master_address = ""  # resolved when the first group is formed
         self.master_port = master_port
-        self.timeout_s = timeout_s
         self.is_source = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
         self._loop = EventLoopThread() if self.is_source else None
         self._group = None
         self._members: list[tuple[str, int]] = []  # (url, incarnation) of the servers in the update group
         self._group_name = cfg.group_name
         self._formed = 0  # groups formed so far (names and ports of later ones differ)
+        self._disk_copies: list[Path] = []  # mode 'disk': the copies this syncer wrote, oldest first
+        self._launch_paths: set[str] = set()  # what the engines loaded at connect(): never deleted
 
     def connect(self) -> None:
-        """Form the trainer+engines process group (mode 'distributed'); a no-op for 'disk' and 'tensor'."""
-        if self.is_source and self.cfg.mode == "distributed":
+        """Note what the engines were launched from, and form the trainer+engines process group (mode
+        'distributed')."""
+        if not self.is_source:
+            return
+        infos = self.run(self.client.model_info())
+        self._launch_paths = {info.model_path for info in infos.values() if info.model_path}
+        if self.cfg.mode == "distributed":
             self._form_group(self.client.urls)
+
+    def _rendezvous_address(self) -> str:
+        """The update group's master address: configured, or picked and checked once."""
+        if not self.master_address:
+            address, origin = update_group_address(self.cfg.master_address, self.client.urls, os.environ)
+            check_update_group_address(address, self.client.urls, "" if self.cfg.master_address else origin)
+            log.info("weight-update group: engines connect to %s (%s)", address, origin)
+            self.master_address = address
+        return self.master_address
+
+    def _group_port(self, address: str) -> int:
+        if self._formed == 0 and self.master_port:
+            return self.master_port
+        try:  # the store listens on every interface; binding here proves the address is this host's
+            return free_port(address)
+        except OSError as exc:
+            raise ValueError(f"rollout.sync.master_address {address!r} is not an address of this host (the "
+                             f"trainer's rank 0, which hosts the update group): {exc}") from None
 
     def _form_group(self, urls: list[str]) -> None:
         """An update group of the source and exactly ``urls`` (the old one is left first)."""
         self._leave_group()
         name = self.cfg.group_name if self._formed == 0 else f"{self.cfg.group_name}_{self._formed}"
-        port = self.master_port if (self._formed == 0 and self.master_port) else free_port(self.master_address)
+        address = self._rendezvous_address()
+        port = self._group_port(address)
         self._formed += 1
         world = 1 + len(urls) * self.cfg.engine_tp_size
         joined = self._loop.submit(self.client.init_weights_update_group(
-            master_address=self.master_address, master_port=port, world_size=world, group_name=name,
+            master_address=address, master_port=port, world_size=world, group_name=name,
             backend=self.cfg.backend, ranks_per_engine=self.cfg.engine_tp_size, urls=urls,
         ))
         try:
-            group = join_update_group(backend=self.cfg.backend, master_address=self.master_address, master_port=port,
-                                      world_size=world, rank=0, group_name=name, timeout_s=self.timeout_s)
+            group = join_update_group(backend=self.cfg.backend, master_address=address, master_port=port,
+                                      world_size=world, rank=0, group_name=name, timeout_s=self.cfg.timeout_s)
         except BaseException:
             joined.cancel()
             raise
-        joined.result(self.timeout_s)
+        joined.result()  # every rank has joined: the engines answer now (the client bounds the call)
         self._group, self._members, self._group_name = group, self.client.incarnations(urls), name
 
     def _leave_group(self) -> None:
@@ -367,9 +508,11 @@ class WeightSyncer:
         self.run(self.client.end_weight_update(urls=targets))
         return sent, checksums
 
-    def run(self, coro):
-        """Run a coroutine (e.g. a client call) on the syncer's event loop; source rank only."""
-        return self._loop.run(coro, self.timeout_s)
+    def run(self, coro, timeout_s: float | None = None):
+        """Run a coroutine (e.g. a client call) on the syncer's event loop and return its result; source rank
+        only. No limit unless ``timeout_s`` is given (then the coroutine is cancelled when it passes): the
+        client bounds every request itself, and a whole batch takes as long as its size needs."""
+        return self._loop.run(coro, timeout_s)
 
     def submit(self, coro) -> concurrent.futures.Future:
         """Start a coroutine on the syncer's event loop without waiting for it; source rank only."""
@@ -385,7 +528,7 @@ class WeightSyncer:
             # gloo from a GPU trainer: staged through host memory (the receivers are on CPU).
             staged = tensor if self.cfg.backend == "nccl" else tensor.cpu()
             broadcast_from_source(self._group, staged.contiguous())
-        done.result(self.timeout_s)
+        done.result()  # the client bounds the request (control_timeout_s), the group each broadcast
 
     def _post_tensor_bucket(self, bucket: list[tuple[str, torch.Tensor]], version: str, targets: list[str]) -> None:
         # The bucket stays referenced until every engine has answered: with tensor_format 'sglang' the
@@ -397,7 +540,7 @@ class WeightSyncer:
                                                         weight_version=version, flush_cache=False, urls=targets))
 
     def _push_disk(self, tensors, version: str, targets: list[str]) -> tuple[int, dict]:
-        out = Path(self.cfg.disk_dir) / f"weights-{version}"
+        out = Path(self.cfg.disk_dir).resolve() / f"weights-{version}"  # engines may run elsewhere: absolute
         sent, checksums = 0, {}
         with atomic_dir(out, overwrite=True) as tmp:
             writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=self.cfg.bucket_bytes)
@@ -409,6 +552,10 @@ class WeightSyncer:
             writer.close()
             finalize_shards(tmp, [writer.part])
         self.run(self.client.update_weights_from_disk(str(out), weight_version=version, urls=targets))
+        # Every target now holds this copy: older ones are never read again.
+        self._disk_copies = [p for p in self._disk_copies if p != out] + [out]
+        deleted = prune_weight_copies(out.parent, self._disk_copies, self.cfg.disk_keep, self._launch_paths)
+        self._disk_copies = [p for p in self._disk_copies if p not in deleted]
         return sent, checksums
 
     def _compare_checksums(self, expected: dict[str, str], version: str, targets: list[str]) -> int:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from megatron_lcr.data.synthetic_lm import SyntheticLMConfig
 from megatron_lcr.models.builder import ModelConfig
 from megatron_lcr.parallel.layout import ParallelConfig
-from megatron_lcr.train.optimizer import OptimizerConfig
+from megatron_lcr.train.optimizer import OptimizerConfig, check_precision
 
 
 @dataclass(kw_only=True)
@@ -65,3 +65,4 @@ class LMRunConfig:
     def __post_init__(self) -> None:
         if not self.model.hf_path and not self.trainer.load:
             raise ValueError("model.hf_path (a Hugging Face model directory) or trainer.load must be set")
+        check_precision(self.model.params_dtype, self.optimizer)

@@ -17,6 +17,7 @@ import concurrent.futures
 import dataclasses
 import json
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +28,13 @@ from megatron_lcr.rollout.client import ClientConfig, RolloutClient, RolloutRequ
 from megatron_lcr.rollout.engine import Completion, GenerateRequest
 from megatron_lcr.rollout.server_api import ModelInfo
 from megatron_lcr.rollout.sglang import SGLangLaunchConfig, launch_servers, restart_callback, stop_servers
-from megatron_lcr.rollout.weight_sync import WeightSyncConfig, WeightSyncer, hf_tensors_on_source
+from megatron_lcr.rollout.weight_sync import (WeightSyncConfig, WeightSyncer, check_update_group_address,
+                                             hf_tensors_on_source)
 
 # How often rank 0 looks for restarted servers while a batch is being generated (seconds).
 _CATCH_UP_POLL_S = 0.5
+# How often rank 0 tells the other ranks, waiting for a batch in a collective, to keep waiting (seconds).
+_HEARTBEAT_S = 60.0
 
 
 def _reference_default() -> SGLangLaunchConfig:
@@ -57,6 +61,19 @@ class RolloutConfig:
     """Accept an engine release newer than the newest tested one (rollout/server_api.py lists them)."""
     sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     """How the trainer's weights reach the servers after every step."""
+
+    def __post_init__(self) -> None:
+        if self.sync.mode == "distributed":  # launched servers run on this node: only given URLs can be remote
+            check_update_group_address(self.sync.master_address, self.urls)
+
+    def launched_gpus(self, on_gpus: bool | None = None) -> list[int]:
+        """GPUs of node 0 the servers rank 0 launches will use (empty: servers on CPU, or given by URL).
+        ``on_gpus`` overrides resolving ``server.device`` here (the recipe checks assume GPU nodes)."""
+        server = self.server
+        on_gpus = (server.backend != "reference" and server.on_gpus) if on_gpus is None else on_gpus
+        if self.urls or not on_gpus:
+            return []
+        return list(server.gpu_ids) or list(range(server.num_servers * server.tp_size))
 
     @property
     def gpu_engines(self) -> bool:
@@ -137,11 +154,15 @@ class Engines:
                 return value
             if kind == "error":
                 raise RolloutRequestError(value)
-            self._catch_up(value)
+            if kind == "catch_up":
+                self._catch_up(value)
 
     def _next_message(self, batch: concurrent.futures.Future) -> tuple[str, object]:
-        """Rank 0: ('done', completions), ('error', message) or ('catch_up', urls), whichever comes first."""
-        while True:
+        """Rank 0: ('done', completions), ('error', message) or ('catch_up', urls), whichever comes first,
+        or ('wait', None) after _HEARTBEAT_S: the other ranks wait for the batch in a collective, which
+        must not run into the collective timeout however long the batch takes."""
+        started = time.monotonic()
+        while time.monotonic() - started < _HEARTBEAT_S:
             try:
                 return "done", batch.result(timeout=_CATCH_UP_POLL_S)
             except concurrent.futures.TimeoutError:
@@ -153,6 +174,7 @@ class Engines:
                 stale = self.syncer.run(_stale_urls(self.syncer.client))
                 if stale and self._synced is not None:
                     return "catch_up", stale
+        return "wait", None
 
     def _catch_up(self, urls: list[str]) -> None:
         """Every rank: push the last synced weights to restarted servers ``urls``."""

@@ -85,6 +85,10 @@ class PackedBatch:
         return ~allowed[None, None], None
 
 
+# Transformer Engine's FP8 GEMMs need every matrix dimension, tokens included, divisible by 16.
+FP8_TOKEN_MULTIPLE = 16
+
+
 def _round_up(tokens: int, multiple: int) -> int:
     return -(-tokens // multiple) * multiple
 
@@ -96,21 +100,26 @@ class PackLayout:
     segment_multiple: int = 1
     """Each sequence's segment is padded to this (``2 * cp``: the zigzag split's equal chunks)."""
     row_multiple: int = 1
-    """Each row's length is a multiple of this (sequence parallelism scatters ``L / cp`` over TP)."""
+    """Each row's length is a multiple of this (sequence parallelism scatters ``L / cp`` over TP; FP8
+    GEMMs need each rank's share of the row to be a multiple of 16)."""
     count_multiple: int = 1
     """The number of micro-batches is a multiple of this (the interleaved pipeline schedule: PP)."""
 
     @classmethod
-    def for_layout(cls, tp: int, cp: int, sequence_parallel: bool, *, pp: int = 1, vpp: int | None = None) -> "PackLayout":
+    def for_layout(cls, tp: int, cp: int, sequence_parallel: bool, *, pp: int = 1, vpp: int | None = None,
+                   fp8: bool = False) -> "PackLayout":
         segment = 2 * cp if cp > 1 else 1
-        row = math.lcm(segment, cp * tp) if sequence_parallel else segment
+        shards = cp * tp if sequence_parallel else cp  # ranks a row's tokens are split over
+        row = math.lcm(segment, shards)
+        if fp8:  # Transformer Engine's FP8 GEMMs take token dimensions that are multiples of 16 only
+            row = math.lcm(row, FP8_TOKEN_MULTIPLE * shards)
         return cls(segment, row, pp if vpp and vpp > 1 else 1)
 
     @classmethod
-    def for_parallel(cls, parallel: ParallelConfig) -> "PackLayout":
+    def for_parallel(cls, parallel: ParallelConfig, *, fp8: bool = False) -> "PackLayout":
         return cls.for_layout(parallel.tensor_model_parallel_size, parallel.context_parallel_size,
                               parallel.sequence_parallel, pp=parallel.pipeline_model_parallel_size,
-                              vpp=parallel.virtual_pipeline_model_parallel_size)
+                              vpp=parallel.virtual_pipeline_model_parallel_size, fp8=fp8)
 
 
 def pack_micro_batch(sequences: Sequence[TokenSequence], ids: Sequence[int], *, pad_id: int,

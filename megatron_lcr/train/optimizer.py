@@ -35,6 +35,11 @@ class OptimizerConfig:
     """Optimizer steps of linear warmup from 0 to lr."""
     decay_style: Literal["constant", "linear", "cosine"] = "constant"
     """LR schedule after warmup."""
+    loss_scale: float | None = None
+    """params_dtype float16 only: a static loss scale (> 1); None: Megatron's dynamic scaler, which starts
+    at initial_loss_scale, halves it and skips the step on an overflow, doubles it after 1000 clean steps."""
+    initial_loss_scale: float = 2.0**16
+    """params_dtype float16, dynamic scaling: the first loss scale."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -43,6 +48,19 @@ class OptimizerConfig:
             raise ValueError(f"min_lr ({self.min_lr}) must be in [0, lr ({self.lr})]")
         if self.warmup_steps < 0 or self.clip_grad < 0:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) and clip_grad ({self.clip_grad}) must be >= 0")
+        if self.initial_loss_scale <= 1:
+            raise ValueError(f"initial_loss_scale must be > 1, got {self.initial_loss_scale}")
+
+
+def check_precision(params_dtype: str, cfg: OptimizerConfig) -> None:
+    """Config-time check of a run's model dtype against its optimizer's loss scaling: fp16 gradients
+    underflow without a loss scale > 1, and a loss scale means nothing for bf16 / fp32."""
+    if params_dtype != "float16" and cfg.loss_scale is not None:
+        raise ValueError(f"optimizer.loss_scale ({cfg.loss_scale}) applies to model.params_dtype 'float16' only, "
+                         f"got {params_dtype!r}")
+    if params_dtype == "float16" and cfg.loss_scale is not None and cfg.loss_scale <= 1:
+        raise ValueError(f"model.params_dtype 'float16' with optimizer.loss_scale {cfg.loss_scale} trains without "
+                         "loss scaling (fp16 gradients underflow): leave loss_scale unset (dynamic) or set it > 1")
 
 
 def build_optimizer(
@@ -71,8 +89,14 @@ def build_optimizer(
         fp16=params_dtype == torch.float16,
         params_dtype=params_dtype,
         use_distributed_optimizer=use_distributed_optimizer,
+        loss_scale=cfg.loss_scale,
+        initial_loss_scale=cfg.initial_loss_scale,
     )
     optimizer = get_megatron_optimizer(megatron_cfg, chunks)
+    for chunk in chunks:
+        # Megatron's schedules multiply each micro-batch's loss by this before backward; the optimizer
+        # divides the gradients by the same scale (1 unless fp16) before clipping and the step.
+        chunk.config.grad_scale_func = optimizer.scale_loss
     decay_steps = max(total_steps, cfg.warmup_steps + 1)
     scheduler = OptimizerParamScheduler(
         optimizer,

@@ -10,15 +10,17 @@ from megatron_lcr.data.tasks import TaskDataConfig
 from megatron_lcr.distill.depo import DePOConfig
 from megatron_lcr.kernels.config import KernelConfig
 from megatron_lcr.models.builder import ModelConfig
-from megatron_lcr.parallel.layout import ParallelConfig
+from megatron_lcr.parallel.layout import DEFAULT_COLLECTIVE_TIMEOUT_S, ParallelConfig
 from megatron_lcr.rl.advantages import AdvantageConfig
 from megatron_lcr.rl.losses import PolicyLossConfig
 from megatron_lcr.rl.rewards import REWARDS
 from megatron_lcr.train.engines import RolloutConfig
 from megatron_lcr.train.evaluate import EvalConfig
 from megatron_lcr.train.micro_batches import PackLayout
-from megatron_lcr.train.optimizer import OptimizerConfig
+from megatron_lcr.train.optimizer import OptimizerConfig, check_precision
 
+# Slack of the collective timeout over the longest wait rank 0 imposes on the other ranks (seconds).
+COLLECTIVE_MARGIN_S = 300.0
 # The importance-ratio level each algorithm is defined with; its other settings (clip range,
 # dynamic sampling, aggregation) are explicit config values, see examples/ for each recipe.
 ALGORITHM_RATIO = {"grpo": "token", "dapo": "token", "gspo": "sequence"}
@@ -134,15 +136,35 @@ class RLRunConfig:
     def __post_init__(self) -> None:
         if not self.model.hf_path and not self.trainer.load:
             raise ValueError("model.hf_path (a Hugging Face model directory) or trainer.load must be set")
-        rows = PackLayout.for_parallel(self.parallel)
+        check_precision(self.model.params_dtype, self.optimizer)
+        rows = PackLayout.for_parallel(self.parallel, fp8=self.model.fp8 is not None)
         if self.trainer.token_budget % rows.row_multiple:
             raise ValueError(f"trainer.token_budget ({self.trainer.token_budget}) must be a multiple of "
-                             f"{rows.row_multiple} (zigzag chunks of 2*cp; cp*tp with sequence parallelism)")
+                             f"{rows.row_multiple} (zigzag chunks of 2*cp; cp*tp with sequence parallelism; "
+                             "16 tokens per rank with fp8)")
         if self.trainer.logprobs_from == "hidden" and self.parallel.sequence_parallel:
             raise ValueError("trainer.logprobs_from='hidden' needs parallel.sp=false (use 'logits' or 'auto')")
         if self.depo.enabled and self.depo.mode == "kd-full" and self.parallel.context_parallel_size > 1:
             raise ValueError("depo.kd_estimator='full' needs parallel.cp=1: the exact KD compares a response's "
                              "distributions on two packed sequences, which context parallelism puts on different ranks")
+        self._derive_collective_timeout()
         if self.depo.enabled and self.rl.context != "short":
             raise ValueError(f"depo.enabled needs rl.context='short' (DePO runs RL on the short context), "
                              f"got rl.context={self.rl.context!r}")
+
+    def _derive_collective_timeout(self) -> None:
+        """The other ranks wait in a collective while rank 0 starts the rollout servers (up to
+        rollout.server.startup_timeout_s) and while it finishes a weight sync (up to
+        rollout.sync.timeout_s); generation does not count (rank 0 sends a heartbeat every minute).
+        parallel.timeout_s unset: derived to cover both; set shorter: an error naming both."""
+        waits = {"rollout.sync.timeout_s": self.rollout.sync.timeout_s}
+        if not self.rollout.urls:
+            waits["rollout.server.startup_timeout_s"] = self.rollout.server.startup_timeout_s
+        name, longest = max(waits.items(), key=lambda item: item[1])
+        needed = longest + COLLECTIVE_MARGIN_S
+        if self.parallel.timeout_s is None:
+            self.parallel.timeout_s = max(DEFAULT_COLLECTIVE_TIMEOUT_S, needed)
+        elif self.parallel.timeout_s < needed:
+            raise ValueError(f"parallel.timeout_s ({self.parallel.timeout_s:g}) must exceed {name} ({longest:g}) by "
+                             f"{COLLECTIVE_MARGIN_S:g} s: the other ranks wait in a collective meanwhile (leave it "
+                             "unset to derive it)")

@@ -12,6 +12,7 @@ context of the base and the trained policy, and the wall time.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -19,6 +20,8 @@ from pathlib import Path
 from megatron_lcr.atomic import atomic_write_text
 from megatron_lcr.data.tasks import data_order
 from megatron_lcr.models.megatron_checkpoint import load_model
+from megatron_lcr.parallel.env import read_dist_env
+from megatron_lcr.parallel.placement import check_rollout_placement
 from megatron_lcr.parallel.state import destroy_megatron
 from megatron_lcr.train.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
 from megatron_lcr.train.engines import Engines
@@ -27,8 +30,8 @@ from megatron_lcr.train.metrics_log import MetricsLog
 from megatron_lcr.train.micro_batches import PackLayout, plan_micro_batches
 from megatron_lcr.train.model_setup import build_policy, has_hf_weights
 from megatron_lcr.train.rl_config import RLRunConfig
-from megatron_lcr.train.rl_step import (build_sequences, gradient_scale, guarded_update, make_loss_fn, score, step_norms,
-                                        training_units)
+from megatron_lcr.train.rl_step import (build_sequences, check_weights_finite, gradient_scale, guarded_update,
+                                        make_loss_fn, score, step_norms, training_units)
 from megatron_lcr.train.rollouts import collect_rollouts
 from megatron_lcr.train.task import start_qa_job
 from megatron_lcr.train.token_logprobs import ScoringSpec
@@ -51,7 +54,7 @@ def _old_logprobs(cfg, policy, ref, sequences, spec) -> dict[str, float]:
     """Fill ``old_logp`` / ``teacher_logp`` (and ``ref_logp``) of the step's sequences; returns metrics."""
     short = [i for i, s in enumerate(sequences) if s.values["aux"] == 0.0]
     kwargs = dict(token_budget=cfg.trainer.token_budget, fixed_length=cfg.parallel.pipeline_model_parallel_size > 1,
-                  layout=PackLayout.for_parallel(cfg.parallel))
+                  layout=PackLayout.for_parallel(cfg.parallel, fp8=cfg.model.fp8 is not None))
     old = score(policy.chunks, sequences, short, spec, **kwargs)
     refs = score(ref.chunks, sequences, short, spec, **kwargs) if ref is not None else {}
     by_rollout = {}
@@ -80,7 +83,7 @@ def _train_on(cfg, policy, optimizer, scheduler, sequences, spec, num_rollouts) 
     batches = plan_micro_batches(trained, token_budget=cfg.trainer.token_budget, dp_size=dp,
                                  dp_rank=ps.get_data_parallel_rank(), pad_id=0,
                                  fixed_length=cfg.parallel.pipeline_model_parallel_size > 1,
-                                 units=training_units(trained), layout=PackLayout.for_parallel(cfg.parallel))
+                                 units=training_units(trained), layout=PackLayout.for_parallel(cfg.parallel, fp8=cfg.model.fp8 is not None))
     norms = step_norms(trained, cfg.rl.max_new_tokens, num_rollouts)
     loss_fn = make_loss_fn(cfg, norms, scale=gradient_scale(len(batches)))
     metrics = guarded_update(policy.chunks, optimizer, scheduler, batches, spec, loss_fn)
@@ -94,6 +97,8 @@ def run_rl(cfg: RLRunConfig, out_dir: str | Path) -> dict:
     started = time.time()
     out_dir = Path(out_dir)
     trainer = cfg.trainer
+    check_rollout_placement(trainer_gpus=range(read_dist_env(os.environ).local_world_size),
+                            rollout_gpus=cfg.rollout.launched_gpus(), sync_mode=cfg.rollout.sync.mode)
     job = start_qa_job(cfg, out_dir, load=trainer.load, seed=trainer.seed, total_steps=trainer.steps)
     task, train, held_out, is_main = job.task, job.train, job.held_out, job.is_main
     policy, optimizer, scheduler = job.policy, job.optimizer, job.scheduler
@@ -138,12 +143,13 @@ def run_rl(cfg: RLRunConfig, out_dir: str | Path) -> dict:
             metrics.update(_train_on(cfg, policy, optimizer, scheduler, sequences, train_spec, len(rollouts)))
             t3 = time.perf_counter()
             if metrics["skipped"]:
-                state["bad_steps"] += 1
+                state["bad_steps"] += 0 if metrics.get("overflow") else 1
                 if state["bad_steps"] >= trainer.max_bad_steps:
                     raise BadStepsError(f"step {step}: {state['bad_steps']} consecutive steps had a non-finite loss or "
                                         f"gradient (trainer.max_bad_steps={trainer.max_bad_steps})")
             else:
                 state["bad_steps"] = 0
+                check_weights_finite(policy.chunks, step)
                 metrics.update({f"sync/{k}": v for k, v in engines.sync(policy, step).items() if k != "weight_version"})
             metrics.update({"time/rollout_s": t1 - t0, "time/logprob_s": t2 - t1, "time/train_s": t3 - t2,
                             "time/step_s": time.perf_counter() - t0})

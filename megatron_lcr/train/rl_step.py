@@ -168,6 +168,22 @@ def _grads_finite(chunks) -> bool:
     return bool(flag.item())
 
 
+def check_weights_finite(chunks, step: int) -> None:
+    """Raise on every rank if any rank's weights hold NaN/inf after the update of ``step``. The guard
+    in :func:`guarded_update` sees only the loss and the gradients; corrupt optimizer state (Adam moments
+    never restored, say) turns finite gradients into non-finite weights, which must not reach the engines
+    (they would fail every request with an opaque sampling error)."""
+    bad = [name for chunk in chunks for name, param in chunk.named_parameters() if not torch.isfinite(param).all()]
+    every = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, bad)
+    found = [(rank, names) for rank, names in enumerate(every) if names]
+    if found:
+        rank, names = found[0]
+        raise FloatingPointError(f"step {step}: the optimizer step made weights non-finite on {len(found)} rank(s) "
+                                 f"(rank {rank}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); "
+                                 "not syncing them to the rollout engines")
+
+
 def guarded_update(chunks, optimizer, scheduler, micro_batches: list[PackedBatch], spec: ScoringSpec, loss_fn) -> dict:
     """Forward/backward over the micro-batches, then the optimizer step unless anything is non-finite."""
     from megatron.core.distributed import finalize_model_grads
@@ -180,7 +196,10 @@ def guarded_update(chunks, optimizer, scheduler, micro_batches: list[PackedBatch
     optimizer.zero_grad()
     reports = run_packed_schedule(chunks, micro_batches, spec, loss_fn, forward_only=False)
     metrics = reduce_reports(reports)
-    if not (math.isfinite(metrics.get("loss", 0.0)) and _grads_finite(chunks)):
+    # fp16: gradients of the scaled loss may overflow; the optimizer's loss scaler then skips the step and
+    # lowers the scale (an expected event, reported as 'overflow', not a bad step).
+    scaled = bool(config.fp16)
+    if not (math.isfinite(metrics.get("loss", 0.0)) and (scaled or _grads_finite(chunks))):
         for chunk in chunks:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
@@ -188,6 +207,8 @@ def guarded_update(chunks, optimizer, scheduler, micro_batches: list[PackedBatch
     updated, grad_norm, _ = optimizer.step()
     if updated:
         scheduler.step(increment=1)
-    return {**metrics, "skipped": 0.0 if updated else 1.0,
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "lr": optimizer.param_groups[0]["lr"]}
+    metrics.update({"skipped": 0.0 if updated else 1.0, "lr": optimizer.param_groups[0]["lr"],
+                    "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")})
+    if scaled:
+        metrics.update({"overflow": 0.0 if updated else 1.0, "loss_scale": float(optimizer.get_loss_scale())})
+    return metrics

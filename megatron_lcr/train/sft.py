@@ -35,7 +35,7 @@ from megatron_lcr.train.engines import Engines, RolloutConfig
 from megatron_lcr.train.evaluate import EvalConfig
 from megatron_lcr.train.export import export_hf
 from megatron_lcr.train.lm_step import MicroBatch, lm_train_step
-from megatron_lcr.train.optimizer import OptimizerConfig
+from megatron_lcr.train.optimizer import OptimizerConfig, check_precision
 from megatron_lcr.train.task import TaskContext, start_qa_job
 
 
@@ -90,6 +90,7 @@ class SFTRunConfig:
     def __post_init__(self) -> None:
         if not self.model.hf_path and not self.trainer.load:
             raise ValueError("model.hf_path (a Hugging Face model directory) or trainer.load must be set")
+        check_precision(self.model.params_dtype, self.optimizer)
         if self.parallel.context_parallel_size > 1:
             raise ValueError(f"parallel.cp={self.parallel.context_parallel_size}: lcr sft runs padded batches "
                              "without context parallelism; use cp=1 (lcr train supports cp > 1)")

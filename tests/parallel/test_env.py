@@ -383,3 +383,34 @@ def test_slurm_variables_two_ranks_all_reduce(tmp_path):
         assert res == dict(
             rank=r, world_size=2, launcher="slurm", local_rank=r, master_port=port, sum=1
         )
+
+
+# --- addresses: which reach other nodes, and at which of ours they reach us ---
+
+
+@pytest.mark.parametrize(
+    "host, loopback",
+    [
+        ("127.0.0.1", True), ("127.3.2.1", True), ("localhost", True), ("LocalHost.", True),
+        ("api.localhost", True), ("::1", True), ("[::1]", True), ("::ffff:127.0.0.1", True),
+        ("0.0.0.0", True), ("::", True),
+        ("10.0.0.5", False), ("192.0.2.10", False), ("2001:db8::1", False), ("gpu07-ib", False),
+        ("localhost-2", False), ("128.0.0.1", False),
+    ],
+)
+def test_is_loopback_reads_the_address_as_written(host, loopback):
+    from megatron_lcr.parallel.env import is_loopback
+
+    assert is_loopback(host) is loopback
+
+
+def test_routable_address_is_an_address_of_this_host_or_none():
+    from megatron_lcr.parallel.env import free_port, routable_address
+
+    assert routable_address("127.0.0.1") == "127.0.0.1"
+    # A UDP connect to the broadcast address is refused (EACCES without SO_BROADCAST): no address.
+    assert routable_address("255.255.255.255") is None
+    # A documentation address: no packet is sent; a machine without a default route has no answer.
+    got = routable_address("192.0.2.10", 30000)
+    if got is not None:
+        assert free_port(got) > 0  # we can bind it: it is one of this host's addresses
