@@ -147,3 +147,19 @@ def _exact_kd_reference(model_dir) -> float:
             total += float((log_p.exp() * (log_p - log_q)).sum())
             count += len(long.response)
     return total / count
+
+
+@pytest.mark.dist
+def test_fp16_update_scales_the_loss_as_the_optimizer_unscales_the_gradients(tmp_path):
+    """fp16 through Megatron's loss scaler: the loss is multiplied by the scale before backward
+    (``grad_scale_func``) and the gradients divided by it, so the gradient norm is fp32's (fp16
+    rounding aside); unwired, it would come out 2^16 times smaller."""
+    model = make_tiny_hf("llama", tmp_path / "llama", num_layers=2)
+    out = tmp_path / "fp16.json"
+    run_torchrun(WORKERS / "fp16_update.py", 1, [str(model), str(out)])
+    runs = json.loads(out.read_text())
+    fp32, fp16 = runs["float32"], runs["float16"]
+    assert fp32["skipped"] == 0.0 and "loss_scale" not in fp32
+    assert (fp16["skipped"], fp16["overflow"], fp16["loss_scale"]) == (0.0, 0.0, 2.0**16)
+    assert fp16["loss"] == pytest.approx(fp32["loss"], rel=2e-2, abs=1e-3)
+    assert fp16["grad_norm"] == pytest.approx(fp32["grad_norm"], rel=5e-2)
