@@ -72,6 +72,9 @@ def _parameter_state(optimizer) -> list[dict]:
             if isinstance(gbuf_idx, int):
                 for buckets in by_dtype.values():
                     for entry in (e for bucket in buckets for e in bucket):
+                        # Host copies: the state tensors are views (an fp32 model's masters view the whole
+                        # parameter buffer, which torch.save would write out in full).
+                        entry.update({k: v.detach().to("cpu", copy=True) for k, v in entry.items() if torch.is_tensor(v)})
                         entry["padding"] = False
         shards.append(shard)
     return shards
