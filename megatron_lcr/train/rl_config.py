@@ -137,7 +137,7 @@ class RLRunConfig:
         if not self.model.hf_path and not self.trainer.load:
             raise ValueError("model.hf_path (a Hugging Face model directory) or trainer.load must be set")
         check_precision(self.model.params_dtype, self.optimizer)
-        rows = PackLayout.for_parallel(self.parallel, fp8=self.model.fp8 is not None)
+        rows = self.pack_layout
         if self.trainer.token_budget % rows.row_multiple:
             raise ValueError(f"trainer.token_budget ({self.trainer.token_budget}) must be a multiple of "
                              f"{rows.row_multiple} (zigzag chunks of 2*cp; cp*tp with sequence parallelism; "
@@ -151,6 +151,11 @@ class RLRunConfig:
         if self.depo.enabled and self.rl.context != "short":
             raise ValueError(f"depo.enabled needs rl.context='short' (DePO runs RL on the short context), "
                              f"got rl.context={self.rl.context!r}")
+
+    @property
+    def pack_layout(self) -> PackLayout:
+        """What the parallel layout (and FP8) requires of every packed micro-batch of this run."""
+        return PackLayout.for_parallel(self.parallel, fp8=self.model.fp8 is not None)
 
     def _derive_collective_timeout(self) -> None:
         """The other ranks wait in a collective while rank 0 starts the rollout servers (up to

@@ -27,7 +27,7 @@ from megatron_lcr.train.checkpoint import latest_checkpoint, load_training_state
 from megatron_lcr.train.engines import Engines
 from megatron_lcr.train.export import export_hf
 from megatron_lcr.train.metrics_log import MetricsLog
-from megatron_lcr.train.micro_batches import PackLayout, plan_micro_batches
+from megatron_lcr.train.micro_batches import plan_micro_batches
 from megatron_lcr.train.model_setup import build_policy, has_hf_weights
 from megatron_lcr.train.rl_config import RLRunConfig
 from megatron_lcr.train.rl_step import (build_sequences, check_weights_finite, gradient_scale, guarded_update,
@@ -54,7 +54,7 @@ def _old_logprobs(cfg, policy, ref, sequences, spec) -> dict[str, float]:
     """Fill ``old_logp`` / ``teacher_logp`` (and ``ref_logp``) of the step's sequences; returns metrics."""
     short = [i for i, s in enumerate(sequences) if s.values["aux"] == 0.0]
     kwargs = dict(token_budget=cfg.trainer.token_budget, fixed_length=cfg.parallel.pipeline_model_parallel_size > 1,
-                  layout=PackLayout.for_parallel(cfg.parallel, fp8=cfg.model.fp8 is not None))
+                  layout=cfg.pack_layout)
     old = score(policy.chunks, sequences, short, spec, **kwargs)
     refs = score(ref.chunks, sequences, short, spec, **kwargs) if ref is not None else {}
     by_rollout = {}
@@ -83,7 +83,7 @@ def _train_on(cfg, policy, optimizer, scheduler, sequences, spec, num_rollouts) 
     batches = plan_micro_batches(trained, token_budget=cfg.trainer.token_budget, dp_size=dp,
                                  dp_rank=ps.get_data_parallel_rank(), pad_id=0,
                                  fixed_length=cfg.parallel.pipeline_model_parallel_size > 1,
-                                 units=training_units(trained), layout=PackLayout.for_parallel(cfg.parallel, fp8=cfg.model.fp8 is not None))
+                                 units=training_units(trained), layout=cfg.pack_layout)
     norms = step_norms(trained, cfg.rl.max_new_tokens, num_rollouts)
     loss_fn = make_loss_fn(cfg, norms, scale=gradient_scale(len(batches)))
     metrics = guarded_update(policy.chunks, optimizer, scheduler, batches, spec, loss_fn)
