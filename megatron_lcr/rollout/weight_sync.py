@@ -350,12 +350,12 @@ class WeightSyncer:
         self._disk_copies: list[Path] = []  # mode 'disk': the copies this syncer wrote, oldest first
         self._launch_paths: set[str] = set()  # what the engines loaded at connect(): never deleted
 
-    def connect(self) -> None:
-        """Note what the engines were launched from, and form the trainer+engines process group (mode
-        'distributed')."""
+    def connect(self, infos: dict | None = None) -> None:
+        """Note what the engines were launched from (``infos``: their ``model_info()``, if the caller has
+        read it already), and form the trainer+engines process group (mode 'distributed')."""
         if not self.is_source:
             return
-        infos = self.run(self.client.model_info())
+        infos = infos if infos is not None else self.run(self.client.model_info())
         self._launch_paths = {info.model_path for info in infos.values() if info.model_path}
         if self.cfg.mode == "distributed":
             self._form_group(self.client.urls)

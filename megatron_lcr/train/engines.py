@@ -130,10 +130,11 @@ class Engines:
 
     def __enter__(self) -> Engines:
         try:
+            infos = None
             if self.is_source:
                 infos = self.syncer.run(self.syncer.client.model_info())
                 check_served_model(infos, self.model_path, launched=bool(self._handles))
-            self.syncer.connect()
+            self.syncer.connect(infos)
         except BaseException:
             self.close()
             raise

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
@@ -26,6 +25,7 @@ import pytest
 
 from megatron_lcr.rollout.sglang import WATCHDOG_SCRIPT, watchdog_command
 from tests.distributed import REPO_ROOT
+from tests.rollout.test_node import healthy
 
 # A launcher that starts the watchdog (argv: grace_s, then the command) and waits to be killed.
 LAUNCHER = """
@@ -143,11 +143,7 @@ def test_launcher_thread_exit_does_not_stop_the_command():
 
 
 def _health(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
+    return healthy(f"http://127.0.0.1:{port}")
 
 
 def _server_port(watchdog: psutil.Process) -> int:
