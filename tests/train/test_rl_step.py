@@ -163,3 +163,21 @@ def test_fp16_update_scales_the_loss_as_the_optimizer_unscales_the_gradients(tmp
     assert (fp16["skipped"], fp16["overflow"], fp16["loss_scale"]) == (0.0, 0.0, 2.0**16)
     assert fp16["loss"] == pytest.approx(fp32["loss"], rel=2e-2, abs=1e-3)
     assert fp16["grad_norm"] == pytest.approx(fp32["grad_norm"], rel=5e-2)
+
+
+def test_non_finite_weights_stop_the_step_before_the_sync():
+    """check_weights_finite: NaN/inf weights after an update raise, naming the step and the tensor."""
+    import torch.distributed as dist
+
+    from megatron_lcr.train.rl_step import check_weights_finite
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        chunk = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
+        check_weights_finite([chunk], step=3)
+        with torch.no_grad():
+            chunk[1].weight[0, 0] = float("inf")
+        with pytest.raises(FloatingPointError, match=r"^step 3: .* on 1 rank\(s\) \(rank 0: 1.weight\); not syncing"):
+            check_weights_finite([chunk], step=3)
+    finally:
+        dist.destroy_process_group()
