@@ -194,9 +194,12 @@ def parse_score_response(body: Any, sequence: Sequence[int], rid: str, url: str)
     if not isinstance(items, list) or len(items) != len(sequence):
         got = len(items) if isinstance(items, list) else items
         raise ValueError(f"request {rid}: scored {len(sequence)} tokens but input_token_logprobs has {got} entries")
-    ids = [int(item[1]) for item in items]
-    if ids != list(sequence):
-        raise ValueError(f"request {rid}: input_token_logprobs ids {ids[:8]}... differ from the sequence")
+    # SGLang (0.5.23, logprob_result_processor.py) reports every id >= vocab_size - 1 as 0 there: it
+    # clips image-token hashes that way. A 0 can therefore stand for the vocabulary's last token.
+    for pos, (item, token) in enumerate(zip(items, sequence)):
+        if int(item[1]) not in (int(token), 0):
+            raise ValueError(f"request {rid}: input_token_logprobs id {item[1]} at position {pos} "
+                             f"differs from the sequence's {token}")
     logprobs = [None if item[0] is None else float(item[0]) for item in items]
     if any(lp is None for lp in logprobs[1:]):
         raise ValueError(f"request {rid}: input_token_logprobs has a null log-prob after the first token")

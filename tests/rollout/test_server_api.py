@@ -143,6 +143,15 @@ def test_parse_score_response_requires_every_token():
     assert parse_score_response(body, [5, 6], "s", "u").input_logprobs == [None, -2.0]
     with pytest.raises(ValueError, match="scored 3 tokens"):
         parse_score_response(body, [5, 6, 7], "s", "u")
+    with pytest.raises(ValueError, match="id 6 at position 1 differs from the sequence's 7"):
+        parse_score_response(body, [5, 7], "s", "u")
+
+
+def test_parse_score_response_accepts_sglangs_zero_for_the_last_vocabulary_id():
+    # SGLang 0.5.23 reports ids >= vocab_size - 1 as 0 in input_token_logprobs (seen in CI: a sampled
+    # token 999 of a 1000-token vocabulary scored back as id 0); the log-prob is still that token's.
+    body = {"meta_info": {"id": "s", "input_token_logprobs": [[None, 5, None], [-2.5, 0, None]]}}
+    assert parse_score_response(body, [5, 999], "s", "u").input_logprobs == [None, -2.5]
 
 
 def _getter(answers: dict):
