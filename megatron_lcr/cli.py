@@ -31,14 +31,14 @@ from megatron_lcr import __version__
 def _config_class(command: str):
     """The run config of ``lcr train`` / ``sft`` / ``pretrain``."""
     if command == "sft":
-        from megatron_lcr.train.sft import SFTRunConfig
+        from megatron_lcr.train.sft.run import SFTRunConfig
 
         return SFTRunConfig
     if command == "pretrain":
-        from megatron_lcr.train.config import LMRunConfig
+        from megatron_lcr.train.pretrain.config import LMRunConfig
 
         return LMRunConfig
-    from megatron_lcr.train.rl_config import RLRunConfig
+    from megatron_lcr.train.rl.config import RLRunConfig
 
     return RLRunConfig
 
@@ -50,11 +50,11 @@ def _run(args: argparse.Namespace) -> None:
 
     cfg = load_config(_config_class(args.command), args.config, args.overrides)
     if args.command == "sft":
-        from megatron_lcr.train.sft import run_sft as run
+        from megatron_lcr.train.sft.run import run_sft as run
     elif args.command == "pretrain":
-        from megatron_lcr.train.lm_run import run_lm_training as run
+        from megatron_lcr.train.pretrain.run import run_lm_training as run
     else:
-        from megatron_lcr.train.rl_run import run_rl as run
+        from megatron_lcr.train.rl.run import run_rl as run
     results = run(cfg, args.out)
     if _is_rank_zero():
         print(json.dumps(results, indent=2))
@@ -96,7 +96,7 @@ def _megatron_to_hf(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from megatron_lcr.rollout.reference_server import ServeConfig, serve
+    from megatron_lcr.rollout.reference.server import ServeConfig, serve
 
     serve(ServeConfig(model=args.model, port=args.port, host=args.host, api_key=args.api_key,
                       dtype=args.dtype, seed=args.seed, max_batch=args.max_batch))
@@ -105,7 +105,7 @@ def _serve(args: argparse.Namespace) -> None:
 def _rollout_servers(args: argparse.Namespace) -> None:
     from megatron_lcr.config import load_config
     from megatron_lcr.rollout.node import node_server_config, run_rollout_node
-    from megatron_lcr.train.rl_config import RLRunConfig
+    from megatron_lcr.train.rl.config import RLRunConfig
 
     cfg = load_config(RLRunConfig, args.config, args.overrides)
     server = node_server_config(cfg.rollout.server, model_path=cfg.model.hf_path, host=args.host, log_dir=args.log_dir)
@@ -113,7 +113,7 @@ def _rollout_servers(args: argparse.Namespace) -> None:
 
 
 def _plot(args: argparse.Namespace) -> None:
-    from megatron_lcr.train.plot import DEFAULT_METRICS, plot_runs
+    from megatron_lcr.profiling.plot import DEFAULT_METRICS, plot_runs
 
     try:
         import matplotlib  # noqa: F401

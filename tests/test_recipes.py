@@ -24,7 +24,7 @@ from megatron_lcr.cli import main as lcr_main
 from megatron_lcr.config import load_config
 from megatron_lcr.parallel.layout import ModelDims, validate_layout
 from megatron_lcr.parallel.placement import check_rollout_placement
-from megatron_lcr.train.rl_config import RLRunConfig
+from megatron_lcr.train.rl.config import RLRunConfig
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE_DIR = REPO / "examples" / "depo"

@@ -35,7 +35,7 @@ from megatron_lcr.rollout.client import ClientConfig, RolloutClient, RolloutRequ
 from megatron_lcr.rollout.engine import GenerateRequest, SamplingParams
 from megatron_lcr.rollout.sglang import SGLangLaunchConfig
 from megatron_lcr.rollout.weight_sync import WeightSyncConfig
-from megatron_lcr.train.engines import Engines, RolloutConfig, check_served_model
+from megatron_lcr.rollout.engines import Engines, RolloutConfig, check_served_model
 from tests.engine_envs import engine_python
 from tests.tiny_hf import make_tiny_hf
 

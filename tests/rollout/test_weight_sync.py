@@ -74,7 +74,7 @@ def test_engines_count_as_gpu_engines_where_their_device_says():
     import torch
 
     from megatron_lcr.rollout.sglang import SGLangLaunchConfig
-    from megatron_lcr.train.engines import RolloutConfig
+    from megatron_lcr.rollout.engines import RolloutConfig
 
     assert not RolloutConfig().gpu_engines  # the default: launched `lcr serve` reference servers
     assert RolloutConfig(server=SGLangLaunchConfig(backend="sglang", device="cuda")).gpu_engines

@@ -1,4 +1,4 @@
-"""torchrun worker for tests/train/test_cp_logprobs.py: the trainer's per-token values under CP=2.
+"""torchrun worker for tests/train/test_token_logprobs.py: the trainer's per-token values under CP=2.
 
 Usage: ``cp_logprobs.py OUT_DIR`` on 2 processes. Megatron is initialised with context_parallel_size
 2 (gloo). Every rank builds the same packed row (segments padded to 2 * cp), the same full hidden

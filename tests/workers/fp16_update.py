@@ -1,4 +1,4 @@
-"""torchrun worker for tests/train/test_rl_step.py: one RL update in float32 and in float16.
+"""torchrun worker for tests/train/rl/test_rl_step.py: one RL update in float32 and in float16.
 
 Usage: ``fp16_update.py MODEL_DIR OUT_JSON``. Megatron's fp16 optimizer divides the gradients by its
 loss scale before clipping and stepping; the schedule must multiply the loss by the same scale
@@ -24,8 +24,8 @@ def main(model_dir: str, out_path: str) -> None:
     from megatron_lcr.train.micro_batches import PackLayout, plan_micro_batches
     from megatron_lcr.train.model_setup import build_policy
     from megatron_lcr.train.optimizer import OptimizerConfig, build_optimizer
-    from megatron_lcr.train.rl_config import RLRunConfig
-    from megatron_lcr.train.rl_step import gradient_scale, guarded_update, make_loss_fn, score, step_norms, training_units
+    from megatron_lcr.train.rl.config import RLRunConfig
+    from megatron_lcr.train.rl.step import gradient_scale, guarded_update, make_loss_fn, score, step_norms, training_units
     from megatron_lcr.train.token_logprobs import ScoringSpec
 
     parallel = ParallelConfig()

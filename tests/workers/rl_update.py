@@ -1,4 +1,4 @@
-"""torchrun worker for tests/train/test_rl_step.py: one guarded RL update under different packings.
+"""torchrun worker for tests/train/rl/test_rl_step.py: one guarded RL update under different packings.
 
 Usage: ``rl_update.py MODEL_DIR OUT_JSON [TP] [IMPL]``; IMPL ``triton`` runs the fused kernels' Triton
 implementation (under TRITON_INTERPRET=1 on CPU, set by the caller before Python starts). Every rank builds the same fixed set of sequences (GRPO
@@ -50,8 +50,8 @@ def main(model_dir: str, out_path: str, tp: str = "1", impl: str = "auto") -> No
     from megatron_lcr.train.micro_batches import PackLayout, plan_micro_batches
     from megatron_lcr.train.model_setup import build_policy
     from megatron_lcr.train.optimizer import OptimizerConfig, build_optimizer
-    from megatron_lcr.train.rl_config import RLRunConfig
-    from megatron_lcr.train.rl_step import (gradient_scale, guarded_update, make_loss_fn, score, step_norms,
+    from megatron_lcr.train.rl.config import RLRunConfig
+    from megatron_lcr.train.rl.step import (gradient_scale, guarded_update, make_loss_fn, score, step_norms,
                                             training_units)
     from megatron_lcr.train.token_logprobs import ScoringSpec
 

@@ -1,4 +1,4 @@
-"""torchrun worker for tests/train/test_lm_training.py: optimizer steps of a Megatron policy on one fixed batch.
+"""torchrun worker for tests/train/test_pretrain.py: optimizer steps of a Megatron policy on one fixed batch.
 
 Usage: ``train_lm_steps.py SPEC_JSON OUT_JSON``. SPEC_JSON holds ``model`` (a Hugging Face directory),
 ``global_batch``, ``seq_length``, ``steps`` and ``runs``: a list of ``{"name", "lr", "micro_batch_size",

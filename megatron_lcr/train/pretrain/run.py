@@ -23,7 +23,7 @@ from megatron_lcr.models.hf_checkpoint import load_hf_config
 from megatron_lcr.models.megatron_checkpoint import HF_DIR
 from megatron_lcr.parallel.state import destroy_megatron, initialize_megatron
 from megatron_lcr.train.checkpoint import save_checkpoint
-from megatron_lcr.train.config import LMRunConfig
+from megatron_lcr.train.pretrain.config import LMRunConfig
 from megatron_lcr.train.lm_step import evaluate_loss, lm_train_step, micro_batches_from_sequences
 from megatron_lcr.train.model_setup import build_policy
 from megatron_lcr.train.optimizer import build_optimizer

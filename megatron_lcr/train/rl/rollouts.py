@@ -21,7 +21,7 @@ from megatron_lcr.data.schema import Sample
 from megatron_lcr.rl.advantages import GroupFiller, group_advantages, overlong_penalty
 from megatron_lcr.rl.rewards import get_reward, reward_for_family
 from megatron_lcr.rollout.engine import Completion, GenerateRequest, SamplingParams
-from megatron_lcr.train.rl_config import RLConfig
+from megatron_lcr.train.rl.config import RLConfig
 from megatron_lcr.train.task import TaskContext
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from megatron_lcr.rollout.sampling import (
+from megatron_lcr.rollout.reference.sampling import (
     DEFAULT_MAX_NEW_TOKENS,
     SamplingSpec,
     check_finish,

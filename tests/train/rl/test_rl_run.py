@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.distributed import REPO_ROOT
-from tests.train.test_lm_training import error_lines, lcr
+from tests.train.test_pretrain import error_lines, lcr
 
 pytestmark = pytest.mark.e2e
 

@@ -24,15 +24,15 @@ from megatron_lcr.parallel.env import read_dist_env
 from megatron_lcr.parallel.placement import check_rollout_placement
 from megatron_lcr.parallel.state import destroy_megatron
 from megatron_lcr.train.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
-from megatron_lcr.train.engines import Engines
+from megatron_lcr.rollout.engines import Engines
 from megatron_lcr.train.export import export_hf
 from megatron_lcr.train.metrics_log import MetricsLog
 from megatron_lcr.train.micro_batches import plan_micro_batches
 from megatron_lcr.train.model_setup import build_policy, has_hf_weights
-from megatron_lcr.train.rl_config import RLRunConfig
-from megatron_lcr.train.rl_step import (build_sequences, check_weights_finite, gradient_scale, guarded_update,
+from megatron_lcr.train.rl.config import RLRunConfig
+from megatron_lcr.train.rl.step import (build_sequences, check_weights_finite, gradient_scale, guarded_update,
                                         make_loss_fn, score, step_norms, training_units)
-from megatron_lcr.train.rollouts import collect_rollouts
+from megatron_lcr.train.rl.rollouts import collect_rollouts
 from megatron_lcr.train.task import start_qa_job
 from megatron_lcr.train.token_logprobs import ScoringSpec
 

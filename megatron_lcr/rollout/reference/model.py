@@ -2,8 +2,8 @@
 
 :class:`ModelRunner` loads ``AutoModelForCausalLM`` (eval mode, no grad) and its tokenizer, runs
 left-padded batched prefill and one-token decode steps over a ``DynamicCache``, samples with
-:mod:`megatron_lcr.rollout.sampling`, and validates and copies weight updates by Hugging Face name.
-Its methods are not thread-safe: :mod:`megatron_lcr.rollout.reference_server` calls them from one
+:mod:`megatron_lcr.rollout.reference.sampling`, and validates and copies weight updates by Hugging Face name.
+Its methods are not thread-safe: :mod:`megatron_lcr.rollout.reference.server` calls them from one
 model thread only, so forward steps and weight copies never overlap.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from megatron_lcr.rollout.checksum import tensor_checksum
-from megatron_lcr.rollout.sampling import BadRequest, Sequence, check_finish, sample_token, top_logprobs
+from megatron_lcr.rollout.reference.sampling import BadRequest, Sequence, check_finish, sample_token, top_logprobs
 
 
 class ModelRunner:

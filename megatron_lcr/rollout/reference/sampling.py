@@ -1,7 +1,7 @@
 """What the CPU reference rollout server samples and returns, with SGLang's semantics.
 
 Sampling parameters, the sampling math and stop rules (pure functions of tensors and token lists,
-applied row by row by :mod:`megatron_lcr.rollout.reference_server`), and the ``/generate`` request
+applied row by row by :mod:`megatron_lcr.rollout.reference.server`), and the ``/generate`` request
 normalisation and answer layout. Semantics follow SGLang (``python/sglang/srt/sampling/sampling_params.py``,
 ``python/sglang/srt/layers/sampler.py``, ``Req.check_finished`` in ``managers/schedule_batch.py`` and
 ``DetokenizerManager.trim_matched_stop``):

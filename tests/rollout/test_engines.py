@@ -1,4 +1,4 @@
-"""train/engines.py: rank 0's messages to the other ranks while a rollout batch is generated."""
+"""rollout/engines.py: rank 0's messages to the other ranks while a rollout batch is generated."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import concurrent.futures
 import threading
 import time
 
-from megatron_lcr.train import engines
+from megatron_lcr.rollout import engines
 
 
 def test_a_long_batch_sends_heartbeats_then_its_completions(monkeypatch):

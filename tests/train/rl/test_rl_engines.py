@@ -25,8 +25,8 @@ import pytest
 
 from tests.distributed import REPO_ROOT
 from tests.engine_envs import engine_python
-from tests.train.test_lm_training import lcr
-from tests.train.test_rl_training import metrics, tiny_policy, write_config  # noqa: F401 - fixture
+from tests.train.test_pretrain import lcr
+from tests.train.rl.test_rl_run import metrics, tiny_policy, write_config  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.e2e
 

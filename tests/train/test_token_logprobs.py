@@ -55,7 +55,7 @@ def test_exact_kd_with_context_parallelism_is_refused_at_config_time():
     from megatron_lcr.distill.depo import DePOConfig
     from megatron_lcr.models.builder import ModelConfig
     from megatron_lcr.parallel.layout import ParallelConfig
-    from megatron_lcr.train.rl_config import RLRunConfig
+    from megatron_lcr.train.rl.config import RLRunConfig
 
     with pytest.raises(ValueError, match="kd_estimator='full' needs parallel.cp=1"):
         RLRunConfig(model=ModelConfig(hf_path="model"), parallel=ParallelConfig(context_parallel_size=2),
@@ -65,7 +65,7 @@ def test_exact_kd_with_context_parallelism_is_refused_at_config_time():
 def test_token_budget_must_fit_the_row_layout():
     from megatron_lcr.models.builder import ModelConfig
     from megatron_lcr.parallel.layout import ParallelConfig
-    from megatron_lcr.train.rl_config import RLRunConfig, RLTrainerConfig
+    from megatron_lcr.train.rl.config import RLRunConfig, RLTrainerConfig
 
     with pytest.raises(ValueError, match=r"token_budget \(1002\) must be a multiple of 4"):
         RLRunConfig(model=ModelConfig(hf_path="model"), trainer=RLTrainerConfig(token_budget=1002),

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from megatron_lcr.data.schema import DataError
-from megatron_lcr.train.plot import plot_runs, read_metrics, series
+from megatron_lcr.profiling.plot import plot_runs, read_metrics, series
 
 
 def write_run(path, records):

@@ -169,7 +169,7 @@ def test_non_finite_weights_stop_the_step_before_the_sync():
     """check_weights_finite: NaN/inf weights after an update raise, naming the step and the tensor."""
     import torch.distributed as dist
 
-    from megatron_lcr.train.rl_step import check_weights_finite
+    from megatron_lcr.train.rl.step import check_weights_finite
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:

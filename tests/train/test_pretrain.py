@@ -145,7 +145,7 @@ def test_dp2_distributed_optimizer_matches_dp1(curves):
 def test_lcr_train_end_to_end_and_export(tmp_path):
     from megatron_lcr.config import load_config
     from megatron_lcr.data.synthetic_lm import arithmetic_sequences
-    from megatron_lcr.train.config import LMRunConfig
+    from megatron_lcr.train.pretrain.config import LMRunConfig
 
     out = tmp_path / "run"
     proc = lcr("pretrain", str(EXAMPLE), "--out", str(out), f"trainer.steps={E2E_STEPS}")

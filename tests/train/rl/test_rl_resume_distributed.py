@@ -21,8 +21,8 @@ import psutil
 import pytest
 
 from tests.distributed import REPO_ROOT, torchrun_command
-from tests.train.test_lm_training import error_lines
-from tests.train.test_rl_training import metrics, tiny_policy, write_config  # noqa: F401 - fixture
+from tests.train.test_pretrain import error_lines
+from tests.train.rl.test_rl_run import metrics, tiny_policy, write_config  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.e2e
 

@@ -12,7 +12,7 @@ Generation: requests that arrive together are batched (up to ``--max-batch`` seq
 with attention masks and position ids, prefilled once and decoded step by step with a KV cache
 (``DynamicCache``). A batch runs until all its sequences finish; later requests wait for the next batch
 (static batching: correctness over speed). Sampling, log-prob and stop semantics are SGLang's, see
-:mod:`megatron_lcr.rollout.sampling`. Input log-probs (``logprob_start_len >= 0``) are
+:mod:`megatron_lcr.rollout.reference.sampling`. Input log-probs (``logprob_start_len >= 0``) are
 ``log_softmax(logits)`` without temperature, as SGLang's default (``Req.temp_scaled_logprobs=False``).
 ``/pause_generation`` takes SGLang's modes: ``abort`` (the default: running requests end with an abort
 finish reason), ``in_place`` and ``retract`` (both freeze running requests between steps); new requests
@@ -30,7 +30,7 @@ is refused too.
 ``/update_weights_from_tensor`` takes our pickle-free ``load_format="lcr_safetensors"`` (one base64
 safetensors entry per TP rank, :mod:`megatron_lcr.rollout.tensor_payload`), validated the same way
 plus dtypes. The model itself (loading, prefill/decode, weight copies) is
-:class:`~megatron_lcr.rollout.reference_model.ModelRunner`.
+:class:`~megatron_lcr.rollout.reference.model.ModelRunner`.
 
 Deviations from SGLang: no streaming, penalties, grammars, LoRA or multimodal input (refused with 400);
 ``/update_weights_from_tensor`` refuses SGLang's own load formats (their payload is pickled; nothing
@@ -60,8 +60,8 @@ import torch
 from aiohttp import web
 
 from megatron_lcr import __version__
-from megatron_lcr.rollout.reference_model import ModelRunner, read_safetensors_dir
-from megatron_lcr.rollout.sampling import BadRequest, SamplingSpec, Sequence, expand_generate_request, generate_result
+from megatron_lcr.rollout.reference.model import ModelRunner, read_safetensors_dir
+from megatron_lcr.rollout.reference.sampling import BadRequest, SamplingSpec, Sequence, expand_generate_request, generate_result
 from megatron_lcr.rollout.server_api import LCR_SERVE_ENGINE, SGLANG_NEWEST, version_text
 from megatron_lcr.rollout.tensor_payload import LCR_SAFETENSORS, decode_safetensors_payload
 

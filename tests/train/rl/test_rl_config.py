@@ -13,7 +13,7 @@ import pytest
 
 from megatron_lcr.config import load_config
 from megatron_lcr.train.micro_batches import PackLayout
-from megatron_lcr.train.rl_config import COLLECTIVE_MARGIN_S, RLRunConfig
+from megatron_lcr.train.rl.config import COLLECTIVE_MARGIN_S, RLRunConfig
 
 TINY = "examples/tiny/depo.yaml"
 

@@ -32,8 +32,8 @@ from megatron_lcr.distill.depo import DePOConfig, DePOInputs, depo_loss
 from megatron_lcr.parallel.env import collective_device
 from megatron_lcr.rl.losses import Normaliser, metric_reduction, policy_loss
 from megatron_lcr.train.micro_batches import PackedBatch, PackLayout, TokenSequence, plan_micro_batches
-from megatron_lcr.train.rl_config import RLRunConfig
-from megatron_lcr.train.rollouts import Rollout
+from megatron_lcr.train.rl.config import RLRunConfig
+from megatron_lcr.train.rl.rollouts import Rollout
 from megatron_lcr.train.token_logprobs import ScoringSpec, run_packed_schedule, score_sequences
 
 

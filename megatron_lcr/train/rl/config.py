@@ -14,7 +14,7 @@ from megatron_lcr.parallel.layout import DEFAULT_COLLECTIVE_TIMEOUT_S, ParallelC
 from megatron_lcr.rl.advantages import AdvantageConfig
 from megatron_lcr.rl.losses import PolicyLossConfig
 from megatron_lcr.rl.rewards import REWARDS
-from megatron_lcr.train.engines import RolloutConfig
+from megatron_lcr.rollout.engines import RolloutConfig
 from megatron_lcr.train.evaluate import EvalConfig
 from megatron_lcr.train.micro_batches import PackLayout
 from megatron_lcr.train.optimizer import OptimizerConfig, check_precision

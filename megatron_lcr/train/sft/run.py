@@ -31,7 +31,7 @@ from megatron_lcr.models.builder import ModelConfig
 from megatron_lcr.parallel.layout import ParallelConfig
 from megatron_lcr.parallel.state import destroy_megatron
 from megatron_lcr.train.checkpoint import save_checkpoint
-from megatron_lcr.train.engines import Engines, RolloutConfig
+from megatron_lcr.rollout.engines import Engines, RolloutConfig
 from megatron_lcr.train.evaluate import EvalConfig
 from megatron_lcr.train.export import export_hf
 from megatron_lcr.train.lm_step import MicroBatch, lm_train_step
