@@ -47,8 +47,11 @@ def _run(args: argparse.Namespace) -> None:
     import json
 
     from megatron_lcr.config import load_config
+    from megatron_lcr.startup import announce_backend, is_global_rank_zero, quiet_known_warnings
 
+    quiet_known_warnings()  # before anything imports Megatron, which warns on import
     cfg = load_config(_config_class(args.command), args.config, args.overrides)
+    announce_backend(cfg.model)
     if args.command == "sft":
         from megatron_lcr.train.sft.run import run_sft as run
     elif args.command == "pretrain":
@@ -56,12 +59,8 @@ def _run(args: argparse.Namespace) -> None:
     else:
         from megatron_lcr.train.rl.run import run_rl as run
     results = run(cfg, args.out)
-    if _is_rank_zero():
+    if is_global_rank_zero():
         print(json.dumps(results, indent=2))
-
-
-def _is_rank_zero() -> bool:
-    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
 
 
 def _config(args: argparse.Namespace) -> None:

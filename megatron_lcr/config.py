@@ -372,6 +372,17 @@ def _field_default(f: dataclasses.Field) -> Any:
     return _MISSING
 
 
+def _section_base(f: dataclasses.Field) -> Any:
+    """What a YAML section of field ``f`` merges over: the instance its ``default_factory`` builds when
+    that factory chooses values (``lambda: TrainerConfig(steps=10)``); None (the class defaults) when
+    the factory is the class itself. A default instance also holds what its ``__post_init__`` derived
+    from its defaults (``rl.loss.name`` from ``rl.algorithm``); merging over it would carry those over
+    as if the user had set them, instead of deriving them again from the loaded values."""
+    if isinstance(f.default_factory, type):
+        return None
+    return _field_default(f)
+
+
 def _build_dataclass(cls: type, data: Mapping, prefix: str, ctx: _Ctx, base: Any) -> Any:
     """Build ``cls`` from ``data``; fields absent from ``data`` come from ``base`` if given.
 
@@ -386,7 +397,7 @@ def _build_dataclass(cls: type, data: Mapping, prefix: str, ctx: _Ctx, base: Any
             value = data[name]
             sub_base = None
             if isinstance(value, Mapping) and not ctx.partial:
-                sub_base = getattr(base, name) if base is not None else _field_default(f)
+                sub_base = getattr(base, name) if base is not None else _section_base(f)
                 if not dataclasses.is_dataclass(sub_base) or isinstance(sub_base, type):
                     sub_base = None
             kwargs[name] = _coerce(_hints(cls)[name], value, key, ctx, sub_base)

@@ -117,6 +117,33 @@ def test_partial_section_keeps_parent_factory_defaults():
     assert cfg.trainer.use_amp is True
 
 
+@dataclasses.dataclass(kw_only=True)
+class DerivedConfig:
+    kind: str = "a"
+    """What the preset is for."""
+    width: int | None = None
+    """Derived from kind when unset; set to anything else it must match."""
+
+    def __post_init__(self) -> None:
+        preset = {"a": 1, "b": 2}[self.kind]
+        if self.width not in (None, preset):
+            raise ValueError(f"width={self.width} conflicts with kind={self.kind!r}")
+        self.width = preset
+
+
+@dataclasses.dataclass(kw_only=True)
+class HoldsDerived:
+    derived: DerivedConfig = dataclasses.field(default_factory=DerivedConfig)
+    """A section whose __post_init__ derives a field."""
+
+
+def test_partial_section_derives_again_instead_of_keeping_derived_defaults():
+    # The default DerivedConfig() holds width=1 (derived from kind 'a'); a section merged over it
+    # would carry width=1 as if set and conflict with kind 'b'. It merges over the class defaults.
+    assert from_dict(HoldsDerived, {"derived": {"kind": "b"}}).derived.width == 2
+    assert load_config(HoldsDerived, None, ["derived.kind=b"]).derived.width == 2
+
+
 def test_no_file_means_defaults_plus_overrides():
     assert load_config(RunConfig, None) == RunConfig()
     cfg = load_config(RunConfig, None, ["parallel.tp=2", "weights={a: 1, b: 0.5}"])

@@ -96,7 +96,7 @@ def test_lcr_config_prints_the_resolved_recipe(recipe, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["parallel"]["tensor_model_parallel_size"] == recipe.cfg.parallel.tensor_model_parallel_size
     assert printed["rollout"]["server"]["tp_size"] == recipe.cfg.rollout.server.tp_size
-    assert printed["rl"]["loss"]["ratio"] == recipe.cfg.rl.loss.ratio
+    assert printed["rl"]["loss"]["name"] == recipe.cfg.rl.loss.name
 
 
 def test_layout_fits_the_nodes_and_the_model(recipe):
@@ -171,7 +171,7 @@ def test_paper_setting(recipe):
     assert (cfg.rl.temperature, cfg.rl.max_new_tokens, cfg.rl.reward) == (0.7, 1000, "em")
     assert (cfg.data.longblocks.short_tokens, cfg.data.longblocks.long_tokens) == (1024, 15360)
     assert cfg.rl.context == "short"
-    assert cfg.depo.enabled and 0.5 <= cfg.depo.lam <= 1.0 and cfg.depo.tau == 1.0
+    assert cfg.objective == "depo" and 0.5 <= cfg.depo.lam <= 1.0 and cfg.depo.tau == 1.0
     assert cfg.rl.loss.kl_coef == 0.0
 
 
@@ -179,13 +179,13 @@ def test_algorithm_settings(recipe):
     rl = recipe.cfg.rl
     assert rl.algorithm in recipe.path.stem
     if rl.algorithm == "dapo":
-        assert rl.loss.ratio == "token"
+        assert rl.loss.name == "ppo"
         assert rl.loss.eps_high > rl.loss.eps_low
         assert rl.loss.aggregation == "token-mean"
         assert rl.advantage.dynamic_sampling
     else:
         assert rl.algorithm == "gspo"
-        assert rl.loss.ratio == "sequence"
+        assert rl.loss.name == "gspo"
         assert rl.loss.aggregation == "seq-mean-token-mean"
         assert rl.loss.eps_low <= rl.loss.eps_high <= 1e-3
 

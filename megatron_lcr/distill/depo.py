@@ -5,14 +5,14 @@ algorithm (GRPO, DAPO or GSPO; :mod:`megatron_lcr.rl.losses`) only on the *short
 ``(x, c_short)`` (gold documents plus a few distractors), giving ``L_PX``. The same responses, scored
 by the same policy on the *long* context ``(x, c_long)`` (a superset of ``c_short``), add
 
-- **DePO**: knowledge distillation from short to long context, the forward KL
+- **DePO** (objective ``depo``): knowledge distillation from short to long context, the forward KL
   ``KL(pi(.|x, c_short) || pi(.|x, c_long))`` on the short-context rollouts whose reward is
   ``>= tau`` (tau = 1: exact match). The short-context side is the teacher and is detached; the
   long-context side is the student. ``L = L_PX + lam * L_KD``.
-- **DePO-IW**: instead of KD, off-policy RL on the long context over *all* rollouts, with
-  importance weights ``pi(o|x, c_long) / pi_old(o|x, c_short)`` at token level or sequence level
-  (GSPO's length-normalised geometric mean), clipped as PPO, with the rollouts' (short-context)
-  group advantages. ``L = L_PX + lam * L_IW``.
+- **DePO-IW** (objective ``depo-iw``): instead of KD, off-policy RL on the long context over *all*
+  rollouts, with importance weights ``pi(o|x, c_long) / pi_old(o|x, c_short)`` at token level or
+  sequence level (GSPO's length-normalised geometric mean), clipped as PPO, with the rollouts'
+  (short-context) group advantages. ``L = L_PX + lam * L_IW``.
 
 Two per-token KL estimators (``kd_estimator``):
 
@@ -20,88 +20,76 @@ Two per-token KL estimators (``kd_estimator``):
   sampled. Summed over a response it is an unbiased estimate of the sequence-level forward KL; its
   gradient is exactly the SFT (cross-entropy) gradient on the kept rollouts.
 - ``full``: the exact per-position KL over the vocabulary, ``sum_v p_s (log p_s - log p_l)``, at each
-  sampled prefix; summed over a response it is a lower-variance unbiased estimate of the same KL.
+  sampled prefix; summed over a response it is a lower-variance unbiased estimate of the same KL. The
+  trainer computes it with the fused vocab-parallel kernels from the two views in one micro-batch
+  (``Needs.pair_kl``), so no ``[tokens, vocab]`` tensor exists.
 
 Choices the paper leaves open, made here:
 
-- The KD loss is normalised over the *kept* rollouts only (build its :class:`Normaliser` from
-  :func:`kd_mask`), so ``lam`` does not silently scale with the fraction of rollouts kept.
+- The KD loss is normalised over the *kept* rollouts only, so ``lam`` does not silently scale with
+  the fraction of rollouts kept.
 - The teacher log-probs of the sampled estimator are the rollout (old) short-context log-probs: its
   gradient does not depend on them, only the logged KL value does (equal on-policy).
 - The IW objective is exactly :func:`megatron_lcr.rl.losses.policy_loss` (no dual clip, no KL or
   entropy terms) with ``long_logp`` as the policy and ``old_short_logp`` as the behaviour policy.
-- :func:`depo_aux_loss` returns ``lam * L_KD`` (or ``lam * L_IW``) alone, so a trainer that runs the
-  short and long forwards in separate micro-batches can back-propagate the two terms separately
-  (gradients add); :func:`depo_loss` adds it to ``L_PX`` when one micro-batch carries both.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
 
+from megatron_lcr.registry import lookup
 from megatron_lcr.rl.losses import (
-    AGGREGATIONS,
     LOG_RATIOS,
     Normaliser,
     PolicyLossConfig,
     aggregate,
     as_bool_mask,
     check_clip_range,
-    lookup,
     policy_loss,
     upcast,
 )
+from megatron_lcr.rl.objective import LongPrompt, Needs, PolicyGradient, role_normaliser, policy_view, trains_on
+from megatron_lcr.rl.sequences import Role, Rollout, TokenBatch, TokenSequence
 
-IMPORTANCE_LEVELS = ("none", *LOG_RATIOS)
+KD_ESTIMATORS = ("sampled", "full")
+# DePO-IW's importance level -> the policy loss that clips that ratio.
+IW_LOSSES = {"token": "ppo", "sequence": "gspo"}
 
 
 @dataclass(kw_only=True)
 class DePOConfig:
-    """DePO's auxiliary long-context term: KD (sampled or full KL) or importance-weighted RL."""
+    """DePO's auxiliary long-context term: KD (objective ``depo``) or importance-weighted RL (``depo-iw``)."""
 
-    enabled: bool = False
-    """Add the long-context term to the short-context RL loss."""
     lam: float = 1.0
-    """lambda: weight of the KD (or IW) term relative to L_PX (dimensionless; paper: 0.5-1)."""
+    """lambda: weight of the KD (or IW) term relative to L_PX (dimensionless; the paper's Table 6 uses
+    1.0, its appendix finds 0.5 best)."""
     tau: float = 1.0
     """Reward threshold: KD uses the short-context rollouts with reward >= tau (reward units)."""
-    importance: str = "none"
-    """'none': DePO (KD); 'token' or 'sequence': DePO-IW with token or GSPO sequence ratios."""
     kd_estimator: str = "sampled"
-    """KD per-token KL: 'sampled' (on the sampled tokens) or 'full' (exact over the vocabulary)."""
+    """``depo``: the per-token KL, 'sampled' (on the sampled tokens) or 'full' (exact over the vocabulary)."""
+    importance: str = "token"
+    """``depo-iw``: 'token' or 'sequence' (GSPO) importance ratios."""
     eps_low: float = 0.2
     """DePO-IW: ratios below 1 - eps_low are clipped (dimensionless)."""
     eps_high: float = 0.2
     """DePO-IW: ratios above 1 + eps_high are clipped (dimensionless)."""
 
     def __post_init__(self) -> None:
-        if self.importance not in IMPORTANCE_LEVELS:
-            valid = ", ".join(repr(k) for k in IMPORTANCE_LEVELS)
-            raise ValueError(f"unknown importance {self.importance!r}; valid: {valid}")
-        lookup(KD_ESTIMATORS, self.kd_estimator, "kd_estimator")
+        lookup(IW_LOSSES, self.importance, "depo.importance")
+        lookup(dict.fromkeys(KD_ESTIMATORS), self.kd_estimator, "depo.kd_estimator")
         check_clip_range(self.eps_low, self.eps_high, None)
         if self.lam < 0.0:
-            raise ValueError(f"lam must be >= 0, got {self.lam}")
-        if self.importance != "none" and self.kd_estimator != "sampled":
-            raise ValueError(
-                f"kd_estimator={self.kd_estimator!r} has no effect with importance="
-                f"{self.importance!r} (DePO-IW uses no KD); use importance='none' or the default"
-            )
-
-    @property
-    def mode(self) -> str:
-        """The key of :data:`DEPO_TERMS` this config selects."""
-        return "iw" if self.importance != "none" else f"kd-{self.kd_estimator}"
+            raise ValueError(f"depo.lam must be >= 0, got {self.lam}")
 
     def iw_loss_config(self, aggregation: str = "token-mean") -> PolicyLossConfig:
         """The PPO loss config of the DePO-IW term."""
-        return PolicyLossConfig(
-            ratio=self.importance, eps_low=self.eps_low, eps_high=self.eps_high, aggregation=aggregation
-        )
+        return PolicyLossConfig(name=IW_LOSSES[self.importance], eps_low=self.eps_low, eps_high=self.eps_high,
+                                aggregation=aggregation)
 
 
 # --------------------------------------------------------------------------- KD
@@ -125,26 +113,6 @@ def forward_kl_sampled(student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
     context; detached here): ``[B, S] -> [B, S]``, ``teacher_logp - student_logp``.
     """
     return upcast(teacher_logp).detach() - upcast(student_logp)
-
-
-def forward_kl_full(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
-    """Exact per-position KL(teacher || student) over the vocabulary: ``[..., V] -> [...]``.
-
-    ``sum_v p_t (log p_t - log p_s)`` with ``p = softmax(logits / temperature)`` on both sides; the
-    teacher is detached. Vocabulary entries the teacher gives probability 0 (logit -inf, e.g. padded
-    vocab rows) contribute 0.
-    """
-    if temperature <= 0.0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    log_p_t = torch.log_softmax(upcast(teacher_logits).detach() / temperature, dim=-1)
-    log_p_s = torch.log_softmax(upcast(student_logits) / temperature, dim=-1)
-    p_t = log_p_t.exp()
-    return torch.where(p_t > 0, p_t * (log_p_t - log_p_s), 0.0).sum(dim=-1)
-
-
-# Per-token KL(teacher || student) estimators by name: "sampled" takes log-probs [B, S], "full"
-# takes logits [B, S, V].
-KD_ESTIMATORS: dict[str, Callable[..., Tensor]] = {"sampled": forward_kl_sampled, "full": forward_kl_full}
 
 
 def depo_kd_loss(
@@ -181,150 +149,90 @@ def importance_weights(long_logp: Tensor, old_short_logp: Tensor, mask: Tensor, 
     return torch.exp(lookup(LOG_RATIOS, level, "importance level")(long_logp, old_short_logp, mask))
 
 
-def depo_iw_loss(
-    long_logp: Tensor,
-    old_short_logp: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    cfg: DePOConfig,
-    norm: Normaliser,
-    *,
-    aggregation: str = "token-mean",
-) -> tuple[Tensor, dict[str, Tensor]]:
+def depo_iw_loss(long_logp: Tensor, old_short_logp: Tensor, advantages: Tensor, mask: Tensor, cfg: DePOConfig,
+                 norm: Normaliser, *, aggregation: str = "token-mean") -> tuple[Tensor, dict[str, Tensor]]:
     """DePO-IW: clipped PPO loss over all rollouts with importance weights of ``cfg.importance``.
 
     ``long_logp`` (with grad), ``old_short_logp``, ``mask``: ``[B, S]``; ``advantages``: ``[B]`` or
     ``[B, S]`` (the short-context group advantages); ``norm`` counts all rollouts' tokens.
     Returns :func:`policy_loss`'s ``(loss, metrics)``.
     """
-    if cfg.importance == "none":
-        raise ValueError("depo_iw_loss needs importance='token' or 'sequence', got 'none'")
     return policy_loss(long_logp, old_short_logp, advantages, mask, cfg.iw_loss_config(aggregation), norm)
 
 
-# --------------------------------------------------------------------------- combination
+# --------------------------------------------------------------------------- objectives
 
 
-@dataclass(frozen=True, kw_only=True)
-class DePOInputs:
-    """The long-context side of one micro-batch of short-context rollouts (B rows, S positions)."""
+@dataclass(frozen=True)
+class DePONorms:
+    """Global counts of one update: ``L_PX``'s (short views in the loss) and the long views'."""
 
-    long_logp: Tensor
-    """``[B, S]`` log pi(y_t | x, c_long, y_<t) under the current policy, with grad (nats)."""
-    mask: Tensor
-    """``[B, S]`` 1 on the response tokens that count."""
-    rewards: Tensor
-    """``[B]`` the rollouts' rewards (reward units)."""
-    short_logp: Tensor | None = None
-    """``[B, S]`` rollout-time log pi_old(y_t | x, c_short, y_<t) (nats); sampled KD and IW."""
-    advantages: Tensor | None = None
-    """``[B]`` or ``[B, S]`` the rollouts' short-context group advantages; IW."""
-    long_logits: Tensor | None = None
-    """``[B, S, V]`` current policy's logits on the long context, with grad; full KD."""
-    short_logits: Tensor | None = None
-    """``[B, S, V]`` policy's logits on the short context (teacher; detached here); full KD."""
-    full_kl: Tensor | None = None
-    """``[B, S]`` the exact per-token KL(teacher || student) already computed (by the trainer's
-    vocab-parallel kernel, which never gathers the logits); full KD uses it instead of the logits."""
-    temperature: float = 1.0
-    """Softmax temperature of both sides of the full KD (the sampling temperature)."""
-    num_rollouts: int | None = None
-    """Rollouts in the global batch, for a summable kept fraction; None: B."""
-
-    def require(self, name: str, mode: str) -> Tensor:
-        """Field ``name``, which DePO mode ``mode`` needs."""
-        value = getattr(self, name)
-        if value is None:
-            raise ValueError(f"DePO mode {mode!r} needs DePOInputs.{name}, got None")
-        return value
+    px: Normaliser
+    long: Normaliser
+    num_rollouts: int
 
 
-def _kd_sampled(
-    inputs: DePOInputs, cfg: DePOConfig, norm: Normaliser, aggregation: str
-) -> tuple[Tensor, dict[str, Tensor]]:
-    per_token = forward_kl_sampled(inputs.long_logp, inputs.require("short_logp", cfg.mode))
-    keep = kd_keep(inputs.rewards, cfg.tau)
-    return depo_kd_loss(
-        per_token, inputs.mask, keep, norm, aggregation=aggregation, num_rollouts=inputs.num_rollouts
-    )
+@dataclass
+class DePO:
+    """``L_PX + lam * L_KD`` (objective ``depo``); ``L_PX`` is ``policy``'s loss on the short views."""
+
+    policy: PolicyGradient
+    cfg: DePOConfig
+
+    @property
+    def needs(self) -> Needs:
+        return Needs(ref=self.policy.needs.ref, entropy=self.policy.needs.entropy,
+                     pair_kl=self.cfg.kd_estimator == "full")
+
+    def keeps(self, rollout: Rollout) -> bool:
+        """Whether the rollout's long view is trained on (KD: reward >= tau)."""
+        return rollout.reward >= self.cfg.tau
+
+    def sequences(self, rollouts: Sequence[Rollout], long_prompt: LongPrompt) -> list[TokenSequence]:
+        out = []
+        for k, r in enumerate(rollouts):
+            if not r.response:
+                continue  # nothing to score (an engine that returned no token)
+            px, long = trains_on(r, mask_truncated=self.policy.mask_truncated), self.keeps(r)
+            if px or long:  # the short view is always scored: its log-probs are the long view's teacher
+                out.append(policy_view(k, r, in_loss=px, in_update=px or (long and self.needs.pair_kl)))
+            if long:
+                out.append(TokenSequence(long_prompt(r.sample), r.response, Role.LONG_CONTEXT, rollout=k,
+                                         reward=r.reward, advantage=r.advantage))
+        return out
+
+    def normalisers(self, sequences: Sequence[TokenSequence], num_rollouts: int) -> DePONorms:
+        limit = self.policy.max_response_len
+        return DePONorms(role_normaliser(sequences, Role.POLICY, limit),
+                         role_normaliser(sequences, Role.LONG_CONTEXT, limit), num_rollouts)
+
+    def long_term(self, batch: TokenBatch, mask: Tensor, norms: DePONorms) -> tuple[Tensor, dict[str, Tensor]]:
+        """``L_KD`` of the long views (``mask``) and its metrics."""
+        per_token = batch.pair_kl if self.needs.pair_kl else forward_kl_sampled(batch.logp, batch.old_logp)
+        return depo_kd_loss(per_token, mask, kd_keep(batch.reward, self.cfg.tau), norms.long,
+                            aggregation=self.policy.loss_cfg.aggregation, num_rollouts=norms.num_rollouts)
+
+    def loss(self, batch: TokenBatch, norms: DePONorms) -> tuple[Tensor, dict[str, Tensor]]:
+        px_loss, metrics = self.policy.loss(batch, norms.px)
+        term, term_metrics = self.long_term(batch, batch.token_mask(Role.LONG_CONTEXT), norms)
+        aux = self.cfg.lam * term
+        loss = px_loss + aux
+        return loss, {**metrics, **{f"depo/{k}": v for k, v in term_metrics.items()},
+                      "depo/aux_loss": aux.detach(), "loss": loss.detach()}
 
 
-def _kd_full(
-    inputs: DePOInputs, cfg: DePOConfig, norm: Normaliser, aggregation: str
-) -> tuple[Tensor, dict[str, Tensor]]:
-    per_token = inputs.full_kl
-    if per_token is None:
-        per_token = forward_kl_full(
-            inputs.require("long_logits", cfg.mode),
-            inputs.require("short_logits", cfg.mode),
-            temperature=inputs.temperature,
-        )
-    keep = kd_keep(inputs.rewards, cfg.tau)
-    return depo_kd_loss(
-        per_token, inputs.mask, keep, norm, aggregation=aggregation, num_rollouts=inputs.num_rollouts
-    )
+@dataclass
+class DePOIW(DePO):
+    """``L_PX + lam * L_IW`` (objective ``depo-iw``): importance-weighted RL on every long view."""
 
+    @property
+    def needs(self) -> Needs:
+        return self.policy.needs
 
-def _iw(
-    inputs: DePOInputs, cfg: DePOConfig, norm: Normaliser, aggregation: str
-) -> tuple[Tensor, dict[str, Tensor]]:
-    loss, metrics = depo_iw_loss(
-        inputs.long_logp,
-        inputs.require("short_logp", cfg.mode),
-        inputs.require("advantages", cfg.mode),
-        inputs.mask,
-        cfg,
-        norm,
-        aggregation=aggregation,
-    )
-    return loss, {f"iw_{k}": v for k, v in metrics.items()}
+    def keeps(self, rollout: Rollout) -> bool:
+        return True
 
-
-DePOTerm = Callable[[DePOInputs, DePOConfig, Normaliser, str], tuple[Tensor, dict[str, Tensor]]]
-DEPO_TERMS: dict[str, DePOTerm] = {"kd-sampled": _kd_sampled, "kd-full": _kd_full, "iw": _iw}
-
-
-def depo_aux_mask(mask: Tensor, rewards: Tensor, cfg: DePOConfig) -> Tensor:
-    """The bool ``[B, S]`` mask the auxiliary term's :class:`Normaliser` counts: kept rollouts for
-    KD, all rollouts for IW."""
-    if cfg.importance != "none":
-        return as_bool_mask(mask)
-    return kd_mask(mask, kd_keep(rewards, cfg.tau))
-
-
-def depo_aux_loss(
-    inputs: DePOInputs, cfg: DePOConfig, norm: Normaliser, *, aggregation: str = "token-mean"
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """``lam * L_KD`` or ``lam * L_IW`` of one micro-batch (0-dim), with ``depo/``-prefixed metrics.
-
-    ``norm`` counts :func:`depo_aux_mask` over the global batch. Metrics are detached 0-dim tensors,
-    reduced as :func:`megatron_lcr.rl.losses.metric_reduction` says; ``depo/aux_loss`` includes lam.
-    """
-    lookup(AGGREGATIONS, aggregation, "aggregation")
-    term, metrics = lookup(DEPO_TERMS, cfg.mode, "DePO mode")(inputs, cfg, norm, aggregation)
-    loss = cfg.lam * term
-    out = {f"depo/{k}": v for k, v in metrics.items()}
-    out["depo/aux_loss"] = loss.detach()
-    return loss, out
-
-
-def depo_loss(
-    px: tuple[Tensor, dict[str, Tensor]],
-    inputs: DePOInputs,
-    cfg: DePOConfig,
-    aux_norm: Normaliser,
-    *,
-    aggregation: str = "token-mean",
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """DePO's objective ``L = L_PX + lam * L_KD`` (or ``+ lam * L_IW``) for one micro-batch.
-
-    ``px`` is :func:`policy_loss`'s ``(loss, metrics)`` on the short context; ``aux_norm`` counts
-    :func:`depo_aux_mask`. With ``cfg.enabled`` False, ``px`` is returned unchanged. The metrics
-    are ``px``'s, the ``depo/`` ones, and ``loss`` (the total).
-    """
-    px_loss, px_metrics = px
-    if not cfg.enabled:
-        return px_loss, px_metrics
-    aux_loss, aux_metrics = depo_aux_loss(inputs, cfg, aux_norm, aggregation=aggregation)
-    loss = px_loss + aux_loss
-    return loss, {**px_metrics, **aux_metrics, "loss": loss.detach()}
+    def long_term(self, batch: TokenBatch, mask: Tensor, norms: DePONorms) -> tuple[Tensor, dict[str, Tensor]]:
+        loss, metrics = depo_iw_loss(batch.logp, batch.old_logp, batch.advantage, mask, self.cfg, norms.long,
+                                     aggregation=self.policy.loss_cfg.aggregation)
+        return loss, {f"iw_{k}": v for k, v in metrics.items()}

@@ -1,5 +1,11 @@
-"""Policy-gradient losses: PPO's clipped surrogate with token or sequence importance ratios, KL
-estimators, and loss aggregation over a global batch.
+"""Policy-gradient losses: the registry :data:`POLICY_LOSSES` (PPO's clipped surrogate with token or
+sequence importance ratios, CISPO's clipped importance weights), KL estimators, and loss aggregation
+over a global batch.
+
+``PolicyLossConfig.name`` (config key ``rl.loss.name``) selects the per-token loss: ``"ppo"`` (token
+ratios, clipped: GRPO / DAPO), ``"gspo"`` (GSPO-token sequence ratios, clipped) or ``"cispo"``.
+``rl.algorithm`` fills it when it is unset (see ``ALGORITHM_PRESETS`` in
+:mod:`megatron_lcr.train.rl.config`).
 
 Algorithms and where they come from:
 
@@ -17,6 +23,16 @@ Algorithms and where they come from:
   GSPO's objective in value and gradient (the paper's Eq. for GSPO-token says so); with per-token
   advantages it is GSPO-token. Other aggregations weight sequences by length, a deliberate choice of
   the caller.
+- CISPO (MiniMax 2025, "MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightning
+  Attention"): REINFORCE with clipped, stop-gradient importance-sampling weights and token ratios
+  ``r_{i,t}``, ``J = sum_{i,t} sg(clip(r_{i,t}, 1 - eps_low, 1 + eps_high)) A_{i,t} log pi(o_{i,t})
+  / sum_i |o_i|``; per token ``loss = -sg(clip(r_t)) A_t logp_t`` and gradient
+  ``-clip(r_t) A_t`` w.r.t. ``logp_t`` for *every* token: clipping bounds the weight, it never
+  drops a token (PPO zeroes the gradient of a token whose ratio left the clip range in the direction
+  of its advantage). The paper's normaliser is the token count (``aggregation="token-mean"``); it
+  imposes no lower bound (a large ``eps_low``; here ``eps_low < 1`` keeps ``1 - eps_low > 0``, so
+  0.99 comes close) and tunes ``eps_high``. The loss *value* is ``-w A logp``, not PPO's ``-r A``,
+  so its ``pg_loss`` is not comparable with PPO's.
 - Dual clip (Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep Reinforcement
   Learning"): for ``A < 0`` the PPO loss ``|A| max(r, clip(r))`` grows without bound in ``r``; dual
   clip caps it at ``c |A|`` (``c > 1``), i.e. per token ``min(ppo_loss, -c A)`` when ``A < 0``.
@@ -34,7 +50,8 @@ Deviations and conventions:
   (e.g. a truncated response) is the same as removing it from the batch.
 - Log-ratios are clamped to ``[-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP]`` before ``exp``: ``exp(20)`` is far
   outside any clip range, and without the clamp an overflowing ``exp`` gives ``inf * 0 = NaN`` in the
-  backward of the clipped branch. Tokens beyond the clamp get no gradient through the ratio.
+  backward of the clipped branch. Tokens beyond the clamp get no gradient through the ratio
+  (PPO, GSPO; CISPO's weight carries no gradient anyway).
 - Math runs in at least fp32: bf16/fp16 inputs are upcast; float64 stays float64 (for references).
 - Padded positions (``mask == 0``) may hold any finite or non-finite value: they are replaced by 0
   before use, so they affect neither the loss nor the gradient.
@@ -43,24 +60,15 @@ Deviations and conventions:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence, TypeVar
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from megatron_lcr.registry import lookup
+
 # exp(20) ~ 4.9e8: far outside any PPO clip range, and safely finite in fp32 (overflow at ~88).
 LOG_RATIO_CLAMP = 20.0
-
-_V = TypeVar("_V")
-
-
-def lookup(registry: Mapping[str, _V], name: str, what: str) -> _V:
-    """``registry[name]``, or a ValueError that names ``what``, the bad name and the valid ones."""
-    try:
-        return registry[name]
-    except KeyError:
-        valid = ", ".join(repr(k) for k in registry)
-        raise ValueError(f"unknown {what} {name!r}; valid: {valid}") from None
 
 
 def upcast(x: Tensor) -> Tensor:
@@ -281,10 +289,27 @@ def gspo_token_loss(
     return _clipped_loss(sequence_log_ratio(logp, old_logp, mask), advantages, cfg)
 
 
-# Keyed by PolicyLossConfig.ratio; values (logp, old_logp, advantages, mask, cfg) -> PerTokenLoss.
+def cispo_loss(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, cfg: PolicyLossConfig
+) -> PerTokenLoss:
+    """CISPO (MiniMax-M1): all inputs ``[B, S]`` -> ``(loss, ratio, clip flags)``, each ``[B, S]``.
+
+    ``loss = -sg(clip(r, 1 - eps_low, 1 + eps_high)) * A * logp`` with token ratios ``r`` (clamped
+    log-ratio), so ``d loss / d logp = -clip(r) A`` on every token. Flags ``clip_low`` (r < 1 -
+    eps_low) and ``clip_high`` (r > 1 + eps_high): the tokens whose weight the clip bounded, of
+    either advantage sign; their gradient is scaled, not zeroed.
+    """
+    ratio = torch.exp(token_log_ratio(logp, old_logp, mask)).detach()
+    weight = ratio.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
+    flags = {"clip_low": ratio < 1.0 - cfg.eps_low, "clip_high": ratio > 1.0 + cfg.eps_high}
+    return -weight * advantages * _masked(logp, mask), ratio, flags
+
+
+# Keyed by PolicyLossConfig.name; values (logp, old_logp, advantages, mask, cfg) -> PerTokenLoss.
 POLICY_LOSSES: dict[str, Callable[..., PerTokenLoss]] = {
-    "token": ppo_token_loss,
-    "sequence": gspo_token_loss,
+    "ppo": ppo_token_loss,
+    "gspo": gspo_token_loss,
+    "cispo": cispo_loss,
 }
 
 
@@ -308,10 +333,11 @@ def check_clip_range(eps_low: float, eps_high: float, dual_clip: float | None) -
 
 @dataclass(kw_only=True)
 class PolicyLossConfig:
-    """The policy-gradient loss: ratio level, clipping, aggregation, KL and entropy terms."""
+    """The policy-gradient loss: which loss, clipping, aggregation, KL and entropy terms."""
 
-    ratio: str = "token"
-    """Importance ratio: 'token' (PPO/GRPO/DAPO) or 'sequence' (GSPO; its paper clips at ~3e-4/4e-4)."""
+    name: str | None = None
+    """A key of POLICY_LOSSES: 'ppo' (token ratios: GRPO/DAPO), 'gspo' (sequence ratios; its paper
+    clips at ~3e-4/4e-4) or 'cispo' (clipped IS weights); None: rl.algorithm's preset sets it."""
     eps_low: float = 0.2
     """Lower clip range: ratios below 1 - eps_low are clipped (dimensionless)."""
     eps_high: float = 0.2
@@ -328,7 +354,11 @@ class PolicyLossConfig:
     """Weight of the entropy bonus (per unit of aggregated entropy, nats); subtracted from the loss."""
 
     def __post_init__(self) -> None:
-        lookup(POLICY_LOSSES, self.ratio, "ratio")
+        if self.name is not None:
+            lookup(POLICY_LOSSES, self.name, "policy loss")
+        if self.name == "cispo" and self.dual_clip is not None:
+            raise ValueError(f"dual_clip={self.dual_clip} has no effect with name='cispo' (its weights "
+                             "are capped at 1 + eps_high); leave dual_clip unset")
         lookup(AGGREGATIONS, self.aggregation, "aggregation")
         lookup(KL_ESTIMATORS, self.kl_estimator, "kl_estimator")
         check_clip_range(self.eps_low, self.eps_high, self.dual_clip)
@@ -355,11 +385,11 @@ def policy_loss(
     ref_logp: Tensor | None = None,
     entropy: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped policy-gradient loss of one micro-batch, plus optional KL penalty and entropy bonus.
+    """Policy-gradient loss ``cfg.name`` of one micro-batch, plus optional KL penalty and entropy bonus.
 
     Shapes: ``logp`` (with grad), ``old_logp``, ``ref_logp``, ``entropy`` (with grad), ``mask``:
     ``[B, S]``; ``advantages``: ``[B]`` (one per sequence) or ``[B, S]``.
-    ``loss = agg(ppo) + kl_coef * agg(k(logp, ref_logp)) - entropy_coef * agg(entropy)``, each
+    ``loss = agg(pg) + kl_coef * agg(k(logp, ref_logp)) - entropy_coef * agg(entropy)``, each
     ``agg`` being ``cfg.aggregation`` over the global ``norm``.
 
     Metrics are detached 0-dim tensors (no host sync); reduce with :func:`metric_reduction`.
@@ -371,7 +401,9 @@ def policy_loss(
     # Zero padded positions once, so junk there reaches neither the loss nor the gradient.
     logp, old_logp = _masked(logp, mask), _masked(old_logp, mask).detach()
     advantages = _masked(advantages, mask).detach()
-    per_token, ratio, flags = lookup(POLICY_LOSSES, cfg.ratio, "ratio")(
+    if cfg.name is None:
+        raise ValueError("PolicyLossConfig.name is unset (rl.loss.name; rl.algorithm's preset fills it)")
+    per_token, ratio, flags = lookup(POLICY_LOSSES, cfg.name, "policy loss")(
         logp, old_logp, advantages, mask, cfg
     )
     pg_loss = aggregate(per_token, mask, cfg.aggregation, norm)

@@ -17,29 +17,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from megatron_lcr.data.packing import cu_seqlens, pack_sequences, packed_position_ids
 from megatron_lcr.parallel.layout import ParallelConfig
-
-
-@dataclass
-class TokenSequence:
-    """One training sequence and the values its response tokens carry."""
-
-    prompt: list[int]
-    """Prompt token ids (never trained on)."""
-    response: list[int]
-    """Response token ids."""
-    token_values: dict[str, list[float]] = field(default_factory=dict)
-    """Per-response-token values (each of len(response)), e.g. ``old_logp``."""
-    values: dict[str, float] = field(default_factory=dict)
-    """Per-sequence values, e.g. ``advantage``, ``px`` (1.0 if in the policy loss)."""
-
-    def __len__(self) -> int:
-        return len(self.prompt) + len(self.response)
+from megatron_lcr.rl.sequences import TokenSequence
 
 
 @dataclass
@@ -60,10 +44,20 @@ class PackedBatch:
     """``[n, R]`` int64 row positions predicting each response token (0 where masked)."""
     response_mask: torch.Tensor
     """``[n, R]`` float32, 1 for real response tokens."""
-    token_values: dict[str, torch.Tensor]
-    """``name -> [n, R]`` float32 (0 where masked)."""
-    values: dict[str, torch.Tensor]
-    """``name -> [n]`` float32."""
+    role: torch.Tensor
+    """``[n]`` int64 :class:`~megatron_lcr.rl.sequences.Role` of each sequence."""
+    rollout: torch.Tensor
+    """``[n]`` float32 rollout index of each sequence."""
+    reward: torch.Tensor
+    """``[n]`` float32."""
+    advantage: torch.Tensor
+    """``[n]`` float32."""
+    in_loss: torch.Tensor
+    """``[n]`` float32, 1.0 where the sequence counts in its role's loss."""
+    old_logp: torch.Tensor | None = None
+    """``[n, R]`` float32 sampling-policy log-probs (0 where masked); None if no sequence has them."""
+    ref_logp: torch.Tensor | None = None
+    """``[n, R]`` float32 reference log-probs, likewise."""
 
     def attention_inputs(self, device: torch.device, *, thd: bool):
         """``(attention_mask, packed_seq_params)`` for Megatron's GPTModel.forward.
@@ -153,20 +147,28 @@ def pack_micro_batch(sequences: Sequence[TokenSequence], ids: Sequence[int], *, 
         mask[k, :n] = 1.0
         labels[first:first + n] = torch.tensor(seq.response, dtype=torch.int64)
         start += segments[k]
-    names = {name for s in chosen for name in s.token_values}
-    token_values = {name: _rows([s.token_values.get(name, []) for s in chosen], longest) for name in names}
-    scalar_names = {name for s in chosen for name in s.values}
-    values = {name: torch.tensor([s.values.get(name, 0.0) for s in chosen], dtype=torch.float32)
-              for name in scalar_names}
+    def per_sequence(values: list[float], dtype=torch.float32) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype)
+
     return PackedBatch(input_ids=input_ids[None], position_ids=packed_position_ids(lengths)[None],
                        labels=labels[None], lengths=lengths, sequence_ids=list(ids), response_index=index,
-                       response_mask=mask, token_values=token_values, values=values)
+                       response_mask=mask, role=per_sequence([int(s.role) for s in chosen], torch.int64),
+                       rollout=per_sequence([float(s.rollout) for s in chosen]),
+                       reward=per_sequence([s.reward for s in chosen]),
+                       advantage=per_sequence([s.advantage for s in chosen]),
+                       in_loss=per_sequence([float(s.in_loss) for s in chosen]),
+                       old_logp=_rows([s.old_logp for s in chosen], longest),
+                       ref_logp=_rows([s.ref_logp for s in chosen], longest))
 
 
-def _rows(lists: list[list[float]], width: int) -> torch.Tensor:
+def _rows(lists: list[list[float] | None], width: int) -> torch.Tensor | None:
+    """``[n, width]`` float32 rows (0 beyond each list and for None); None if every list is None."""
+    if all(row is None for row in lists):
+        return None
     out = torch.zeros(len(lists), width)
     for k, row in enumerate(lists):
-        out[k, :len(row)] = torch.tensor(row, dtype=torch.float32)
+        if row:
+            out[k, :len(row)] = torch.tensor(row, dtype=torch.float32)
     return out
 
 

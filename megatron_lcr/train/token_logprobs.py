@@ -10,14 +10,14 @@ multiply the response rows by the output weight tile by tile, so no logits tenso
 
 ``run_packed_schedule`` drives ``get_forward_backward_func`` over ``PackedBatch`` micro-batches with
 any loss function of ``(outputs, batch)``, ``outputs`` holding ``[n, R]`` tensors: ``logp``, and
-``entropy`` / ``kd_kl`` when the spec asks for them; forward-only runs use it to compute
-old/reference/teacher log-probs, training runs to back-propagate the RL loss.
+``entropy`` / ``pair_kl`` when the spec asks for them; forward-only runs use it to compute
+old/reference log-probs, training runs to back-propagate the loss.
 
-``kd_kl`` is DePO's exact KD term: for each student row (``values["aux"] == 1``, the long context)
-the per-token KL(teacher || student) over the whole (tensor-parallel) vocabulary, the teacher being
-the row of the same rollout on the short context in the same micro-batch (``plan_micro_batches``'s
-``units`` keep them together), its side detached. Nothing vocabulary-sized outlives the
-micro-batch: storing teacher distributions would cost ``R x V`` floats per rollout.
+``pair_kl`` (DePO's exact KD term): for each row that is not a ``POLICY`` view (the long context)
+the per-token KL(policy view || this view) over the whole (tensor-parallel) vocabulary, the policy
+view being the row of the same rollout in the same micro-batch (``plan_micro_batches``'s ``units``
+keep them together), its side detached. Nothing vocabulary-sized outlives the micro-batch: storing
+the policy view's distributions would cost ``R x V`` floats per rollout.
 """
 
 from __future__ import annotations
@@ -34,9 +34,10 @@ from megatron_lcr.kernels import (IGNORE_INDEX, KernelConfig, kl_divergence, kl_
                                   logprob_entropy_from_logits, output_layer_returns_hidden, output_weight)
 from megatron_lcr.parallel.context import (all_gather_cp_for_loss, zigzag_indices_packed, zigzag_merge_packed,
                                            zigzag_split_packed)
+from megatron_lcr.rl.sequences import Role
 from megatron_lcr.train.micro_batches import PackedBatch
 
-# ({"logp": [n, R], "entropy"?: [n, R], "kd_kl"?: [n, R]}, batch) -> (loss scalar, report dict of tensors)
+# ({"logp": [n, R], "entropy"?: [n, R], "pair_kl"?: [n, R]}, batch) -> (loss scalar, report dict of tensors)
 LossFn = Callable[[dict[str, torch.Tensor], PackedBatch], tuple[torch.Tensor, dict]]
 
 
@@ -55,7 +56,7 @@ class ScoringSpec:
     kernels: KernelConfig | None = None
     """Log-prob / entropy implementation (None: automatic)."""
     pair_kl: bool = False
-    """Also ``kd_kl``: exact KL(teacher || student) of each long-context row against its short one."""
+    """Also ``pair_kl``: exact KL(policy view || this view) of each non-``POLICY`` row."""
     from_hidden: bool = False
     """The last stage returns the final hidden states and the fused kernels apply the output weight
     tile by tile: no ``[L, V/tp]`` logits tensor exists (``kernels.megatron``)."""
@@ -89,18 +90,18 @@ class Head:
 
 
 def pair_rows(batch: PackedBatch) -> tuple[list[int], list[int]]:
-    """``(student rows, teacher rows)``: each ``aux`` row and the non-``aux`` row of its rollout."""
-    aux, rollout = batch.values["aux"].tolist(), batch.values["rollout"].tolist()
-    teacher_of = {r: k for k, (a, r) in enumerate(zip(aux, rollout)) if not a}
-    students = [k for k, a in enumerate(aux) if a]
+    """``(student rows, teacher rows)``: each non-``POLICY`` row and the ``POLICY`` row of its rollout."""
+    policy, rollout = (batch.role == int(Role.POLICY)).tolist(), batch.rollout.tolist()
+    teacher_of = {r: k for k, (p, r) in enumerate(zip(policy, rollout)) if p}
+    students = [k for k, p in enumerate(policy) if not p]
     lost = [int(rollout[k]) for k in students if rollout[k] not in teacher_of]
     if lost:
-        raise ValueError(f"rollouts {lost}: the long-context row has no short-context row in its micro-batch")
+        raise ValueError(f"rollouts {lost}: a view has no POLICY row of its rollout in its micro-batch")
     return students, [teacher_of[rollout[k]] for k in students]
 
 
 def response_outputs(head: Head, batch: PackedBatch, spec: ScoringSpec) -> dict[str, torch.Tensor]:
-    """This TP rank's ``head`` -> fp32 ``[n, R]`` ``logp`` (+ ``entropy``, ``kd_kl``).
+    """This TP rank's ``head`` -> fp32 ``[n, R]`` ``logp`` (+ ``entropy``, ``pair_kl``).
 
     Under context parallelism ``head`` holds this CP rank's ``L/cp`` positions (``cp_response_outputs``).
     """
@@ -121,7 +122,7 @@ def response_outputs(head: Head, batch: PackedBatch, spec: ScoringSpec) -> dict[
     if spec.entropy:
         out["entropy"] = entropy.view(shape) * mask
     if spec.pair_kl:
-        out["kd_kl"] = _pair_kl(head, picked.view(*shape, -1), mask, batch, spec, shard)
+        out["pair_kl"] = _pair_kl(head, picked.view(*shape, -1), mask, batch, spec, shard)
     return out
 
 
@@ -140,10 +141,10 @@ def cp_response_outputs(head: Head, batch: PackedBatch, spec: ScoringSpec, *, gr
     Per-token values are computed on the local positions that predict a response token (the rest
     are skipped as ignored labels), gathered over ``group`` with ``all_gather_cp_for_loss`` (every CP
     rank then computes the same loss; each back-propagates its own tokens) and laid out as ``[n, R]``.
-    The exact KD needs two rows' full distributions at once, which sit on different CP ranks: refused.
+    ``pair_kl`` needs two rows' full distributions at once, which sit on different CP ranks: refused.
     """
     if spec.pair_kl:
-        raise ValueError("kd_estimator='full' is not available with context parallelism (cp > 1)")
+        raise ValueError("an exact KL between two views (pair_kl) is not available with context parallelism (cp > 1)")
     cp, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
     device = head.output.device
     offsets = cu_seqlens(batch.lengths)

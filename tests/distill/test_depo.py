@@ -1,26 +1,26 @@
-"""megatron_lcr.distill.depo: DePO's short-to-long KD and DePO-IW."""
+"""megatron_lcr.distill.depo: DePO's short-to-long KD and DePO-IW, as functions and as objectives."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from megatron_lcr.distill.depo import (
+    DePO,
     DePOConfig,
-    DePOInputs,
-    depo_aux_loss,
-    depo_aux_mask,
+    DePOIW,
     depo_iw_loss,
     depo_kd_loss,
-    depo_loss,
-    forward_kl_full,
     forward_kl_sampled,
     importance_weights,
     kd_keep,
     kd_mask,
 )
 from megatron_lcr.rl.losses import Normaliser, PolicyLossConfig, policy_loss
+from megatron_lcr.rl.objective import PolicyGradient
+from megatron_lcr.rl.sequences import Role, Rollout, TokenBatch
 
 B, S, V = 5, 6, 11
 
@@ -104,50 +104,6 @@ def kl_reference(student_logits, teacher_logits, temperature):
     return (torch.exp(log_t) * (log_t - log_s)).sum(dim=-1)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7, 2.0])
-def test_forward_kl_full_matches_float64_reference_and_gradient(temperature):
-    _, teacher_logits, student_logits, _, _ = batch(2)
-    got = forward_kl_full(student_logits, teacher_logits, temperature=temperature)
-    want = kl_reference(student_logits.detach(), teacher_logits, temperature)
-    assert got.shape == (B, S)
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
-    # d KL / d z_s = (softmax(z_s / T) - softmax(z_t / T)) / T, per position.
-    (grad,) = torch.autograd.grad(got.sum(), student_logits)
-    want_grad = (
-        torch.softmax(student_logits.detach().double() / temperature, -1)
-        - torch.softmax(teacher_logits.double() / temperature, -1)
-    ) / temperature
-    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-5, atol=1e-6)
-
-
-def test_forward_kl_full_applies_temperature_to_both_sides():
-    _, teacher_logits, student_logits, _, _ = batch(3)
-    s, t = student_logits.detach(), teacher_logits
-    both = forward_kl_full(s, t, temperature=0.5)
-    torch.testing.assert_close(both, forward_kl_full(s / 0.5, t / 0.5))
-    assert not torch.allclose(both, forward_kl_full(s / 0.5, t), atol=1e-3)
-    assert not torch.allclose(both, forward_kl_full(s, t / 0.5), atol=1e-3)
-
-
-def test_forward_kl_full_zero_with_zero_gradient_for_identical_distributions():
-    _, teacher_logits, _, _, _ = batch(4)
-    student = teacher_logits.clone().requires_grad_()
-    kl = forward_kl_full(student, teacher_logits, temperature=0.7)
-    kl.sum().backward()
-    torch.testing.assert_close(kl, torch.zeros(B, S), rtol=0, atol=1e-6)
-    torch.testing.assert_close(student.grad, torch.zeros_like(student), rtol=0, atol=1e-6)
-
-
-def test_forward_kl_full_ignores_vocab_rows_the_teacher_excludes():
-    # Padded vocab rows: -inf teacher and student logits contribute 0, not NaN.
-    teacher = torch.tensor([[0.0, 1.0, float("-inf")]])
-    student = torch.tensor([[0.5, 0.0, float("-inf")]], requires_grad=True)
-    kl = forward_kl_full(student, teacher)
-    torch.testing.assert_close(kl.double(), kl_reference(student.detach()[:, :2], teacher[:, :2], 1.0))
-    kl.sum().backward()
-    assert torch.isfinite(student.grad).all() and student.grad[0, 2] == 0
-
-
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_importance_weights_are_one_when_contexts_match(level):
     mask, teacher_logits, _, tokens, _ = batch(5)
@@ -179,111 +135,98 @@ def test_iw_loss_hand_values_and_step0():
     short = torch.full((1, 4), -1.0)
     long = (short + torch.log(torch.tensor([[1.5, 0.5, 0.5, 1.5]]))).requires_grad_()
     adv, mask = torch.tensor([[1.0, 1.0, -1.0, -1.0]]), torch.ones(1, 4)
-    cfg = DePOConfig(enabled=True, importance="token")
+    cfg = DePOConfig(importance="token")
     loss, metrics = depo_iw_loss(long, short, adv, mask, cfg, Normaliser.local(mask))
     assert loss.item() == pytest.approx(0.15, abs=1e-6)
     assert metrics["clip_frac"].item() == pytest.approx(0.5)
     # Long context == short context: ratio 1, loss = -mean advantage, for both levels.
     for level in ("token", "sequence"):
-        cfg = DePOConfig(enabled=True, importance=level)
+        cfg = DePOConfig(importance=level)
         adv_b = torch.tensor([0.5])
         same = short.clone().requires_grad_()
         loss, _ = depo_iw_loss(same, short, adv_b, mask, cfg, Normaliser.local(mask))
         assert loss.item() == pytest.approx(-0.5)
-    with pytest.raises(ValueError, match="needs importance='token' or 'sequence'"):
-        depo_iw_loss(long, short, adv, mask, DePOConfig(), Normaliser.local(mask))
 
 
-def test_aux_loss_kd_modes_scale_by_lambda_and_use_kept_rows():
-    mask, teacher_logits, student_logits, tokens, rewards = batch(7)
-    long_logp = gather_logp(student_logits, tokens)
-    short_logp = gather_logp(teacher_logits, tokens)
-    cfg = DePOConfig(enabled=True, lam=0.5)
-    aux_mask = depo_aux_mask(mask, rewards, cfg)
-    assert torch.equal(aux_mask, kd_mask(mask, kd_keep(rewards, 1.0)))
-    norm = Normaliser.local(aux_mask)
-    inputs = DePOInputs(
-        long_logp=long_logp,
-        mask=mask,
-        rewards=rewards,
-        short_logp=short_logp,
-        long_logits=student_logits,
-        short_logits=teacher_logits,
-        temperature=0.7,
-    )
-    loss, metrics = depo_aux_loss(inputs, cfg, norm)
-    rows = aux_mask
-    want = 0.5 * (short_logp - long_logp)[rows].mean()
-    torch.testing.assert_close(loss, want)
-    assert set(metrics) == {"depo/kd_loss", "depo/kept_frac", "depo/aux_loss"}
-    torch.testing.assert_close(metrics["depo/kd_loss"], want.detach() / 0.5)
-
-    full_cfg = DePOConfig(enabled=True, lam=0.5, kd_estimator="full")
-    loss, _ = depo_aux_loss(inputs, full_cfg, norm)
-    want = 0.5 * kl_reference(student_logits.detach(), teacher_logits, 0.7)[rows].mean()
-    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+def rollouts(rewards, *, in_policy_loss=None, finish=None):
+    sample = SimpleNamespace(id="q")
+    return [Rollout(sample=sample, context="short", prompt=[1, 2, 3], response=[4 + k, 5], engine_logp=[-1.0, -2.0],
+                    finish_reason=(finish or {}).get(k, "stop"), reward=r, advantage=0.1 * k,
+                    in_policy_loss=(in_policy_loss or {}).get(k, True))
+            for k, r in enumerate(rewards)]
 
 
-def test_aux_loss_iw_uses_all_rollouts_and_policy_loss():
-    mask, teacher_logits, student_logits, tokens, rewards = batch(8)
-    long_logp, short_logp = gather_logp(student_logits, tokens), gather_logp(teacher_logits, tokens)
-    adv = torch.randn(B, generator=torch.Generator().manual_seed(0))
-    cfg = DePOConfig(enabled=True, lam=2.0, importance="sequence", eps_high=0.28)
-    assert torch.equal(depo_aux_mask(mask, rewards, cfg), mask.bool())
-    norm = Normaliser.local(mask)
-    inputs = DePOInputs(
-        long_logp=long_logp, mask=mask, rewards=rewards, short_logp=short_logp, advantages=adv
-    )
-    loss, metrics = depo_aux_loss(inputs, cfg, norm)
-    want, _ = policy_loss(
-        long_logp, short_logp, adv, mask, PolicyLossConfig(ratio="sequence", eps_high=0.28), norm
-    )
-    torch.testing.assert_close(loss, 2.0 * want)
+def depo(kind=DePO, **fields):
+    return kind(PolicyGradient(PolicyLossConfig(name="ppo"), max_response_len=8, mask_truncated=True),
+                DePOConfig(**fields))
+
+
+def test_depo_views_of_the_rollouts():
+    # Rollout 0 kept (reward 1); 1 not; 2 kept but left out of L_PX by dynamic sampling; 3 truncated.
+    rs = rollouts([1.0, 0.0, 1.0, 1.0], in_policy_loss={2: False}, finish={3: "length"})
+    seqs = depo().sequences(rs, lambda sample: [9, 9, 9, 1, 2, 3])
+    got = [(s.role, s.rollout, s.in_loss, s.in_update) for s in seqs]
+    assert got == [(Role.POLICY, 0, True, True), (Role.LONG_CONTEXT, 0, True, True),
+                   (Role.POLICY, 1, True, True),
+                   (Role.POLICY, 2, False, False), (Role.LONG_CONTEXT, 2, True, True),
+                   (Role.POLICY, 3, False, False), (Role.LONG_CONTEXT, 3, True, True)]
+    assert seqs[1].prompt == [9, 9, 9, 1, 2, 3] and seqs[1].response == rs[0].response
+    assert seqs[0].engine_logp == [-1.0, -2.0] and seqs[1].engine_logp is None
+    # The exact KD needs the short view in the forward next to its long one; DePO-IW views every rollout.
+    exact = depo(kd_estimator="full")
+    assert exact.needs.pair_kl and [s.in_update for s in exact.sequences(rs, lambda s: [9])][3] is True
+    iw = depo(DePOIW).sequences(rs, lambda s: [9])
+    assert [(s.role, s.rollout) for s in iw if s.role == Role.LONG_CONTEXT] == [(Role.LONG_CONTEXT, k) for k in range(4)]
+    assert not depo(DePOIW).needs.pair_kl
+
+
+def token_batch(seed, pair_kl=None):
+    """Rows 0-2: POLICY views (row 2 not in L_PX); rows 3-4: LONG_CONTEXT views, rewards 1 and 0."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0]])
+    return TokenBatch(logp=(-torch.rand(5, 4, generator=g)).requires_grad_(), mask=mask,
+                      role=torch.tensor([0, 0, 0, 1, 1]), rollout=torch.tensor([0.0, 1, 2, 0, 1]),
+                      reward=torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0]), advantage=torch.tensor([0.5, -0.5, 1.0, 0.5, -0.5]),
+                      in_loss=torch.tensor([1.0, 1, 0, 1, 1]), old_logp=-torch.rand(5, 4, generator=g), pair_kl=pair_kl)
+
+
+def test_depo_loss_is_px_plus_lambda_kd_on_the_kept_long_views():
+    batch = token_batch(0)
+    px_mask = batch.mask * torch.tensor([1.0, 1, 0, 0, 0])[:, None]
+    long_mask = batch.mask * torch.tensor([0.0, 0, 0, 1, 1])[:, None]
+    norms = SimpleNamespace(px=Normaliser.local(px_mask), long=Normaliser.local(long_mask * batch.reward[:, None]),
+                            num_rollouts=3)
+    loss, metrics = depo(lam=0.5).loss(batch, norms)
+    px, _ = policy_loss(batch.logp, batch.old_logp, batch.advantage, px_mask, PolicyLossConfig(name="ppo"), norms.px)
+    kd = (batch.old_logp - batch.logp)[3, :3].sum() / 3  # only row 3 has reward >= tau: 3 tokens
+    torch.testing.assert_close(loss, px + 0.5 * kd)
+    assert metrics["depo/kept_frac"].item() == pytest.approx(1 / 3) and metrics["loss"] == loss.detach()
+    # The exact estimator takes the trainer's per-token KL of the long rows instead.
+    pair_kl = torch.rand(5, 4, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    exact, _ = depo(lam=0.5, kd_estimator="full").loss(token_batch(0, pair_kl), norms)
+    torch.testing.assert_close(exact, px + 0.5 * pair_kl[3, :3].sum() / 3)
+    # lam = 0: the objective is plain RL's.
+    torch.testing.assert_close(depo(lam=0.0).loss(batch, norms)[0], px)
+
+
+def test_depo_iw_loss_is_px_plus_lambda_importance_weighted_rl_on_every_long_view():
+    batch = token_batch(2)
+    px_mask = batch.mask * torch.tensor([1.0, 1, 0, 0, 0])[:, None]
+    long_mask = batch.mask * torch.tensor([0.0, 0, 0, 1, 1])[:, None]
+    norms = SimpleNamespace(px=Normaliser.local(px_mask), long=Normaliser.local(long_mask), num_rollouts=3)
+    loss, metrics = depo(DePOIW, lam=2.0, importance="sequence", eps_high=0.28).loss(batch, norms)
+    px, _ = policy_loss(batch.logp, batch.old_logp, batch.advantage, px_mask, PolicyLossConfig(name="ppo"), norms.px)
+    iw, _ = policy_loss(batch.logp, batch.old_logp, batch.advantage, long_mask,
+                        PolicyLossConfig(name="gspo", eps_high=0.28), norms.long)
+    torch.testing.assert_close(loss, px + 2.0 * iw)
     assert "depo/iw_clip_frac" in metrics and "depo/iw_ratio_max" in metrics
-
-
-def test_depo_loss_adds_lambda_times_kd_to_px_and_is_identity_when_disabled():
-    mask, teacher_logits, student_logits, tokens, rewards = batch(9)
-    long_logp, short_logp = gather_logp(student_logits, tokens), gather_logp(teacher_logits, tokens)
-    px_loss = torch.tensor(0.25)
-    px = (px_loss, {"pg_loss": px_loss, "loss": px_loss})
-    inputs = DePOInputs(long_logp=long_logp, mask=mask, rewards=rewards, short_logp=short_logp)
-    cfg = DePOConfig(enabled=True, lam=0.75)
-    norm = Normaliser.local(depo_aux_mask(mask, rewards, cfg))
-    loss, metrics = depo_loss(px, inputs, cfg, norm)
-    kd, _ = depo_kd_loss(forward_kl_sampled(long_logp, short_logp), mask, kd_keep(rewards, 1.0), norm)
-    torch.testing.assert_close(loss, 0.25 + 0.75 * kd)
-    assert metrics["loss"].item() == pytest.approx(loss.item())
-    assert metrics["pg_loss"].item() == 0.25
-    off_loss, off_metrics = depo_loss(px, inputs, DePOConfig(enabled=False), norm)
-    assert off_loss is px_loss and off_metrics is px[1]
-
-
-def test_missing_inputs_name_the_field():
-    mask = torch.ones(1, 2)
-    inputs = DePOInputs(long_logp=torch.zeros(1, 2), mask=mask, rewards=torch.ones(1))
-    norm = Normaliser.local(mask)
-    with pytest.raises(ValueError, match="DePO mode 'kd-sampled' needs DePOInputs.short_logp"):
-        depo_aux_loss(inputs, DePOConfig(enabled=True), norm)
-    with pytest.raises(ValueError, match="DePO mode 'kd-full' needs DePOInputs.long_logits"):
-        depo_aux_loss(inputs, DePOConfig(enabled=True, kd_estimator="full"), norm)
-    with_short = DePOInputs(
-        long_logp=torch.zeros(1, 2), mask=mask, rewards=torch.ones(1), short_logp=torch.zeros(1, 2)
-    )
-    with pytest.raises(ValueError, match="DePO mode 'iw' needs DePOInputs.advantages"):
-        depo_aux_loss(with_short, DePOConfig(enabled=True, importance="token"), norm)
-
 
 @pytest.mark.parametrize(
     "fields, message",
     [
-        ({"importance": "tok"}, "unknown importance 'tok'; valid: 'none', 'token', 'sequence'"),
-        ({"kd_estimator": "exact"}, "unknown kd_estimator 'exact'; valid: 'sampled', 'full'"),
-        (
-            {"importance": "token", "kd_estimator": "full"},
-            "kd_estimator='full' has no effect with importance='token'",
-        ),
-        ({"lam": -0.5}, "lam must be >= 0, got -0.5"),
+        ({"importance": "none"}, "unknown depo.importance 'none'; valid: 'token', 'sequence'"),
+        ({"kd_estimator": "exact"}, "unknown depo.kd_estimator 'exact'; valid: 'sampled', 'full'"),
+        ({"lam": -0.5}, "depo.lam must be >= 0, got -0.5"),
         ({"eps_low": -0.1}, r"eps_low must be in \[0, 1\).*-0.1"),
     ],
 )
@@ -299,6 +242,6 @@ def test_kd_kl_is_nonnegative_in_expectation_sanity():
     samples = torch.multinomial(torch.softmax(teacher_logits, -1), 200_000, replacement=True, generator=g)
     student_logp = torch.log_softmax(student_logits, -1)[samples]
     est = forward_kl_sampled(student_logp, torch.log_softmax(teacher_logits, -1)[samples])
-    exact = forward_kl_full(student_logits, teacher_logits).item()
+    exact = kl_reference(student_logits, teacher_logits, 1.0).item()
     stderr = est.std().item() / math.sqrt(samples.numel())
     assert exact > 0 and est.mean().item() == pytest.approx(exact, abs=5 * stderr)

@@ -1,4 +1,5 @@
-"""megatron_lcr.rl.losses: aggregation, KL estimators, token/sequence ratios, clipped PPO loss."""
+"""megatron_lcr.rl.losses: aggregation, KL estimators, token/sequence ratios, the policy losses
+(PPO, GSPO, CISPO)."""
 
 import math
 
@@ -9,6 +10,7 @@ from megatron_lcr.config import from_dict
 from megatron_lcr.rl.losses import (
     AGGREGATIONS,
     KL_ESTIMATORS,
+    POLICY_LOSSES,
     Normaliser,
     PolicyLossConfig,
     aggregate,
@@ -139,7 +141,7 @@ def test_gspo_token_gradient_equals_gspo_sequence_gradient():
     # GSPO: J = (1/B) sum_i s_i A_i with s_i = exp(mean_t (logp - old)), differentiated directly
     # (float64). GSPO-token with per-sequence advantages and seq-mean-token-mean must match it.
     logp, old, _, _, adv, mask = random_batch(2)
-    cfg = PolicyLossConfig(ratio="sequence", eps_low=0.9, eps_high=10.0, aggregation="seq-mean-token-mean")
+    cfg = PolicyLossConfig(name="gspo", eps_low=0.9, eps_high=10.0, aggregation="seq-mean-token-mean")
     loss, _ = policy_loss(logp, old, adv, mask, cfg, Normaliser.local(mask))
     (grad,) = torch.autograd.grad(loss, logp)
 
@@ -154,12 +156,12 @@ def test_gspo_token_gradient_equals_gspo_sequence_gradient():
 # --------------------------------------------------------------------------- policy loss
 
 
-@pytest.mark.parametrize("ratio", ["token", "sequence"])
-def test_step0_loss_is_minus_mean_advantage(ratio):
+@pytest.mark.parametrize("name", ["ppo", "gspo"])
+def test_step0_loss_is_minus_mean_advantage(name):
     _, old, _, _, adv, mask = random_batch(3)
     logp = old.clone().requires_grad_()
     norm = Normaliser.local(mask)
-    loss, metrics = policy_loss(logp, old, adv, mask, PolicyLossConfig(ratio=ratio), norm)
+    loss, metrics = policy_loss(logp, old, adv, mask, PolicyLossConfig(name=name), norm)
     expected = -(adv[:, None] * mask).sum() / mask.sum()  # token-mean of -A
     torch.testing.assert_close(loss, expected)
     loss.backward()
@@ -176,7 +178,8 @@ def test_token_clipped_loss_hand_values():
     #   (1.5, -1) -> max(1.5, 1.2)   = 1.5   unclipped (PPO does not bound it), gradient 1.5
     # token-mean: (-1.2 - 0.5 + 0.8 + 1.5) / 4 = 0.15; gradients / 4.
     logp, old, adv, mask = token_case([1.5, 0.5, 0.5, 1.5], [1.0, 1.0, -1.0, -1.0])
-    loss, metrics = policy_loss(logp, old, adv, mask, PolicyLossConfig(), Normaliser.local(mask))
+    cfg = PolicyLossConfig(name="ppo")
+    loss, metrics = policy_loss(logp, old, adv, mask, cfg, Normaliser.local(mask))
     assert loss.item() == pytest.approx(0.15, abs=1e-6)
     loss.backward()
     torch.testing.assert_close(logp.grad, torch.tensor([[0.0, -0.125, 0.0, 0.375]]))
@@ -195,7 +198,7 @@ def test_dual_clip_hand_values():
     #   (0.5, -2) -> min(max(1, 1.6), 6) = 1.6     clipped low
     # token-mean: (3 + 2 - 1.2 + 1.6) / 4 = 1.35
     logp, old, adv, mask = token_case([4.0, 2.0, 4.0, 0.5], [-1.0, -1.0, 1.0, -2.0])
-    cfg = PolicyLossConfig(dual_clip=3.0)
+    cfg = PolicyLossConfig(name="ppo", dual_clip=3.0)
     loss, metrics = policy_loss(logp, old, adv, mask, cfg, Normaliser.local(mask))
     assert loss.item() == pytest.approx(1.35, abs=1e-6)
     loss.backward()
@@ -203,7 +206,7 @@ def test_dual_clip_hand_values():
     assert metrics["dual_clip_frac"].item() == pytest.approx(0.25)
     assert metrics["clip_frac"].item() == pytest.approx(0.75)
     # Without dual clip the first token costs 4: (4 + 2 - 1.2 + 1.6) / 4 = 1.6.
-    plain, _ = policy_loss(logp, old, adv, mask, PolicyLossConfig(), Normaliser.local(mask))
+    plain, _ = policy_loss(logp, old, adv, mask, PolicyLossConfig(name="ppo"), Normaliser.local(mask))
     assert plain.item() == pytest.approx(1.6, abs=1e-6)
 
 
@@ -218,7 +221,7 @@ def test_dual_clip_hand_values():
 )
 def test_clip_higher_asymmetry_hand_values(eps_low, eps_high, expected):
     logp, old, adv, mask = token_case([1.25, 1.4, 0.75, 0.85], [1.0, 1.0, -1.0, -1.0])
-    cfg = PolicyLossConfig(eps_low=eps_low, eps_high=eps_high)
+    cfg = PolicyLossConfig(name="ppo", eps_low=eps_low, eps_high=eps_high)
     loss, _ = policy_loss(logp, old, adv, mask, cfg, Normaliser.local(mask))
     assert loss.item() == pytest.approx(expected, abs=1e-6)
 
@@ -230,12 +233,54 @@ def test_sequence_ratio_clips_whole_sequences():
     logp = (old + torch.log(torch.tensor([[2.0, 2.0], [4.0, 0.25]]))).requires_grad_()
     mask = torch.ones(2, 2)
     adv = torch.tensor([1.0, 1.0])
-    cfg = PolicyLossConfig(ratio="sequence")
+    cfg = PolicyLossConfig(name="gspo")
     loss, metrics = policy_loss(logp, old, adv, mask, cfg, Normaliser.local(mask))
     assert loss.item() == pytest.approx((-1.2 * 2 - 1.0 * 2) / 4, abs=1e-6)
     loss.backward()
     torch.testing.assert_close(logp.grad, torch.tensor([[0.0, 0.0], [-0.25, -0.25]]))
     assert metrics["clip_high_frac"].item() == pytest.approx(0.5)
+
+
+def test_cispo_matches_float64_reference_and_keeps_every_token():
+    # eps 0.2 / 0.28: weights clip to [0.8, 1.28]. Per token (r, A), row 1's last token padded:
+    #   row 0: (1.5, +1) clipped high -- PPO zeroes it; (0.5, -1) clipped low -- PPO zeroes it;
+    #          (1.1, +2) inside; (e^25, +1) beyond LOG_RATIO_CLAMP and clipped high -- PPO zeroes it.
+    #   row 1: (0.5, +1) clipped low; (1.5, -1) clipped high; (0.95, -0.5) inside.
+    ratios = torch.tensor([[1.5, 0.5, 1.1, math.exp(25.0)], [0.5, 1.5, 0.95, 1.0]], dtype=torch.float64)
+    adv = torch.tensor([[1.0, -1.0, 2.0, 1.0], [1.0, -1.0, -0.5, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
+    old = torch.tensor([[-1.0, -1.0, -1.0, -30.0], [-2.0, -2.0, -2.0, -2.0]], dtype=torch.float64)
+    logp = (old + torch.log(ratios)).requires_grad_()
+    cfg = PolicyLossConfig(name="cispo", eps_low=0.2, eps_high=0.28)
+    norm = Normaliser.local(mask)
+    loss, metrics = policy_loss(logp, old, adv, mask, cfg, norm)
+    (grad,) = torch.autograd.grad(loss, logp)
+
+    # Reference: -sum_t sg(clip(r_t)) A_t logp_t / num_tokens, float64, written out token by token.
+    lp = logp.detach().clone().requires_grad_()
+    terms = []
+    for b in range(2):
+        for t in range(4):
+            if mask[b, t]:
+                weight = min(max(ratios[b, t].item(), 0.8), 1.28)  # a number: no gradient
+                terms.append(-weight * adv[b, t] * lp[b, t])
+    ref_loss = torch.stack(terms).sum() / 7
+    (ref_grad,) = torch.autograd.grad(ref_loss, lp)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
+    weights = torch.tensor([[1.28, 0.8, 1.1, 1.28], [0.8, 1.28, 0.95, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(grad, -weights * adv * mask / 7, rtol=1e-12, atol=1e-12)
+    assert (grad[mask.bool()] != 0).all()  # every counted token moves the policy
+    assert metrics["clip_high_frac"].item() == pytest.approx(3 / 7)
+    assert metrics["clip_low_frac"].item() == pytest.approx(2 / 7)
+
+    # PPO on the same batch zeroes the tokens CISPO keeps, e.g. (1.5, +1): beyond the clip, A > 0.
+    ppo_cfg = PolicyLossConfig(name="ppo", eps_low=0.2, eps_high=0.28)
+    ppo, _ = policy_loss(logp, old, adv, mask, ppo_cfg, norm)
+    (ppo_grad,) = torch.autograd.grad(ppo, logp)
+    for b, t in [(0, 0), (0, 1), (0, 3)]:
+        assert ppo_grad[b, t] == 0 and grad[b, t] != 0
+    assert grad[0, 0].item() == pytest.approx(-1.28 / 7)
 
 
 def test_kl_and_entropy_terms_hand_values():
@@ -244,7 +289,7 @@ def test_kl_and_entropy_terms_hand_values():
     ref = torch.log(torch.tensor([[0.25]]))
     entropy = torch.tensor([[2.0]], requires_grad=True)
     mask = torch.ones(1, 1)
-    cfg = PolicyLossConfig(kl_coef=0.1, entropy_coef=0.01)
+    cfg = PolicyLossConfig(name="ppo", kl_coef=0.1, entropy_coef=0.01)
     loss, metrics = policy_loss(
         logp, logp.detach(), torch.zeros(1), mask, cfg, Normaliser.local(mask), ref_logp=ref, entropy=entropy
     )
@@ -260,9 +305,10 @@ def test_kl_and_entropy_terms_hand_values():
         policy_loss(logp, logp.detach(), torch.zeros(1), mask, cfg, Normaliser.local(mask))
 
 
-def test_padding_junk_reaches_neither_loss_nor_gradient():
+@pytest.mark.parametrize("name", ["gspo", "cispo"])
+def test_padding_junk_reaches_neither_loss_nor_gradient(name):
     logp, old, ref, entropy, adv, mask = random_batch(4)
-    cfg = PolicyLossConfig(kl_coef=0.1, entropy_coef=0.01, ratio="sequence")
+    cfg = PolicyLossConfig(kl_coef=0.1, entropy_coef=0.01, name=name)
     clean, _ = policy_loss(logp, old, adv, mask, cfg, Normaliser.local(mask), ref_logp=ref, entropy=entropy)
     (clean_grad,) = torch.autograd.grad(clean, logp)
     pad = ~mask.bool()
@@ -283,16 +329,18 @@ def test_padding_junk_reaches_neither_loss_nor_gradient():
 def test_bf16_inputs_are_computed_in_fp32():
     logp, old, _, _, adv, mask = random_batch(5)
     norm = Normaliser.local(mask)
-    loss, _ = policy_loss(logp.bfloat16(), old.bfloat16(), adv, mask, PolicyLossConfig(), norm)
+    loss, _ = policy_loss(logp.bfloat16(), old.bfloat16(), adv, mask, PolicyLossConfig(name="ppo"), norm)
     assert loss.dtype == torch.float32
 
 
-@pytest.mark.parametrize("ratio", ["token", "sequence"])
+@pytest.mark.parametrize("name", list(POLICY_LOSSES))
 @pytest.mark.parametrize("aggregation", list(AGGREGATIONS))
-def test_micro_batches_sum_to_the_whole_batch(ratio, aggregation):
+def test_micro_batches_sum_to_the_whole_batch(name, aggregation):
     logp, old, ref, entropy, adv, mask = random_batch(6)
+    dual_clip = None if name == "cispo" else 3.0  # CISPO's weights are capped already
     cfg = PolicyLossConfig(
-        ratio=ratio, aggregation=aggregation, dual_clip=3.0, kl_coef=0.05, entropy_coef=0.01, eps_high=0.28
+        name=name, aggregation=aggregation, dual_clip=dual_clip, kl_coef=0.05, entropy_coef=0.01,
+        eps_high=0.28,
     )
     norm = Normaliser.local(mask, max_response_len=10)
 
@@ -330,7 +378,8 @@ def test_micro_batches_sum_to_the_whole_batch(ratio, aggregation):
         ({"dual_clip": 1.0}, "dual_clip must be > 1.*1.0"),
         ({"dual_clip": 1.2, "eps_high": 0.28}, r"dual_clip \(1.2\) must exceed 1 \+ eps_high \(1.28\)"),
         ({"kl_coef": -1.0}, "kl_coef must be >= 0, got -1.0"),
-        ({"ratio": "seq"}, "unknown ratio 'seq'; valid: 'token', 'sequence'"),
+        ({"name": "token"}, "unknown policy loss 'token'; valid: 'ppo', 'gspo', 'cispo'"),
+        ({"name": "cispo", "dual_clip": 3.0}, "dual_clip=3.0 has no effect with name='cispo'"),
         ({"kl_estimator": "k4"}, "unknown kl_estimator 'k4'; valid: 'k1', 'k2', 'k3'"),
         (
             {"aggregation": "mean"},
@@ -345,5 +394,12 @@ def test_config_validation(fields, message):
 
 
 def test_config_from_yaml_mapping():
-    cfg = from_dict(PolicyLossConfig, {"ratio": "sequence", "eps_high": 0.28, "dual_clip": 3})
-    assert (cfg.ratio, cfg.eps_high, cfg.dual_clip) == ("sequence", 0.28, 3)
+    cfg = from_dict(PolicyLossConfig, {"name": "gspo", "eps_high": 0.28, "dual_clip": 3})
+    assert (cfg.name, cfg.eps_high, cfg.dual_clip) == ("gspo", 0.28, 3)
+    assert PolicyLossConfig().name is None  # unset: rl.algorithm's preset fills it
+
+
+def test_unset_loss_name_is_an_error_not_a_default():
+    logp, old, adv, mask = token_case([1.0], [1.0])
+    with pytest.raises(ValueError, match=r"PolicyLossConfig.name is unset \(rl.loss.name"):
+        policy_loss(logp, old, adv, mask, PolicyLossConfig(), Normaliser.local(mask))

@@ -1,13 +1,14 @@
-"""Supervised LM training on Megatron (CPU, gloo): the loss falls, DP=2 matches DP=1, and ``lcr train`` works.
+"""Supervised LM training on Megatron (CPU, gloo): the loss falls, DP=2 matches DP=1, and ``lcr pretrain`` works.
 
 - Twenty ``lm_train_step`` calls on one fixed batch lower the loss of a tiny Llama (fp32), and the
   loss of the first step (before any update) equals the Hugging Face model's own cross-entropy.
 - DP=2 with the distributed optimizer (1 micro-batch per rank) gives the loss and grad-norm curves
   of DP=1 (2 micro-batches) on the same global batch; a 1% larger LR, the negative control, does not.
-- ``lcr train`` end to end: results, metrics, resolved config and checkpoint on disk, and the
+- ``lcr pretrain`` end to end: results, metrics, resolved config and checkpoint on disk, and the
   checkpoint exported with ``lcr convert megatron-to-hf`` reproduces the reported eval loss in
   ``transformers`` (an independent check that training, checkpointing and export agree).
-- ``lcr train`` on bad input fails with one line naming the culprit, exit status 1, before any work.
+- ``lcr pretrain`` starts with one line naming its backend, not Megatron's and torch's warnings.
+- ``lcr pretrain`` on bad input fails with one line naming the culprit, exit status 1, before any work.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,12 +44,15 @@ EXAMPLE = REPO_ROOT / "examples" / "tiny" / "train_lm.yaml"
 E2E_STEPS = 60
 
 
-def lcr(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run the ``lcr`` console script (cwd and first import path: this checkout, as tests/distributed.py)."""
+def lcr(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the ``lcr`` console script (cwd and first import path: this checkout, as tests/distributed.py).
+
+    ``env``: variables set on top of this process's environment.
+    """
     script = Path(sys.executable).with_name("lcr")
     cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "megatron_lcr.cli"]
     pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "PYTHONPATH": pythonpath, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": pythonpath, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([*cmd, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -142,7 +147,7 @@ def test_dp2_distributed_optimizer_matches_dp1(curves):
 
 
 @pytest.mark.e2e
-def test_lcr_train_end_to_end_and_export(tmp_path):
+def test_lcr_pretrain_end_to_end_and_export(tmp_path):
     from megatron_lcr.config import load_config
     from megatron_lcr.data.synthetic_lm import arithmetic_sequences
     from megatron_lcr.train.pretrain.config import LMRunConfig
@@ -175,7 +180,7 @@ def test_lcr_train_end_to_end_and_export(tmp_path):
 
 
 @pytest.mark.gpu
-def test_lcr_train_on_gpu_in_bf16(tmp_path):
+def test_lcr_pretrain_on_gpu_in_bf16(tmp_path):
     # Megatron on CUDA (NCCL, Transformer Engine layers where installed), bf16 weights with fp32
     # master weights in Megatron's optimizer: the same task must still be learned.
     out = tmp_path / "run"
@@ -186,7 +191,24 @@ def test_lcr_train_on_gpu_in_bf16(tmp_path):
     assert results["base"]["eval_loss"] > 4 and results["trained"]["eval_loss"] < results["base"]["eval_loss"] / 2
 
 
-def test_lcr_train_rejects_unknown_yaml_key(tmp_path):
+# A warning as Python prints it, issued from one of the libraries the run starts on.
+LIBRARY_WARNING = re.compile(r"/(megatron|torch|transformer_engine|apex|transformers)/\S*:\d+: \w*Warning:")
+
+
+def test_lcr_pretrain_starts_with_one_backend_line_and_no_library_warnings(tmp_path):
+    # PYTHONWARNINGS=default also shows the DeprecationWarnings Python hides outside __main__.
+    # Before megatron_lcr.startup, this printed eight Apex / TE / deprecation warnings.
+    proc = lcr("pretrain", str(EXAMPLE), "--out", str(tmp_path / "run"), "trainer.steps=1",
+               "trainer.eval_sequences=8", env={"PYTHONWARNINGS": "default"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stderr.replace("\r", "\n").splitlines()  # tqdm redraws with carriage returns
+    assert [line for line in lines if LIBRARY_WARNING.search(line)] == [], proc.stderr[-3000:]
+    [backend] = [line for line in lines if line.startswith("lcr: ")]
+    if not torch.cuda.is_available():
+        assert backend.startswith("lcr: CPU: Megatron local layers, "), backend
+
+
+def test_lcr_pretrain_rejects_unknown_yaml_key(tmp_path):
     cfg = yaml.safe_load(EXAMPLE.read_text())
     cfg["trainer"]["stepz"] = 10
     bad = tmp_path / "typo.yaml"
@@ -199,7 +221,7 @@ def test_lcr_train_rejects_unknown_yaml_key(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_lcr_train_rejects_tp_that_does_not_divide_heads(tmp_path):
+def test_lcr_pretrain_rejects_tp_that_does_not_divide_heads(tmp_path):
     out = tmp_path / "out"
     proc = lcr("pretrain", str(EXAMPLE), "--out", str(out), "parallel.tp=3")
     assert proc.returncode == 1
@@ -210,7 +232,7 @@ def test_lcr_train_rejects_tp_that_does_not_divide_heads(tmp_path):
     assert not (out / "checkpoints").exists() and not (out / "config.yaml").exists()
 
 
-def test_lcr_train_rejects_model_dir_without_config(tmp_path):
+def test_lcr_pretrain_rejects_model_dir_without_config(tmp_path):
     empty = tmp_path / "not_a_model"
     empty.mkdir()
     out = tmp_path / "out"

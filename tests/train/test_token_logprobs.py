@@ -57,9 +57,9 @@ def test_exact_kd_with_context_parallelism_is_refused_at_config_time():
     from megatron_lcr.parallel.layout import ParallelConfig
     from megatron_lcr.train.rl.config import RLRunConfig
 
-    with pytest.raises(ValueError, match="kd_estimator='full' needs parallel.cp=1"):
+    with pytest.raises(ValueError, match=r"objective 'depo' \(depo.kd_estimator='full'\) needs parallel.cp=1"):
         RLRunConfig(model=ModelConfig(hf_path="model"), parallel=ParallelConfig(context_parallel_size=2),
-                    depo=DePOConfig(enabled=True, kd_estimator="full"))
+                    objective="depo", depo=DePOConfig(kd_estimator="full"))
 
 
 def test_token_budget_must_fit_the_row_layout():

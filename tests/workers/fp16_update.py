@@ -13,40 +13,36 @@ import sys
 
 import torch
 
-from tests.workers.rl_update import TEMPERATURE, sequences
+from tests.workers.rl_update import TEMPERATURE, depo_objective, score_policy_rows, sequences
 
 
 def main(model_dir: str, out_path: str) -> None:
-    from megatron_lcr.distill.depo import DePOConfig
     from megatron_lcr.models.builder import ModelConfig
     from megatron_lcr.parallel.layout import ParallelConfig
     from megatron_lcr.parallel.state import destroy_megatron, initialize_megatron
     from megatron_lcr.train.micro_batches import PackLayout, plan_micro_batches
     from megatron_lcr.train.model_setup import build_policy
     from megatron_lcr.train.optimizer import OptimizerConfig, build_optimizer
-    from megatron_lcr.train.rl.config import RLRunConfig
-    from megatron_lcr.train.rl.step import gradient_scale, guarded_update, make_loss_fn, score, step_norms, training_units
+    from megatron_lcr.train.rl.step import objective_loss_fn, training_units
+    from megatron_lcr.train.rl.update import gradient_scale, guarded_update
     from megatron_lcr.train.token_logprobs import ScoringSpec
 
     parallel = ParallelConfig()
     initialize_megatron(parallel, seed=1)
     results = {}
+    objective = depo_objective()
     for dtype in ("float32", "float16"):
         model = ModelConfig(hf_path=model_dir, params_dtype=dtype)
-        cfg = RLRunConfig(model=model, depo=DePOConfig(enabled=True, tau=0.0))
         seqs = sequences()
         policy = build_policy(model, parallel)
         optimizer, scheduler = build_optimizer(OptimizerConfig(lr=1e-3), policy.chunks,
                                                params_dtype=getattr(torch, dtype), use_distributed_optimizer=False,
                                                total_steps=10)
         spec = ScoringSpec(vocab_size=policy.arch.vocab_size, temperature=TEMPERATURE)
-        short = [i for i, s in enumerate(seqs) if s.values["px"]]
-        old = score(policy.chunks, seqs, short, spec, token_budget=4096, fixed_length=False, layout=PackLayout())
-        for i in short:
-            seqs[i].token_values["old_logp"] = old[i]["logp"]
+        score_policy_rows(policy, seqs, spec, 4096, PackLayout())
         batches = plan_micro_batches(seqs, token_budget=4096, dp_size=1, dp_rank=0, pad_id=0, fixed_length=False,
-                                     units=training_units(seqs), layout=PackLayout())
-        loss_fn = make_loss_fn(cfg, step_norms(seqs, 12, num_rollouts=12), scale=gradient_scale(len(batches)))
+                                     units=training_units(seqs, False), layout=PackLayout())
+        loss_fn = objective_loss_fn(objective, objective.normalisers(seqs, 12), scale=gradient_scale(len(batches)))
         metrics = guarded_update(policy.chunks, optimizer, scheduler, batches, spec, loss_fn)
         results[dtype] = {k: metrics[k] for k in ("loss", "grad_norm", "skipped") if k in metrics}
         results[dtype].update({k: metrics[k] for k in ("loss_scale", "overflow") if k in metrics})

@@ -4,7 +4,7 @@ Usage: ``rl_update.py MODEL_DIR OUT_JSON [TP] [IMPL]``; IMPL ``triton`` runs the
 implementation (under TRITON_INTERPRET=1 on CPU, set by the caller before Python starts). Every rank builds the same fixed set of sequences (GRPO
 short-context rows with advantages, DePO long-context rows with teacher log-probs), scores their old
 log-probs with the policy, then, for each DePO KD estimator (sampled, full) and token budget, builds
-a fresh policy from MODEL_DIR and runs one ``guarded_update``: the loss and grad norm must not
+a fresh policy from MODEL_DIR and runs one ``guarded_update`` of the DePO objective's loss: the loss and grad norm must not
 depend on the budget (nor on the DP size, compared across two launches by the test). A last update
 whose loss is NaN must be skipped: weights and LR schedule unchanged. Rank 0 writes the numbers.
 """
@@ -22,27 +22,48 @@ TEMPERATURE = 0.7
 
 
 def sequences(full_kd: bool = False):
-    from megatron_lcr.train.micro_batches import TokenSequence
+    """12 short-context (POLICY) rows with advantages; every odd one also as a DePO long-context row
+    whose teacher log-probs (``old_logp``) are given."""
+    from megatron_lcr.rl.sequences import Role, TokenSequence
 
     rng = random.Random(0)
     out = []
     for k in range(12):
         prompt = [rng.randrange(3, 200) for _ in range(rng.randrange(5, 60))]
         response = [rng.randrange(3, 200) for _ in range(rng.randrange(1, 12))]
-        common = {"advantage": rng.uniform(-1, 1), "reward": float(k % 2), "rollout": float(k)}
-        teacher = float(full_kd and k % 2)
-        out.append(TokenSequence(prompt, response, values={**common, "px": 1.0, "aux": 0.0, "teacher": teacher}))
+        common = {"rollout": k, "advantage": rng.uniform(-1, 1), "reward": float(k % 2)}
+        out.append(TokenSequence(prompt, response, Role.POLICY, **common))
         if k % 2:
             long_prompt = [rng.randrange(3, 200) for _ in range(40)] + prompt
-            out.append(TokenSequence(long_prompt, response, values={**common, "px": 0.0, "aux": 1.0, "teacher": 0.0},
-                                     token_values={"teacher_logp": [-rng.uniform(0, 3) for _ in response]}))
+            out.append(TokenSequence(long_prompt, response, Role.LONG_CONTEXT, **common,
+                                     old_logp=[-rng.uniform(0, 3) for _ in response]))
     return out
+
+
+def depo_objective(estimator: str = "sampled"):
+    """DePO (tau 0: every long row is kept) over GRPO's token-ratio loss."""
+    from megatron_lcr.distill.depo import DePO, DePOConfig
+    from megatron_lcr.rl.losses import PolicyLossConfig
+    from megatron_lcr.rl.objective import PolicyGradient
+
+    return DePO(PolicyGradient(PolicyLossConfig(name="ppo"), max_response_len=12),
+                DePOConfig(tau=0.0, kd_estimator=estimator))
+
+
+def score_policy_rows(policy, seqs, spec, budget, layout) -> None:
+    """The POLICY rows' ``old_logp``: the policy's own log-probs (the long rows keep theirs)."""
+    from megatron_lcr.rl.sequences import Role
+    from megatron_lcr.train.rl.step import score
+
+    views = [s for s in seqs if s.role == Role.POLICY]
+    for seq, logp in zip(views, score(policy.chunks, views, spec, token_budget=budget, fixed_length=False,
+                                      layout=layout)):
+        seq.old_logp = logp
 
 
 def main(model_dir: str, out_path: str, tp: str = "1", impl: str = "auto") -> None:
     from megatron.core import parallel_state as ps
 
-    from megatron_lcr.distill.depo import DePOConfig
     from megatron_lcr.kernels import KernelConfig
     from megatron_lcr.models.builder import ModelConfig
     from megatron_lcr.parallel.layout import ParallelConfig
@@ -50,18 +71,18 @@ def main(model_dir: str, out_path: str, tp: str = "1", impl: str = "auto") -> No
     from megatron_lcr.train.micro_batches import PackLayout, plan_micro_batches
     from megatron_lcr.train.model_setup import build_policy
     from megatron_lcr.train.optimizer import OptimizerConfig, build_optimizer
-    from megatron_lcr.train.rl.config import RLRunConfig
-    from megatron_lcr.train.rl.step import (gradient_scale, guarded_update, make_loss_fn, score, step_norms,
-                                            training_units)
+    from megatron_lcr.train.rl.step import objective_loss_fn, training_units
+    from megatron_lcr.train.rl.update import gradient_scale, guarded_update
     from megatron_lcr.train.token_logprobs import ScoringSpec
 
     parallel = ParallelConfig(tensor_model_parallel_size=int(tp))
+    layout = PackLayout.for_parallel(parallel)
     initialize_megatron(parallel, seed=1)
     model = ModelConfig(hf_path=model_dir, params_dtype="float32")
     dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     results = {"dp": dp, "tp": ps.get_tensor_model_parallel_world_size(), "runs": {}}
     for estimator in ("sampled", "full"):
-        cfg = RLRunConfig(model=model, depo=DePOConfig(enabled=True, tau=0.0, kd_estimator=estimator))
+        objective = depo_objective(estimator)
         seqs = sequences(full_kd=estimator == "full")
         for budget in BUDGETS:
             policy = build_policy(model, parallel)
@@ -69,24 +90,21 @@ def main(model_dir: str, out_path: str, tp: str = "1", impl: str = "auto") -> No
                                                    policy.chunks, params_dtype=torch.float32,
                                                    use_distributed_optimizer=False, total_steps=10)
             kernels = KernelConfig(impl=impl)
-            spec = ScoringSpec(vocab_size=policy.arch.vocab_size, temperature=TEMPERATURE, kernels=kernels)
-            short = [i for i, s in enumerate(seqs) if s.values["px"]]
-            old = score(policy.chunks, seqs, short, spec, token_budget=budget, fixed_length=False,
-                        layout=PackLayout.for_parallel(parallel))
-            for i in short:
-                seqs[i].token_values["old_logp"] = old[i]["logp"]
+            score_policy_rows(policy, seqs, ScoringSpec(vocab_size=policy.arch.vocab_size, temperature=TEMPERATURE,
+                                                        kernels=kernels), budget, layout)
             batches = plan_micro_batches(seqs, token_budget=budget, dp_size=dp, dp_rank=rank, pad_id=0,
-                                         fixed_length=False, units=training_units(seqs), layout=PackLayout.for_parallel(parallel))
-            norms = step_norms(seqs, 12, num_rollouts=12)
+                                         fixed_length=False, units=training_units(seqs, objective.needs.pair_kl),
+                                         layout=layout)
+            norms = objective.normalisers(seqs, 12)
             # The sampled runs take Megatron's logits, the exact-KD runs the fused kernels on hidden states.
             train_spec = ScoringSpec(vocab_size=policy.arch.vocab_size, temperature=TEMPERATURE, kernels=kernels,
                                      pair_kl=estimator == "full", from_hidden=estimator == "full")
             metrics = guarded_update(policy.chunks, optimizer, scheduler, batches, train_spec,
-                                     make_loss_fn(cfg, norms, scale=gradient_scale(len(batches))))
+                                     objective_loss_fn(objective, norms, scale=gradient_scale(len(batches))))
             results["runs"][f"{estimator}/{budget}"] = {"micro_batches": len(batches), **metrics}
 
     # The NaN guard: a loss that is NaN on one micro-batch skips the whole step on every rank.
-    good = make_loss_fn(cfg, norms, scale=gradient_scale(len(batches)))
+    good = objective_loss_fn(objective, norms, scale=gradient_scale(len(batches)))
 
     def poisoned(outputs, batch):
         loss, report = good(outputs, batch)

@@ -1,4 +1,4 @@
-"""The run configuration of ``lcr train``: one section per component, each owned by its module."""
+"""The run configuration of ``lcr pretrain``: one section per component, each owned by its module."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ class TrainerConfig:
 
 @dataclass(kw_only=True)
 class LMRunConfig:
-    """``lcr train`` before the RL loop: supervised next-token training of a Megatron model."""
+    """``lcr pretrain``: supervised next-token training of a Megatron model (a smoke test of the stack)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     """The network (Hugging Face architecture, dtype, TE/FP8)."""

@@ -1,4 +1,4 @@
-"""``lcr train`` (pre-RL): supervised next-token training of a Megatron model, start to finish.
+"""``lcr pretrain``: supervised next-token training of a Megatron model, start to finish.
 
 Outputs under ``--out``: ``config.yaml`` (resolved), ``metrics.jsonl`` (one line per step),
 ``checkpoints/iter_N`` (megatron_lcr checkpoints) and ``results.json`` (held-out loss of the base and

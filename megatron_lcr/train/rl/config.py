@@ -1,8 +1,8 @@
-"""The configuration of ``lcr train``: RL (GRPO / DAPO / GSPO) with optional DePO, section by section."""
+"""The configuration of ``lcr train``: RL (GRPO / DAPO / GSPO / CISPO), DePO and DePO-IW, section by section."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from megatron_lcr.data.prompts import PromptConfig
@@ -11,6 +11,7 @@ from megatron_lcr.distill.depo import DePOConfig
 from megatron_lcr.kernels.config import KernelConfig
 from megatron_lcr.models.builder import ModelConfig
 from megatron_lcr.parallel.layout import DEFAULT_COLLECTIVE_TIMEOUT_S, ParallelConfig
+from megatron_lcr.registry import lookup
 from megatron_lcr.rl.advantages import AdvantageConfig
 from megatron_lcr.rl.losses import PolicyLossConfig
 from megatron_lcr.rl.rewards import REWARDS
@@ -21,17 +22,25 @@ from megatron_lcr.train.optimizer import OptimizerConfig, check_precision
 
 # Slack of the collective timeout over the longest wait rank 0 imposes on the other ranks (seconds).
 COLLECTIVE_MARGIN_S = 300.0
-# The importance-ratio level each algorithm is defined with; its other settings (clip range,
-# dynamic sampling, aggregation) are explicit config values, see examples/ for each recipe.
-ALGORITHM_RATIO = {"grpo": "token", "dapo": "token", "gspo": "sequence"}
+# What rl.algorithm sets in rl.loss: a field the user left None is filled from its preset, one set to
+# another value is an error (RLConfig.__post_init__); with no algorithm, GRPO's preset fills the unset
+# fields. The algorithms' other settings (clip range, dynamic sampling, aggregation) are explicit
+# config values, see examples/ for each recipe.
+ALGORITHM_PRESETS: dict[str, dict[str, str]] = {
+    "grpo": {"name": "ppo"},
+    "dapo": {"name": "ppo"},
+    "gspo": {"name": "gspo"},
+    "cispo": {"name": "cispo"},
+}
 
 
 @dataclass(kw_only=True)
 class RLConfig:
     """The RL algorithm: what is sampled, how it is rewarded, and the policy loss."""
 
-    algorithm: Literal["grpo", "dapo", "gspo"] = "grpo"
-    """Base algorithm; sets the importance-ratio level (token for GRPO/DAPO, sequence for GSPO)."""
+    algorithm: Literal["grpo", "dapo", "gspo", "cispo"] | None = None
+    """Base algorithm, a preset of rl.loss (ALGORITHM_PRESETS: loss.name 'ppo' for GRPO/DAPO, else its
+    name); None: no preset, an unset rl.loss.name is 'ppo' (GRPO)."""
     context: Literal["short", "long", "short_long"] = "short"
     """Contexts the RL rollouts see: the paper's GRPO(Short), GRPO(Long) and GRPO(Short-Long)."""
     group_size: int = 8
@@ -45,26 +54,34 @@ class RLConfig:
     max_new_tokens: int = 1024
     """Longest response (tokens)."""
     loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
-    """Clipping, aggregation, KL and entropy terms (loss.ratio follows algorithm)."""
+    """The policy loss, clipping, aggregation, KL and entropy terms (loss.name unset: algorithm's preset)."""
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     """Group advantages, dynamic sampling, overlong shaping."""
 
     def __post_init__(self) -> None:
         if self.group_size < 2:
-            raise ValueError(f"group_size must be >= 2 for group-relative advantages ({self.algorithm}), "
-                             f"got {self.group_size}")
-        if self.reward and self.reward not in REWARDS:
-            raise ValueError(f"unknown reward {self.reward!r}; valid rewards: {', '.join(REWARDS)}")
+            raise ValueError(f"group_size must be >= 2 for group-relative advantages, got {self.group_size}")
+        if self.reward:
+            lookup(REWARDS, self.reward, "reward")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0 for RL rollouts, got {self.temperature}")
         if self.top_p != 1.0:
             raise ValueError(f"top_p must be 1.0 (the trainer's log-probs are over the full vocabulary), got {self.top_p}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        ratio = ALGORITHM_RATIO[self.algorithm]
-        if self.loss.ratio != ratio and self.loss.ratio != PolicyLossConfig().ratio:
-            raise ValueError(f"loss.ratio={self.loss.ratio!r} conflicts with algorithm={self.algorithm!r} ({ratio})")
-        self.loss.ratio = ratio
+        self._apply_preset()
+
+    def _apply_preset(self) -> None:
+        """Fill the loss fields ALGORITHM_PRESETS[algorithm] sets (GRPO's with no algorithm) that the user
+        left None, on a copy (a PolicyLossConfig passed in is not changed); with an algorithm, a field
+        set to another value is an error."""
+        preset = ALGORITHM_PRESETS[self.algorithm or "grpo"]
+        for key, value in preset.items():
+            given = getattr(self.loss, key)
+            if self.algorithm and given is not None and given != value:
+                raise ValueError(f"rl.loss.{key}={given!r} conflicts with rl.algorithm={self.algorithm!r} "
+                                 f"(its preset sets {value!r}): drop one of them")
+        self.loss = replace(self.loss, **{k: v for k, v in preset.items() if getattr(self.loss, k) is None})
 
 
 @dataclass(kw_only=True)
@@ -93,13 +110,18 @@ class RLTrainerConfig:
     """Also write metrics as TensorBoard events under --out/tensorboard."""
     check_rollout_logprobs: bool = True
     """Report max |trainer log-prob - engine log-prob| every step (a sync/numerics check)."""
+    mini_batches: int = 1
+    """Optimizer updates per pass over a step's rollouts (each on an equal share of them; the old
+    log-probs stay the rollout policy's, so later updates are off-policy and clipping is live)."""
+    epochs: int = 1
+    """Passes over a step's rollouts (``mini_batches`` updates each)."""
     logprobs_from: Literal["auto", "hidden", "logits"] = "auto"
     """'hidden': final hidden states x output weight inside the fused kernels (no [tokens, vocab]
     logits); 'logits': Megatron's output layer, then the kernels; 'auto': hidden unless sequence
     parallelism is on (its hidden states are sequence shards)."""
 
     def __post_init__(self) -> None:
-        for name in ("steps", "prompts_per_step", "token_budget", "keep_last", "max_bad_steps"):
+        for name in ("steps", "prompts_per_step", "token_budget", "keep_last", "max_bad_steps", "mini_batches", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.save_interval < 0:
@@ -110,6 +132,10 @@ class RLTrainerConfig:
 class RLRunConfig:
     """``lcr train``: every section of an RL / DePO run."""
 
+    objective: str = "rl"
+    """What the step optimises (``train.rl.objectives.OBJECTIVES``): 'rl' (the policy loss of ``rl``),
+    'depo' (+ lam * KD from the short to the long context), 'depo-iw' (+ lam * importance-weighted RL
+    on the long context); ``depo`` configures the last two."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy network."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -125,7 +151,7 @@ class RLRunConfig:
     rl: RLConfig = field(default_factory=RLConfig)
     """The RL algorithm."""
     depo: DePOConfig = field(default_factory=DePOConfig)
-    """DePO / DePO-IW: short-to-long self-distillation."""
+    """DePO / DePO-IW (objectives 'depo', 'depo-iw'): short-to-long self-distillation."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Held-out evaluation (before, every eval.interval steps, after)."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -144,13 +170,22 @@ class RLRunConfig:
                              "16 tokens per rank with fp8)")
         if self.trainer.logprobs_from == "hidden" and self.parallel.sequence_parallel:
             raise ValueError("trainer.logprobs_from='hidden' needs parallel.sp=false (use 'logits' or 'auto')")
-        if self.depo.enabled and self.depo.mode == "kd-full" and self.parallel.context_parallel_size > 1:
-            raise ValueError("depo.kd_estimator='full' needs parallel.cp=1: the exact KD compares a response's "
-                             "distributions on two packed sequences, which context parallelism puts on different ranks")
+        self._check_objective()
         self._derive_collective_timeout()
-        if self.depo.enabled and self.rl.context != "short":
-            raise ValueError(f"depo.enabled needs rl.context='short' (DePO runs RL on the short context), "
-                             f"got rl.context={self.rl.context!r}")
+
+    def _check_objective(self) -> None:
+        from megatron_lcr.train.rl.objectives import build_objective
+
+        needs = build_objective(self).needs
+        if needs.pair_kl and self.parallel.context_parallel_size > 1:
+            raise ValueError(f"objective {self.objective!r} (depo.kd_estimator='full') needs parallel.cp=1: its exact KL "
+                             "compares a response's distributions on two packed sequences, which context "
+                             "parallelism puts on different ranks")
+        rollouts = self.trainer.prompts_per_step * self.rl.group_size * (2 if self.rl.context == "short_long" else 1)
+        if rollouts % self.trainer.mini_batches:
+            raise ValueError(f"trainer.mini_batches ({self.trainer.mini_batches}) must divide the rollout batch "
+                             f"({rollouts} = trainer.prompts_per_step x rl.group_size"
+                             f"{' x 2 contexts' if self.rl.context == 'short_long' else ''})")
 
     @property
     def pack_layout(self) -> PackLayout:

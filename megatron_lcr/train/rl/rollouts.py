@@ -12,7 +12,6 @@ Sampling seeds derive from (seed, step, round, prompt): a resumed run samples th
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
@@ -20,33 +19,10 @@ from megatron_lcr.data.prompts import extract_answer
 from megatron_lcr.data.schema import Sample
 from megatron_lcr.rl.advantages import GroupFiller, group_advantages, overlong_penalty
 from megatron_lcr.rl.rewards import get_reward, reward_for_family
+from megatron_lcr.rl.sequences import Rollout
 from megatron_lcr.rollout.engine import Completion, GenerateRequest, SamplingParams
 from megatron_lcr.train.rl.config import RLConfig
 from megatron_lcr.train.task import TaskContext
-
-
-@dataclass
-class Rollout:
-    """One sampled response and everything the losses need about it."""
-
-    sample: Sample
-    """The question it answers."""
-    context: str
-    """Context it was sampled with: 'short' or 'long'."""
-    prompt: list[int]
-    """Prompt token ids (with that context)."""
-    response: list[int]
-    """Response token ids."""
-    engine_logp: list[float]
-    """The engine's log-prob of each response token (after temperature)."""
-    finish_reason: str | None
-    """'stop', 'length' or 'abort'."""
-    reward: float
-    """Task reward (+ overlong shaping)."""
-    advantage: float = 0.0
-    """Group-relative advantage."""
-    in_policy_loss: bool = True
-    """False when dynamic sampling left its group out (equal rewards, or beyond the target)."""
 
 
 def _reward(rl: RLConfig, task: TaskContext, sample: Sample, completion: Completion) -> float:

@@ -1,77 +1,67 @@
-"""One RL optimizer step on Megatron: rollouts -> sequences -> old log-probs -> loss -> guarded update.
+"""One RL step on Megatron: rollouts -> the objective's sequences -> old (+ref) log-probs -> updates.
 
-Sequences of a step (``TokenSequence``, packed into micro-batches by token budget):
-
-* ``px``: prompt with the rollout's own context + response; the policy-gradient loss (L_PX).
-* ``aux`` (DePO): the long-context prompt + the same response; KD (rollouts with reward >= tau) or
-  DePO-IW (all rollouts). Its teacher / behaviour log-probs are the short sequence's old log-probs:
-  the policy at the start of the step on the short context, which is the sampling policy (the
-  trainer holds exactly the engines' weights) and, with one update per rollout batch as in the
-  paper, the current policy detached. The exact KD (``kd_estimator: full``) needs the teacher's
-  whole distribution instead: the short sequence then always comes along (as ``teacher`` when it
-  is not in L_PX) and shares a micro-batch with its long one (``training_units``).
-
-Losses are normalised by global counts (``rl.losses.Normaliser``) and scaled by micro-batches x
-data-parallel size x context-parallel size, undoing Megatron's division by the number of
-micro-batches and DDP's gradient averaging over DP x CP (every CP rank computes the whole loss and
-back-propagates its own tokens), so the update is that of the global-batch loss whatever the split
-(tested for packing and DP).
-
-A step whose loss or gradients are not finite on any rank is skipped on all ranks: gradients are
-dropped, the optimizer and LR schedule do not move, and the step is reported as skipped.
+:func:`train_step` knows no objective by name. It asks the objective for the step's sequences
+(:class:`~megatron_lcr.rl.sequences.TokenSequence` views of the rollouts' responses), scores the
+``POLICY`` views with the policy as it was when the rollouts were sampled (the trainer holds exactly
+the engines' weights) and, if asked, with the reference policy; every view of a response then
+carries those log-probs as ``old_logp``. The rollouts are split into ``mini_batches`` parts; each
+part is one guarded optimizer update (:mod:`.update`), repeated for ``epochs`` passes. The old
+log-probs stay the rollout policy's throughout, so from the second update on the importance ratio
+moves off 1 and clipping is live. With one mini-batch and one epoch the step is a single update
+over all sequences.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
-from megatron_lcr.distill.depo import DePOConfig, DePOInputs, depo_loss
-from megatron_lcr.parallel.env import collective_device
-from megatron_lcr.rl.losses import Normaliser, metric_reduction, policy_loss
-from megatron_lcr.train.micro_batches import PackedBatch, PackLayout, TokenSequence, plan_micro_batches
-from megatron_lcr.train.rl.config import RLRunConfig
-from megatron_lcr.train.rl.rollouts import Rollout
-from megatron_lcr.train.token_logprobs import ScoringSpec, run_packed_schedule, score_sequences
+from megatron_lcr.profiling.timers import StepTimer
+from megatron_lcr.rl.objective import LongPrompt, Objective
+from megatron_lcr.rl.sequences import Role, Rollout, TokenBatch, TokenSequence
+from megatron_lcr.train.micro_batches import PackedBatch, PackLayout, plan_micro_batches
+from megatron_lcr.train.rl.update import gradient_scale, guarded_update
+from megatron_lcr.train.token_logprobs import ScoringSpec, score_sequences
 
 
-def build_sequences(rollouts: list[Rollout], depo: DePOConfig, long_prompt, *, mask_truncated: bool) -> list[TokenSequence]:
-    """The step's training sequences; ``long_prompt(sample) -> ids`` gives DePO's long-context prompt."""
-    sequences = []
-    for k, r in enumerate(rollouts):
-        if not r.response:
-            continue  # nothing to score (an engine that returned no token)
-        px = r.in_policy_loss and not (mask_truncated and r.finish_reason == "length")
-        aux = depo.enabled and (depo.importance != "none" or r.reward >= depo.tau)
-        if not (px or aux):
-            continue
-        common = {"advantage": r.advantage, "reward": r.reward, "rollout": float(k)}
-        teacher = aux and depo.mode == "kd-full"
-        sequences.append(TokenSequence(r.prompt, r.response, token_values={"engine_logp": r.engine_logp},
-                                       values={**common, "px": float(px), "aux": 0.0, "teacher": float(teacher)}))
-        if aux:
-            sequences.append(TokenSequence(long_prompt(r.sample), r.response, values={**common, "px": 0.0, "aux": 1.0, "teacher": 0.0}))
-    return sequences
+@dataclass(frozen=True, kw_only=True)
+class StepContext:
+    """What a step needs besides the policy, the rollouts and the objective."""
+
+    optimizer: Any
+    scheduler: Any
+    spec: ScoringSpec
+    """How logits become per-token values (temperature, kernels, entropy)."""
+    token_budget: int
+    """Tokens per packed micro-batch."""
+    layout: PackLayout = PackLayout()
+    """What the parallel layout requires of a packed row."""
+    fixed_length: bool = False
+    """Pad every row to ``token_budget`` (pipeline parallelism: one activation shape)."""
+    ref: Any = None
+    """The reference policy (its ``chunks``), when the objective needs reference log-probs."""
+    long_prompt: LongPrompt | None = None
+    """A sample's long-context prompt (objectives with long-context views)."""
+    mini_batches: int = 1
+    """Optimizer updates per pass over the rollouts."""
+    epochs: int = 1
+    """Passes over the rollouts."""
 
 
-def gradient_scale(num_micro_batches: int) -> float:
-    """Undoes Megatron's loss division by the micro-batch count and DDP's averaging over DP x CP."""
-    from megatron.core import parallel_state as ps
-
-    return float(num_micro_batches * ps.get_data_parallel_world_size() * ps.get_context_parallel_world_size())
-
-
-def training_units(sequences: list[TokenSequence]) -> list[list[int]]:
-    """Indices that must share a micro-batch: a ``teacher`` short sequence with its long one."""
-    units: list[list[int]] = []
-    for i, seq in enumerate(sequences):
-        if seq.values["aux"] and i > 0 and sequences[i - 1].values.get("teacher"):
-            units[-1].append(i)  # build_sequences puts the long sequence right after its short one
-        else:
-            units.append([i])
-    return units
+def train_step(policy, rollouts: list[Rollout], objective: Objective, ctx: StepContext,
+               timer: StepTimer | None = None) -> dict[str, float]:
+    """Score, then update ``policy`` on one step's ``rollouts``; returns the step's metrics."""
+    timer = timer or StepTimer()
+    sequences = objective.sequences(rollouts, ctx.long_prompt)
+    with timer.phase("logprob"):
+        metrics = score_old_logprobs(policy, sequences, ctx, ref=objective.needs.ref)
+    with timer.phase("train"):
+        metrics.update(update_on(policy, sequences, objective, ctx, num_rollouts=len(rollouts)))
+    return metrics
 
 
 def _gather_scores(local: dict[int, dict[str, list[float]]]) -> dict[int, dict[str, list[float]]]:
@@ -84,131 +74,124 @@ def _gather_scores(local: dict[int, dict[str, list[float]]]) -> dict[int, dict[s
     return merged
 
 
-def score(chunks, sequences: list[TokenSequence], ids: list[int], spec: ScoringSpec, *, token_budget: int,
-          fixed_length: bool, layout: PackLayout = PackLayout()) -> dict[int, dict[str, list[float]]]:
-    """Forward-only per-token log-probs of ``sequences[i] for i in ids`` on every rank: ``{i: {"logp": [...]}}``."""
+def score(chunks, sequences: list[TokenSequence], spec: ScoringSpec, *, token_budget: int,
+          fixed_length: bool, layout: PackLayout = PackLayout()) -> list[list[float]]:
+    """Forward-only per-token log-probs of each of ``sequences``, on every rank."""
     from megatron.core import parallel_state as ps
 
-    subset = [sequences[i] for i in ids]
-    batches = plan_micro_batches(subset, token_budget=token_budget, dp_size=ps.get_data_parallel_world_size(),
+    batches = plan_micro_batches(sequences, token_budget=token_budget, dp_size=ps.get_data_parallel_world_size(),
                                  dp_rank=ps.get_data_parallel_rank(), pad_id=0, fixed_length=fixed_length,
                                  layout=layout)
     local = score_sequences(chunks, batches, spec) if batches else {}
     keep = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_last_stage(ignore_virtual=True)
     scores = _gather_scores(local if keep else {})
-    return {ids[j]: value for j, value in scores.items()}
+    return [scores[j]["logp"] for j in range(len(sequences))]
 
 
-@dataclass(frozen=True)
-class StepNorms:
-    """Global normalisers of the step's two loss terms."""
+def score_old_logprobs(policy, sequences: list[TokenSequence], ctx: StepContext, *, ref: bool) -> dict[str, float]:
+    """Fill every view's ``old_logp`` (and the ``POLICY`` views' ``ref_logp``); returns how far the
+    trainer's log-probs are from the engine's."""
+    views = [s for s in sequences if s.role == Role.POLICY]
+    kwargs = dict(token_budget=ctx.token_budget, fixed_length=ctx.fixed_length, layout=ctx.layout)
+    old = score(policy.chunks, views, ctx.spec, **kwargs)
+    refs = score(ctx.ref.chunks, views, ctx.spec, **kwargs) if ref else [None] * len(views)
+    by_rollout, diffs = {}, []
+    for seq, logp, ref_logp in zip(views, old, refs):
+        seq.old_logp, seq.ref_logp = logp, ref_logp
+        by_rollout[seq.rollout] = logp
+        diffs += [abs(a - b) for a, b in zip(logp, seq.engine_logp or [])]
+    for seq in sequences:
+        if seq.role != Role.POLICY:
+            seq.old_logp = by_rollout[seq.rollout]
+    return {"rollout/logp_diff_max": max(diffs, default=0.0),
+            "rollout/logp_diff_mean": sum(diffs) / max(len(diffs), 1)}
 
-    px: Normaliser
-    aux: Normaliser
-    num_rollouts: int
+
+def training_units(sequences: list[TokenSequence], paired: bool) -> list[list[int]]:
+    """Indices that must share a micro-batch: with ``paired``, each view with its rollout's ``POLICY`` view
+    (objectives put a view right after it)."""
+    units: list[list[int]] = []
+    for i, seq in enumerate(sequences):
+        if paired and seq.role != Role.POLICY and i > 0 and sequences[i - 1].rollout == seq.rollout:
+            units[-1].append(i)
+        else:
+            units.append([i])
+    return units
 
 
-def step_norms(sequences: list[TokenSequence], max_response_len: int, num_rollouts: int) -> StepNorms:
-    def norm(role: str) -> Normaliser:
-        chosen = [s for s in sequences if s.values[role]]
-        return Normaliser(num_tokens=sum(len(s.response) for s in chosen), num_sequences=len(chosen),
-                          max_response_len=max_response_len)
-
-    return StepNorms(px=norm("px"), aux=norm("aux"), num_rollouts=num_rollouts)
+def rollout_parts(num_rollouts: int, parts: int) -> list[range]:
+    """``parts`` contiguous, near-equal ranges of rollout indices (equal when ``parts`` divides)."""
+    bounds = [num_rollouts * k // parts for k in range(parts + 1)]
+    return [range(bounds[k], bounds[k + 1]) for k in range(parts)]
 
 
-def make_loss_fn(cfg: RLRunConfig, norms: StepNorms, scale: float):
-    """The micro-batch loss: ``L_PX`` (+ ``lam * L_KD|IW``), times ``scale`` for Megatron's reductions."""
+def objective_loss_fn(objective: Objective, norms: Any, scale: float) -> Callable:
+    """The micro-batch loss for Megatron's schedule: the objective's loss on the batch's tensors, times
+    ``scale`` (:func:`~.update.gradient_scale`)."""
 
     def loss_fn(outputs: dict[str, torch.Tensor], batch: PackedBatch):
         logp = outputs["logp"]
         device = logp.device
+
+        def moved(value):
+            return None if value is None else value.to(device)
+
         mask = batch.response_mask.to(device)
-        values = {k: v.to(device) for k, v in batch.values.items()}
-        tokens = {k: v.to(device) for k, v in batch.token_values.items()}
-        for name in ("old_logp", "teacher_logp"):  # absent when no sequence of this micro-batch has that role
-            tokens.setdefault(name, torch.zeros_like(mask))
-        px = policy_loss(logp, tokens["old_logp"], values["advantage"], mask * values["px"][:, None], cfg.rl.loss,
-                         norms.px, ref_logp=tokens.get("ref_logp"), entropy=outputs.get("entropy"))
-        inputs = DePOInputs(long_logp=logp, mask=mask * values["aux"][:, None], rewards=values["reward"],
-                            short_logp=tokens["teacher_logp"], advantages=values["advantage"],
-                            full_kl=outputs.get("kd_kl"), num_rollouts=norms.num_rollouts)
-        loss, metrics = depo_loss(px, inputs, cfg.depo, norms.aux, aggregation=cfg.rl.loss.aggregation)
+        tokens = TokenBatch(logp=logp, mask=mask, role=moved(batch.role), rollout=moved(batch.rollout),
+                            reward=moved(batch.reward), advantage=moved(batch.advantage),
+                            in_loss=moved(batch.in_loss),
+                            old_logp=moved(batch.old_logp) if batch.old_logp is not None else torch.zeros_like(mask),
+                            ref_logp=moved(batch.ref_logp) if batch.ref_logp is not None or not objective.needs.ref
+                            else torch.zeros_like(mask),  # a micro-batch of views only: no POLICY row to score
+                            entropy=outputs.get("entropy"),
+                            pair_kl=outputs.get("pair_kl"))
+        loss, metrics = objective.loss(tokens, norms)
         return loss * scale, metrics
 
     return loss_fn
 
 
-def reduce_reports(reports: list[dict]) -> dict[str, float]:
-    """Micro-batch metrics -> step metrics (sum or max over micro-batches and DP ranks), on every rank."""
+def update_on(policy, sequences: list[TokenSequence], objective: Objective, ctx: StepContext, *,
+              num_rollouts: int) -> dict[str, float]:
+    """``ctx.epochs`` passes of ``ctx.mini_batches`` guarded updates over the sequences in an update."""
     from megatron.core import parallel_state as ps
 
-    names = sorted({k for r in reports for k in r})
-    sums = [k for k in names if metric_reduction(k) == "sum"]
-    maxes = [k for k in names if metric_reduction(k) == "max"]
-    device = collective_device()
-    totals = torch.tensor([sum(float(r.get(k, 0.0)) for r in reports) for k in sums], dtype=torch.float64,
-                          device=device)
-    peaks = torch.tensor([max(float(r.get(k, -math.inf)) for r in reports) for k in maxes], dtype=torch.float64,
-                         device=device)
-    if ps.is_pipeline_last_stage(ignore_virtual=True):
-        group = ps.get_data_parallel_group()
-        torch.distributed.all_reduce(totals, group=group)
-        torch.distributed.all_reduce(peaks, op=torch.distributed.ReduceOp.MAX, group=group)
-    box = [dict(zip(sums + maxes, totals.tolist() + peaks.tolist()))]
-    torch.distributed.broadcast_object_list(box, src=torch.distributed.get_world_size() - 1)
-    return box[0]
+    trained = [s for s in sequences if s.in_update]
+    spec = replace(ctx.spec, pair_kl=objective.needs.pair_kl)
+    reports = []
+    for _ in range(ctx.epochs):
+        for part in rollout_parts(num_rollouts, ctx.mini_batches):
+            chosen = [s for s in trained if s.rollout in part]
+            batches = plan_micro_batches(chosen, token_budget=ctx.token_budget,
+                                         dp_size=ps.get_data_parallel_world_size(), dp_rank=ps.get_data_parallel_rank(),
+                                         pad_id=0, fixed_length=ctx.fixed_length,
+                                         units=training_units(chosen, objective.needs.pair_kl), layout=ctx.layout)
+            loss_fn = objective_loss_fn(objective, objective.normalisers(chosen, len(part)),
+                                        scale=gradient_scale(len(batches)))
+            report = guarded_update(policy.chunks, ctx.optimizer, ctx.scheduler, batches, spec, loss_fn)
+            reports.append({**report, "train/sequences": float(len(chosen)),
+                            "train/micro_batches": float(len(batches))})
+    return combine_updates(reports)
 
 
-def _grads_finite(chunks) -> bool:
-    """True on every rank iff every gradient on every rank is finite."""
-    ok = all(bool(torch.isfinite(buffer.grad_data).all()) for chunk in chunks for buffer in chunk.buffers)
-    flag = torch.tensor([1.0 if ok else 0.0], device=collective_device())
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag.item())
-
-
-def check_weights_finite(chunks, step: int) -> None:
-    """Raise on every rank if any rank's weights hold NaN/inf after the update of ``step``. The guard
-    in :func:`guarded_update` sees only the loss and the gradients; corrupt optimizer state (Adam moments
-    never restored, say) turns finite gradients into non-finite weights, which must not reach the engines
-    (they would fail every request with an opaque sampling error)."""
-    bad = [name for chunk in chunks for name, param in chunk.named_parameters() if not torch.isfinite(param).all()]
-    every = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(every, bad)
-    found = [(rank, names) for rank, names in enumerate(every) if names]
-    if found:
-        rank, names = found[0]
-        raise FloatingPointError(f"step {step}: the optimizer step made weights non-finite on {len(found)} rank(s) "
-                                 f"(rank {rank}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); "
-                                 "not syncing them to the rollout engines")
-
-
-def guarded_update(chunks, optimizer, scheduler, micro_batches: list[PackedBatch], spec: ScoringSpec, loss_fn) -> dict:
-    """Forward/backward over the micro-batches, then the optimizer step unless anything is non-finite."""
-    from megatron.core.distributed import finalize_model_grads
-
-    config = chunks[0].config
-    config.finalize_model_grads_func = finalize_model_grads
-    for chunk in chunks:
-        chunk.train()
-        chunk.zero_grad_buffer()
-    optimizer.zero_grad()
-    reports = run_packed_schedule(chunks, micro_batches, spec, loss_fn, forward_only=False)
-    metrics = reduce_reports(reports)
-    # fp16: gradients of the scaled loss may overflow; the optimizer's loss scaler then skips the step and
-    # lowers the scale (an expected event, reported as 'overflow', not a bad step).
-    scaled = bool(config.fp16)
-    if not (math.isfinite(metrics.get("loss", 0.0)) and (scaled or _grads_finite(chunks))):
-        for chunk in chunks:
-            chunk.zero_grad_buffer()
-        optimizer.zero_grad()
-        return {**metrics, "skipped": 1.0, "grad_norm": float("nan"), "lr": optimizer.param_groups[0]["lr"]}
-    updated, grad_norm, _ = optimizer.step()
-    if updated:
-        scheduler.step(increment=1)
-    metrics.update({"skipped": 0.0 if updated else 1.0, "lr": optimizer.param_groups[0]["lr"],
-                    "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")})
-    if scaled:
-        metrics.update({"overflow": 0.0 if updated else 1.0, "loss_scale": float(optimizer.get_loss_scale())})
-    return metrics
+def combine_updates(reports: list[dict[str, float]]) -> dict[str, float]:
+    """One update's metrics as they are; several: the mean per metric (max for ``*_max``; the last
+    ``lr`` / ``loss_scale``; sums of sequences and micro-batches), skipped only if every update was."""
+    if len(reports) == 1:
+        return reports[0]
+    out: dict[str, float] = {}
+    for key in {k for r in reports for k in r}:
+        values = [r[key] for r in reports if key in r]
+        if key.endswith("_max"):
+            out[key] = max(values)
+        elif key in ("lr", "loss_scale"):
+            out[key] = values[-1]
+        elif key.startswith("train/"):
+            out[key] = sum(values)
+        else:
+            finite = [v for v in values if math.isfinite(v)]
+            out[key] = sum(finite) / len(finite) if finite else math.nan
+    skipped = sum(r["skipped"] for r in reports)
+    out.update({"skipped": float(skipped == len(reports)), "train/skipped_updates": float(skipped),
+                "train/updates": float(len(reports))})
+    return out

@@ -45,7 +45,8 @@ CONFIG = {
     "prompt": {"instruction": 'Answer from the documents. End with "Answer:" and the answer.'},
     "rl": {"group_size": 2, "max_new_tokens": 6, "temperature": 1.0},
     # tau 0 keeps every rollout for KD: a random model earns no reward, so KD is what moves it.
-    "depo": {"enabled": True, "tau": 0.0},
+    "objective": "depo",
+    "depo": {"tau": 0.0},
     "eval": {"max_new_tokens": 6},
 }
 
@@ -73,7 +74,10 @@ def write_config(path: Path, policy: Path, **sections) -> Path:
     cfg = json.loads(json.dumps(CONFIG))
     cfg["model"]["hf_path"] = str(policy)
     for name, values in sections.items():
-        cfg.setdefault(name, {}).update(values)
+        if isinstance(values, dict):
+            cfg.setdefault(name, {}).update(values)
+        else:
+            cfg[name] = values
     path.write_text(json.dumps(cfg))  # JSON is YAML
     return path
 
@@ -146,6 +150,10 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(tmp_path, ti
     ("trainer", {"stepz": 3}, "trainer.stepz"),
     ("rl", {"reward": "bleu"}, "unknown reward 'bleu'"),
     ("rl", {"group_size": 1}, "group_size must be >= 2"),
+    ("rl", {"algorithm": "gspo", "loss": {"name": "ppo"}},
+     "rl.loss.name='ppo' conflicts with rl.algorithm='gspo' (its preset sets 'gspo')"),
+    ("trainer", {"mini_batches": 3}, "trainer.mini_batches (3) must divide the rollout batch (8 = "),
+    ("objective", "dgrpo", "unknown objective 'dgrpo'; valid: 'rl', 'depo', 'depo-iw'"),
 ])
 def test_bad_config_fails_in_one_line_before_work(tmp_path, tiny_policy, section, value, message):
     out = tmp_path / "out"

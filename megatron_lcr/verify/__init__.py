@@ -1,0 +1,1 @@
+"""Answer checkers that need more than a pure function: their own process, signals or timeouts."""
