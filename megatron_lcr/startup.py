@@ -54,21 +54,22 @@ def is_global_rank_zero() -> bool:
 
 
 def backend_summary(model: ModelConfig) -> str:
-    """One line: the device and which layers, norms and optimizer implementations the run uses."""
+    """One line: the device and the layers, norms and optimizer Megatron uses (its own choice, read back)."""
     import torch
+    from megatron.core import optimizer as megatron_optimizer  # Adam: TE's or Apex's fused, else torch's AdamW
+    from megatron.core.models import backends  # HAVE_APEX: Apex's fused norms, else torch's
 
     from megatron_lcr.models.builder import use_transformer_engine
 
     have_te = importlib.util.find_spec("transformer_engine") is not None
-    have_apex = importlib.util.find_spec("apex") is not None
     device = f"CUDA ({torch.cuda.device_count()} GPUs visible)" if torch.cuda.is_available() else "CPU"
     if use_transformer_engine(model):
         layers = "Transformer Engine layers and norms"
     else:
-        layers = f"Megatron local layers, {'Apex' if have_apex else 'torch'} norms"
-    # Megatron's optimizer takes TE's fused Adam, else Apex's, else torch's AdamW.
-    optimizer = "Transformer Engine" if have_te else "Apex" if have_apex else "torch"
-    missing = [name for name, present in (("Apex", have_apex), ("Transformer Engine", have_te)) if not present]
+        layers = f"Megatron local layers, {'Apex' if backends.HAVE_APEX else 'torch'} norms"
+    optimizer = {"transformer_engine": "Transformer Engine", "apex": "Apex"}.get(
+        megatron_optimizer.Adam.__module__.split(".")[0], "torch")
+    missing = [name for name, present in (("Apex", backends.HAVE_APEX), ("Transformer Engine", have_te)) if not present]
     absent = f" (no {', no '.join(missing)})" if missing else ""
     return f"lcr: {device}: {layers}, {optimizer} optimizer{absent}"
 

@@ -63,10 +63,19 @@ def test_an_unknown_warning_still_shows():
 def test_a_known_message_from_another_module_or_of_another_category_still_shows():
     # Matching is by message, category and issuing module: our own code saying the same still shows.
     assert shown("Apex is not installed. Falling back to Torch Norm", UserWarning, "megatron_lcr.models.builder")
-    assert shown("full scope is deprecated. Use empty cuda_graph_scope", UserWarning, "megatron.core.transformer.cuda_graphs")
-    assert shown("Warning: tp_group is None, using default tp group", UserWarning, "megatron.core.tensor_parallel.layers")
+    assert shown("full scope is deprecated. Use empty cuda_graph_scope", UserWarning,
+                 "megatron.core.transformer.cuda_graphs")
+    assert shown("Warning: tp_group is None, using default tp group", UserWarning,  # a DeprecationWarning there
+                 "megatron.core.tensor_parallel.layers")
 
 
+@pytest.fixture
+def quiet():
+    """As ``lcr`` does before the summary imports Megatron (pytest restores the filters after the test)."""
+    quiet_known_warnings()
+
+
+@pytest.mark.usefixtures("quiet")
 @pytest.mark.skipif(
     torch.cuda.is_available() or any(importlib.util.find_spec(m) for m in ("apex", "transformer_engine")),
     reason="the CPU line without Apex and Transformer Engine",
@@ -77,6 +86,7 @@ def test_backend_summary_on_cpu():
     )
 
 
+@pytest.mark.usefixtures("quiet")
 @pytest.mark.parametrize(
     "env, printed",
     [({}, True), ({"RANK": "0"}, True), ({"RANK": "1"}, False), ({"SLURM_PROCID": "3"}, False),

@@ -44,7 +44,6 @@ from torch import Tensor
 
 from megatron_lcr.registry import lookup
 from megatron_lcr.rl.losses import (
-    LOG_RATIOS,
     Normaliser,
     PolicyLossConfig,
     aggregate,
@@ -138,15 +137,6 @@ def depo_kd_loss(
 
 
 # --------------------------------------------------------------------------- IW
-
-
-def importance_weights(long_logp: Tensor, old_short_logp: Tensor, mask: Tensor, level: str) -> Tensor:
-    """DePO-IW weights ``pi(y|x, c_long) / pi_old(y|x, c_short)``, all ``[B, S]``.
-
-    'token': per token ``exp(long_logp - old_short_logp)``; 'sequence': GSPO's length-normalised
-    geometric mean over the row, on every token (GSPO-token gradient form). 1 outside ``mask``.
-    """
-    return torch.exp(lookup(LOG_RATIOS, level, "importance level")(long_logp, old_short_logp, mask))
 
 
 def depo_iw_loss(long_logp: Tensor, old_short_logp: Tensor, advantages: Tensor, mask: Tensor, cfg: DePOConfig,

@@ -224,10 +224,6 @@ def sequence_log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
     return seq + logp - logp.detach()
 
 
-LogRatioFn = Callable[[Tensor, Tensor, Tensor], Tensor]
-LOG_RATIOS: dict[str, LogRatioFn] = {"token": token_log_ratio, "sequence": sequence_log_ratio}
-
-
 # --------------------------------------------------------------------------- clipped surrogate
 
 

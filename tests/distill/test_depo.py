@@ -14,7 +14,6 @@ from megatron_lcr.distill.depo import (
     depo_iw_loss,
     depo_kd_loss,
     forward_kl_sampled,
-    importance_weights,
     kd_keep,
     kd_mask,
 )
@@ -102,31 +101,6 @@ def kl_reference(student_logits, teacher_logits, temperature):
 
     log_t, log_s = log_probs(teacher_logits), log_probs(student_logits)
     return (torch.exp(log_t) * (log_t - log_s)).sum(dim=-1)
-
-
-@pytest.mark.parametrize("level", ["token", "sequence"])
-def test_importance_weights_are_one_when_contexts_match(level):
-    mask, teacher_logits, _, tokens, _ = batch(5)
-    short = gather_logp(teacher_logits, tokens)
-    long = short.clone().requires_grad_()
-    w = importance_weights(long, short, mask, level)
-    assert torch.equal(w, torch.ones(B, S))
-    w.sum().backward()
-    assert long.grad[mask.bool()].abs().min() > 0  # the weights still carry gradient
-
-
-def test_importance_weights_levels():
-    mask, teacher_logits, student_logits, tokens, _ = batch(6)
-    short, long = gather_logp(teacher_logits, tokens), gather_logp(student_logits.detach(), tokens)
-    token = importance_weights(long, short, mask, "token")
-    torch.testing.assert_close(token[mask.bool()], torch.exp(long - short)[mask.bool()])
-    seq = importance_weights(long, short, mask, "sequence")
-    for b in range(B):
-        counted = mask[b].bool()
-        geo = torch.exp((long - short)[b, counted].double().mean())
-        torch.testing.assert_close(seq[b, counted].double(), geo.expand(int(counted.sum())))
-    with pytest.raises(ValueError, match="unknown importance level 'none'; valid: 'token', 'sequence'"):
-        importance_weights(long, short, mask, "none")
 
 
 def test_iw_loss_hand_values_and_step0():

@@ -1,8 +1,10 @@
 """torchrun worker for tests/train/rl/test_rl_step.py: ``train_step`` with several updates per step.
 
-Usage: ``rl_mini_batches.py MODEL_DIR OUT_JSON``. Eight GRPO rollouts. For ``mini_batches`` 1 and 4,
+Usage: ``rl_mini_batches.py MODEL_DIR OUT_JSON``. Eight GRPO rollouts. For (``mini_batches``,
+``epochs``) (1, 1), (4, 1) and (2, 2),
 one policy runs ``train_step`` and a second, identical policy is driven by hand the way the trainer
-worked before mini-batches existed: the old log-probs scored once, then per part of the rollouts one
+worked before mini-batches existed: the old log-probs scored once, then per part of the rollouts (and
+per epoch) one
 ``guarded_update`` with ``policy_loss`` written out here over that part's global token count. Rank
 0 writes both policies' weights checksums, whether they are bit-for-bit equal, and the hand-driven
 updates' losses and ratio means.
@@ -44,7 +46,7 @@ def fresh(model, parallel):
     return policy, optimizer, scheduler
 
 
-def by_hand(policy, optimizer, scheduler, spec, loss_cfg, mini_batches: int) -> list[dict]:
+def by_hand(policy, optimizer, scheduler, spec, loss_cfg, mini_batches: int, epochs: int) -> list[dict]:
     """The pre-mini-batch trainer's steps, one per part: score once, then guarded updates."""
     from megatron_lcr.rl.losses import Normaliser, policy_loss
     from megatron_lcr.rl.sequences import Role, TokenSequence
@@ -58,7 +60,7 @@ def by_hand(policy, optimizer, scheduler, spec, loss_cfg, mini_batches: int) -> 
         seq.old_logp = logp
     size = ROLLOUTS // mini_batches
     reports = []
-    for part in range(mini_batches):
+    for part in [p for _ in range(epochs) for p in range(mini_batches)]:
         chosen = seqs[part * size:(part + 1) * size]
         norm = Normaliser(num_tokens=sum(len(s.response) for s in chosen), num_sequences=len(chosen), max_response_len=16)
         batches = plan_micro_batches(chosen, token_budget=512, dp_size=1, dp_rank=0, pad_id=0, fixed_length=False)
@@ -87,16 +89,16 @@ def main(model_dir: str, out_path: str) -> None:
     model = ModelConfig(hf_path=model_dir, params_dtype="float32")
     loss_cfg = PolicyLossConfig(name="ppo")
     results = {}
-    for mini_batches in (1, 4):
+    for mini_batches, epochs in ((1, 1), (4, 1), (2, 2)):
         policy, optimizer, scheduler = fresh(model, parallel)
         spec = ScoringSpec(vocab_size=policy.arch.vocab_size, temperature=0.7)
         ctx = StepContext(optimizer=optimizer, scheduler=scheduler, spec=spec, token_budget=512,
-                          mini_batches=mini_batches)
+                          mini_batches=mini_batches, epochs=epochs)
         step = train_step(policy, rollouts(), PolicyGradient(loss_cfg, max_response_len=16), ctx)
         reference, ref_opt, ref_sched = fresh(model, parallel)
-        updates = by_hand(reference, ref_opt, ref_sched, spec, loss_cfg, mini_batches)
+        updates = by_hand(reference, ref_opt, ref_sched, spec, loss_cfg, mini_batches, epochs)
         pairs = list(zip(policy.chunks[0].parameters(), reference.chunks[0].parameters()))
-        results[str(mini_batches)] = {
+        results[f"{mini_batches}x{epochs}"] = {
             "step": step, "updates": updates,
             "weights_equal": all(torch.equal(a, b) for a, b in pairs),
             "weights_moved": any(not torch.equal(a, b) for a, b in zip(policy.chunks[0].parameters(),
