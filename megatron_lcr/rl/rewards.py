@@ -30,6 +30,7 @@ import string
 from collections import Counter
 from collections.abc import Callable, Sequence
 
+from megatron_lcr.registry import lookup
 from megatron_lcr.verify.math_verify import MATH_TIMEOUT_S, math_equivalent
 
 RewardFn = Callable[[str | None, Sequence[str]], float]
@@ -172,9 +173,7 @@ FAMILY_DEFAULT_REWARD: dict[str, str] = {
 
 def get_reward(name: str) -> RewardFn:
     """The reward function registered as ``name``; ValueError lists the valid names."""
-    if name not in REWARDS:
-        raise ValueError(f"unknown reward {name!r}; valid rewards: {', '.join(REWARDS)}")
-    return REWARDS[name]
+    return lookup(REWARDS, name, "reward")
 
 
 def reward_name_for(family: str, metric: str | None = None) -> str:

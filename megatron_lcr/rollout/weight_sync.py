@@ -311,6 +311,8 @@ class EventLoopThread:
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
+        if not self._thread.is_alive():  # a stopped loop is closed, or Python warns at exit
+            self.loop.close()
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -165,7 +165,7 @@ def test_every_reward_gives_full_marks_for_the_gold_and_rejects_empty_answers(na
 def test_registry_names_and_unknown_reward():
     assert set(REWARDS) == {"em", "f1", "sub_em", "math", "rougeL"}
     assert get_reward("f1") is token_f1
-    with pytest.raises(ValueError, match=r"unknown reward 'bleu'; valid rewards: em, f1, sub_em, math, rougeL"):
+    with pytest.raises(ValueError, match=r"unknown reward 'bleu'; valid: 'em', 'f1', 'sub_em', 'math', 'rougeL'"):
         get_reward("bleu")
 
 
