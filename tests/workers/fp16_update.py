@@ -1,4 +1,4 @@
-"""torchrun worker for tests/train/rl/test_rl_step.py: one RL update in float32 and in float16.
+"""torchrun worker for tests/train/rl/test_rl_update.py: one RL update in float32 and in float16.
 
 Usage: ``fp16_update.py MODEL_DIR OUT_JSON``. Megatron's fp16 optimizer divides the gradients by its
 loss scale before clipping and stepping; the schedule must multiply the loss by the same scale

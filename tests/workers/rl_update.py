@@ -1,4 +1,4 @@
-"""torchrun worker for tests/train/rl/test_rl_step.py: one guarded RL update under different packings.
+"""torchrun worker for tests/train/rl/test_rl_update.py: one guarded RL update under different packings.
 
 Usage: ``rl_update.py MODEL_DIR OUT_JSON [TP] [IMPL]``; IMPL ``triton`` runs the fused kernels' Triton
 implementation (under TRITON_INTERPRET=1 on CPU, set by the caller before Python starts). Every rank builds the same fixed set of sequences (GRPO

@@ -1,0 +1,25 @@
+"""profiling/timers.py: a step's phases add up per name, and the step time covers them."""
+
+from __future__ import annotations
+
+import time
+
+from megatron_lcr.profiling.timers import StepTimer
+
+
+def test_phases_add_up_and_the_step_spans_them():
+    timer = StepTimer()
+    with timer.phase("rollout"):
+        time.sleep(0.02)
+    for _ in range(2):
+        with timer.phase("train"):
+            time.sleep(0.01)
+    try:
+        with timer.phase("sync"):
+            raise RuntimeError("a failed phase is still timed")
+    except RuntimeError:
+        pass
+    metrics = timer.metrics()
+    assert set(metrics) == {"time/rollout_s", "time/train_s", "time/sync_s", "time/step_s"}
+    assert metrics["time/rollout_s"] >= 0.02 and metrics["time/train_s"] >= 0.02
+    assert metrics["time/step_s"] >= metrics["time/rollout_s"] + metrics["time/train_s"] + metrics["time/sync_s"]
