@@ -209,7 +209,7 @@ def _forward_step(data_iterator, model, *, spec: ScoringSpec, loss_fn: LossFn):
         head = Head(output, output_weight(model)) if spec.from_hidden else Head(output)
         loss, report = loss_fn(response_outputs(head, batch, spec), batch)
         # Megatron divides a 3-tuple loss by its token count (1 here) and by the number of
-        # micro-batches; loss_fn already normalised by global counts, see rl_step.scale_for_megatron.
+        # micro-batches; loss_fn already normalised by global counts, see train.rl.update.gradient_scale.
         return loss, torch.ones((), dtype=torch.int), report
 
     return output, loss_func
