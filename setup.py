@@ -16,7 +16,7 @@ VERSION = re.search(
 setup(
     name="megatron-lcr",
     version=VERSION,
-    description="Long-context reasoning post-training on Megatron-Core (GRPO/DAPO/GSPO with DePO, DePO-IW)",
+    description="Long-context reasoning post-training on Megatron-Core (GRPO/DAPO/GSPO/CISPO with DePO, DePO-IW)",
     packages=find_packages(include=["megatron_lcr*"]),
     package_data={"megatron_lcr": ["**/*.yaml", "**/*.json"]},
     python_requires=">=3.10",
