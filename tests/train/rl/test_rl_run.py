@@ -9,8 +9,11 @@
   uninterrupted run's, step for step.
 - The global-batch loss and gradient norm do not depend on how the batch is packed into
   micro-batches (token budget).
-- Bad input (unknown key, empty dataset, unknown reward, GRPO group of 1) fails in one line before
-  any work starts.
+- Every objective (plain RL with CISPO, DePO-IW, DePO's exact KD over two mini-batches) runs two
+  clean steps through the loop.
+- Bad input (unknown key, empty dataset, unknown reward, GRPO group of 1, a loss that contradicts its
+  algorithm, mini-batches that do not divide the rollouts, an unknown objective) fails in one line
+  before any work starts.
 """
 
 from __future__ import annotations
@@ -144,6 +147,29 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(tmp_path, ti
     assert comparable(metrics(out)) == comparable(metrics(reference))
     assert json.loads((out / "results.json").read_text())["trained"] == \
         json.loads((reference / "results.json").read_text())["trained"]
+
+
+@pytest.mark.parametrize("sections, expected", [
+    ({"objective": "rl", "rl": {"algorithm": "cispo"}}, {"pg_loss", "clip_high_frac"}),
+    ({"objective": "depo-iw", "depo": {"importance": "sequence"}}, {"depo/iw_pg_loss", "depo/iw_ratio_mean"}),
+    ({"depo": {"tau": 0.0, "kd_estimator": "full"}, "trainer": {"steps": 2, "mini_batches": 2}},
+     {"depo/kd_loss", "train/updates"}),
+], ids=["cispo", "depo-iw", "exact-kd-2-mini-batches"])
+def test_every_objective_trains_through_lcr_train(tmp_path, tiny_policy, sections, expected):
+    """Each objective (and a loss, and mini-batches) through the whole loop: two clean steps whose
+    trainer log-probs match the engine's, with the objective's own metrics and no others'."""
+    out = tmp_path / "run"
+    sections = {"trainer": {"steps": 2}, **sections}
+    proc = lcr("train", str(write_config(tmp_path / "c.yaml", tiny_policy, **sections)), "--out", str(out), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [m for m in metrics(out) if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2]
+    for m in steps:
+        assert m["skipped"] == 0.0 and m["rollout/logp_diff_max"] <= 1e-4 and expected <= set(m), m
+        assert all(v == v for v in m.values())  # no NaN
+        assert ("depo/kd_loss" in m) == ("depo/kd_loss" in expected)
+    if "train/updates" in expected:
+        assert all(m["train/updates"] == 2 for m in steps)
 
 
 @pytest.mark.parametrize("section, value, message", [
