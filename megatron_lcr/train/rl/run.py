@@ -108,7 +108,8 @@ def run_rl(cfg: RLRunConfig, out_dir: str | Path) -> dict:
                             rollout_gpus=cfg.rollout.launched_gpus(), sync_mode=cfg.rollout.sync.mode)
     job = start_qa_job(cfg, out_dir, load=trainer.load, seed=trainer.seed, total_steps=trainer.steps)
     policy, task, objective = job.policy, job.task, build_objective(cfg)
-    state, ctx = _resume(cfg, out_dir, job), _step_context(cfg, job, objective)
+    ctx = _step_context(cfg, job, objective)  # before the resume: building the reference draws random numbers
+    state = _resume(cfg, out_dir, job)
     engine_model = policy.hf_config_dir if has_hf_weights(policy.hf_config_dir) else export_hf(policy, out_dir / "engine_init")
 
     def evaluate(engines) -> dict:
