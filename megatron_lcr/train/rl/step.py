@@ -130,21 +130,19 @@ def objective_loss_fn(objective: Objective, norms: Any, scale: float) -> Callabl
     ``scale`` (:func:`~.update.gradient_scale`)."""
 
     def loss_fn(outputs: dict[str, torch.Tensor], batch: PackedBatch):
-        logp = outputs["logp"]
-        device = logp.device
+        mask = batch.response_mask.to(outputs["logp"].device)
 
-        def moved(value):
-            return None if value is None else value.to(device)
+        def moved(value: torch.Tensor | None, needed: bool = True) -> torch.Tensor | None:
+            """On the loss's device; zeros where no row of this micro-batch has the value (a micro-batch of
+            non-POLICY views has no reference log-probs) but the objective reads it."""
+            if value is None:
+                return torch.zeros_like(mask) if needed else None
+            return value.to(mask.device)
 
-        mask = batch.response_mask.to(device)
-        tokens = TokenBatch(logp=logp, mask=mask, role=moved(batch.role), rollout=moved(batch.rollout),
-                            reward=moved(batch.reward), advantage=moved(batch.advantage),
-                            in_loss=moved(batch.in_loss),
-                            old_logp=moved(batch.old_logp) if batch.old_logp is not None else torch.zeros_like(mask),
-                            ref_logp=moved(batch.ref_logp) if batch.ref_logp is not None or not objective.needs.ref
-                            else torch.zeros_like(mask),  # a micro-batch of views only: no POLICY row to score
-                            entropy=outputs.get("entropy"),
-                            pair_kl=outputs.get("pair_kl"))
+        tokens = TokenBatch(logp=outputs["logp"], mask=mask, role=moved(batch.role), rollout=moved(batch.rollout),
+                            reward=moved(batch.reward), advantage=moved(batch.advantage), in_loss=moved(batch.in_loss),
+                            old_logp=moved(batch.old_logp), ref_logp=moved(batch.ref_logp, objective.needs.ref),
+                            entropy=outputs.get("entropy"), pair_kl=outputs.get("pair_kl"))
         loss, metrics = objective.loss(tokens, norms)
         return loss * scale, metrics
 
