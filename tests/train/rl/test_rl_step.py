@@ -1,5 +1,6 @@
 """train/rl/step.py: ``train_step`` with several optimizer updates per rollout batch, against updates
-driven by hand (tests/workers/rl_mini_batches.py)."""
+driven by hand (tests/workers/rl_mini_batches.py); how rollouts are split into updates, which views
+share a micro-batch, and how the updates' metrics combine."""
 
 from __future__ import annotations
 
@@ -33,3 +34,34 @@ def test_mini_batches_equal_hand_driven_updates(tmp_path):
     assert four["step"]["train/updates"] == 4 and four["step"]["skipped"] == 0.0
     assert runs["2x2"]["step"]["train/updates"] == 4  # two passes of two updates
     assert abs(runs["2x2"]["updates"][2]["ratio_mean"] - 1.0) > 1e-4  # the second pass is off-policy too
+
+
+def test_rollout_parts_split_the_rollouts_in_order():
+    from megatron_lcr.train.rl.step import rollout_parts
+
+    assert rollout_parts(8, 4) == [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
+    assert rollout_parts(8, 1) == [range(0, 8)]
+    assert [len(p) for p in rollout_parts(10, 4)] == [2, 3, 2, 3]  # dynamic sampling's extra groups: near-equal
+
+
+def test_training_units_pair_a_view_with_its_policy_row_only_when_asked():
+    from megatron_lcr.rl.sequences import Role, TokenSequence
+    from megatron_lcr.train.rl.step import training_units
+
+    seqs = [TokenSequence([1], [2], Role.POLICY, rollout=0), TokenSequence([1], [2], Role.LONG_CONTEXT, rollout=0),
+            TokenSequence([1], [2], Role.POLICY, rollout=1), TokenSequence([1], [2], Role.LONG_CONTEXT, rollout=2)]
+    assert training_units(seqs, paired=True) == [[0, 1], [2], [3]]  # rollout 2's POLICY row is not in this update
+    assert training_units(seqs, paired=False) == [[0], [1], [2], [3]]
+
+
+def test_combine_updates_means_maxes_and_counts():
+    from megatron_lcr.train.rl.step import combine_updates
+
+    one = {"loss": 1.0, "ratio_max": 1.0, "lr": 1e-3, "skipped": 0.0, "train/sequences": 4.0}
+    assert combine_updates([one]) is one
+    two = {"loss": 3.0, "ratio_max": 1.5, "lr": 5e-4, "skipped": 0.0, "train/sequences": 6.0}
+    bad = {"loss": float("nan"), "ratio_max": 9.0, "lr": 5e-4, "skipped": 1.0, "train/sequences": 5.0}
+    out = combine_updates([one, two, bad])
+    assert out["loss"] == 2.0 and out["ratio_max"] == 9.0 and out["lr"] == 5e-4  # NaN of a skipped update left out
+    assert out["train/sequences"] == 15.0 and out["train/updates"] == 3.0 and out["train/skipped_updates"] == 1.0
+    assert out["skipped"] == 0.0 and combine_updates([bad, bad])["skipped"] == 1.0
