@@ -1,0 +1,139 @@
+"""A teacher that scores the student's sequences: rollout servers (SGLang, vLLM, ``lcr serve``) serving
+the teacher model, asked for the log-prob of every response token (``max_new_tokens: 0``,
+``logprob_start_len: 0``).
+
+Global rank 0 launches the servers (or attaches to ``urls``) and talks to them through a
+:class:`~megatron_lcr.rollout.client.RolloutClient`, as for rollouts; what they return is broadcast to
+every rank. The teacher must share the student's tokenizer: a launched teacher's tokenizer and
+vocabulary are compared with the student's before any work.
+
+Temperature: the engines return *input* log-probs of the unscaled distribution (SGLang 0.5.23
+computes them as ``log_softmax(logits)``, ``srt/layers/logprob_processor.py``; ``lcr serve`` does the
+same), so an engine teacher scores at temperature 1. A KL against it must take the student's
+log-probs at temperature 1 too; ``temperature`` other than 1 is refused rather than silently mixed
+(the known bug elsewhere: a teacher at one temperature, the student at another).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from megatron_lcr.rl.sequences import TokenSequence
+from megatron_lcr.rollout.client import ClientConfig, RolloutClient, RolloutRequestError
+from megatron_lcr.rollout.sglang import SGLangLaunchConfig, launch_servers, stop_servers
+from megatron_lcr.rollout.weight_sync import EventLoopThread
+
+# Files whose content defines a tokenizer (those present are compared).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt")
+
+
+def _reference_default() -> SGLangLaunchConfig:
+    return SGLangLaunchConfig(backend="reference", base_port=0, dtype="float32", startup_timeout_s=300)
+
+
+@dataclass(kw_only=True)
+class EngineTeacherConfig:
+    """Servers serving the teacher model."""
+
+    server: SGLangLaunchConfig = field(default_factory=_reference_default)
+    """Servers to launch (``server.model_path``: the teacher's Hugging Face directory)."""
+    urls: list[str] = field(default_factory=list)
+    """Teacher servers already running; non-empty: launch nothing."""
+    temperature: float = 1.0
+    """Softmax temperature of the teacher's log-probs: engines score at 1 only (module docstring)."""
+    max_concurrency: int = 64
+    """Requests in flight per server (count)."""
+    request_timeout_s: float = 600.0
+    """Limit on one scoring request (seconds)."""
+
+    def __post_init__(self) -> None:
+        if self.temperature != 1.0:
+            raise ValueError(f"teacher temperature {self.temperature:g}: engine teachers score at temperature 1 "
+                             "only (their input log-probs are unscaled); score the student at 1 as well")
+        if not self.urls and not self.server.model_path:
+            raise ValueError("an engine teacher needs server.model_path (the teacher's HF directory) or urls")
+
+
+def _tokenizer_digest(hf_dir: Path) -> tuple[int | None, dict[str, str]]:
+    """``(config vocab_size, {tokenizer file: sha256})`` of a Hugging Face directory."""
+    config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+    files = {name: hashlib.sha256((hf_dir / name).read_bytes()).hexdigest()
+             for name in _TOKENIZER_FILES if (hf_dir / name).is_file()}
+    return config.get("vocab_size"), files
+
+
+def check_same_tokenizer(teacher_dir: str | Path, student_dir: str | Path) -> None:
+    """Refuse a teacher whose vocabulary size or tokenizer files differ from the student's."""
+    (t_vocab, t_files), (s_vocab, s_files) = _tokenizer_digest(Path(teacher_dir)), _tokenizer_digest(Path(student_dir))
+    if t_vocab != s_vocab:
+        raise ValueError(f"teacher {teacher_dir} has vocab_size {t_vocab}, the student {student_dir} {s_vocab}: "
+                         "distillation needs one tokenizer")
+    differ = sorted(name for name in t_files.keys() & s_files.keys() if t_files[name] != s_files[name])
+    if differ or t_files.keys() != s_files.keys():
+        raise ValueError(f"teacher {teacher_dir} and student {student_dir} have different tokenizers "
+                         f"({', '.join(differ or sorted(t_files.keys() ^ s_files.keys()))}): distillation needs one")
+
+
+class EngineTeacher:
+    """Teacher log-probs from rollout servers. Use as a context manager on every rank."""
+
+    def __init__(self, cfg: EngineTeacherConfig, *, student_dir: str, log_dir: str) -> None:
+        self.cfg = cfg
+        self.is_source = torch.distributed.get_rank() == 0
+        self._handles, self._loop, self.client = [], None, None
+        if cfg.server.model_path:
+            check_same_tokenizer(cfg.server.model_path, student_dir)
+        if not self.is_source:
+            return
+        urls = list(cfg.urls)
+        try:
+            if not urls:
+                self._handles = launch_servers(dataclasses.replace(cfg.server, log_dir=log_dir))
+                urls = [h.url for h in self._handles]
+            self._loop = EventLoopThread()
+            self.client = RolloutClient(ClientConfig(urls=urls, api_key=cfg.server.api_key, timeout_s=cfg.request_timeout_s,
+                                                     max_concurrency=cfg.max_concurrency, restart_dead_servers=False))
+            self._loop.run(self.client.model_info())  # an unreachable teacher fails here, before any work
+        except RolloutRequestError as exc:
+            self.close()
+            raise RolloutRequestError(f"teacher servers {', '.join(urls)}: {exc}") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> EngineTeacher:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def score(self, sequences: list[TokenSequence]) -> list[list[float]]:
+        """The teacher's log-prob of every response token of each sequence, on every rank."""
+        box: list = [None]
+        if self.is_source:
+            try:
+                results = self._loop.run(self.client.score([s.prompt + s.response for s in sequences]))
+                box[0] = ("done", [r.input_logprobs[len(s.prompt):] for r, s in zip(results, sequences)])
+            except Exception as exc:  # noqa: BLE001 - every rank raises it, not only rank 0
+                box[0] = ("error", f"teacher: {type(exc).__name__}: {exc}")
+        torch.distributed.broadcast_object_list(box, src=0)
+        kind, value = box[0]
+        if kind == "error":
+            raise RolloutRequestError(value)
+        return value
+
+    def close(self) -> None:
+        try:
+            if self.client is not None:
+                self._loop.run(self.client.close())
+        finally:
+            if self._loop is not None:
+                self._loop.close()
+            stop_servers(self._handles)
+            self._handles, self.client, self._loop = [], None, None
