@@ -26,22 +26,18 @@ import torch
 
 from megatron_lcr.rl.sequences import TokenSequence
 from megatron_lcr.rollout.client import ClientConfig, RolloutClient, RolloutRequestError
-from megatron_lcr.rollout.sglang import SGLangLaunchConfig, launch_servers, stop_servers
+from megatron_lcr.rollout.sglang import SGLangLaunchConfig, cpu_reference_launch, launch_servers, stop_servers
 from megatron_lcr.rollout.weight_sync import EventLoopThread
 
 # Files whose content defines a tokenizer (those present are compared).
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt")
 
 
-def _reference_default() -> SGLangLaunchConfig:
-    return SGLangLaunchConfig(backend="reference", base_port=0, dtype="float32", startup_timeout_s=300)
-
-
 @dataclass(kw_only=True)
 class EngineTeacherConfig:
     """Servers serving the teacher model."""
 
-    server: SGLangLaunchConfig = field(default_factory=_reference_default)
+    server: SGLangLaunchConfig = field(default_factory=cpu_reference_launch)
     """Servers to launch (``server.model_path``: the teacher's Hugging Face directory)."""
     urls: list[str] = field(default_factory=list)
     """Teacher servers already running; non-empty: launch nothing."""

@@ -27,7 +27,8 @@ import torch
 from megatron_lcr.rollout.client import ClientConfig, RolloutClient, RolloutRequestError
 from megatron_lcr.rollout.engine import Completion, GenerateRequest
 from megatron_lcr.rollout.server_api import ModelInfo
-from megatron_lcr.rollout.sglang import SGLangLaunchConfig, launch_servers, restart_callback, stop_servers
+from megatron_lcr.rollout.sglang import (SGLangLaunchConfig, cpu_reference_launch, launch_servers, restart_callback,
+                                         stop_servers)
 from megatron_lcr.rollout.weight_sync import (WeightSyncConfig, WeightSyncer, check_update_group_address,
                                              hf_tensors_on_source)
 
@@ -37,15 +38,11 @@ _CATCH_UP_POLL_S = 0.5
 _HEARTBEAT_S = 60.0
 
 
-def _reference_default() -> SGLangLaunchConfig:
-    return SGLangLaunchConfig(backend="reference", base_port=0, dtype="float32", startup_timeout_s=300)
-
-
 @dataclass(kw_only=True)
 class RolloutConfig:
     """Where rollouts come from and how new weights reach them."""
 
-    server: SGLangLaunchConfig = field(default_factory=_reference_default)
+    server: SGLangLaunchConfig = field(default_factory=cpu_reference_launch)
     """Servers to launch (model_path empty: the policy's starting weights)."""
     urls: list[str] = field(default_factory=list)
     """Servers already running (e.g. started by the SLURM script); non-empty: launch nothing."""

@@ -322,6 +322,11 @@ def reference_server_command(cfg: SGLangLaunchConfig, port: int) -> list[str]:
 _COMMANDS = {"sglang": sglang_server_command, "vllm": vllm_server_command, "reference": reference_server_command}
 
 
+def cpu_reference_launch() -> SGLangLaunchConfig:
+    """The default servers of a run on this machine: ``lcr serve`` in float32 on a free port."""
+    return SGLangLaunchConfig(backend="reference", base_port=0, dtype="float32", startup_timeout_s=300)
+
+
 def server_command(cfg: SGLangLaunchConfig, port: int) -> list[str]:
     return _COMMANDS[cfg.backend](cfg, port)
 

@@ -16,6 +16,7 @@ import torch
 
 from megatron_lcr.models.forward import causal_mask
 from megatron_lcr.parallel.env import collective_device
+from megatron_lcr.train.optimizer import begin_update
 
 
 @dataclass
@@ -118,16 +119,7 @@ def evaluate_loss(chunks, micro_batches: list[MicroBatch], *, vocab_size: int) -
 
 def lm_train_step(chunks, optimizer, scheduler, micro_batches: list[MicroBatch], *, vocab_size: int) -> dict:
     """One optimizer step; returns ``{"loss", "grad_norm", "lr", "skipped"}`` (loss on the last stage)."""
-    from megatron.core.distributed import finalize_model_grads
-
-    config = chunks[0].config
-    # Megatron's schedule calls this after the last backward: DP gradient all-reduce (or
-    # reduce-scatter for the distributed optimizer) and the tied-embedding all-reduce across stages.
-    config.finalize_model_grads_func = finalize_model_grads
-    for chunk in chunks:
-        chunk.train()
-        chunk.zero_grad_buffer()
-    optimizer.zero_grad()
+    begin_update(chunks, optimizer)
     reports = _run_schedule(chunks, micro_batches, vocab_size=vocab_size, forward_only=False)
     updated, grad_norm, _ = optimizer.step()
     if updated:

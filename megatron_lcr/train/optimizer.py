@@ -112,3 +112,16 @@ def build_optimizer(
         wd_incr_style="constant",
     )
     return optimizer, scheduler
+
+
+def begin_update(chunks, optimizer) -> None:
+    """Ready ``chunks`` and ``optimizer`` for one update's forward/backward through Megatron's schedule."""
+    from megatron.core.distributed import finalize_model_grads
+
+    # Megatron's schedule calls this after the last backward: DP gradient all-reduce (or
+    # reduce-scatter for the distributed optimizer) and the tied-embedding all-reduce across stages.
+    chunks[0].config.finalize_model_grads_func = finalize_model_grads
+    for chunk in chunks:
+        chunk.train()
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()

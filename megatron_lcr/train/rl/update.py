@@ -20,6 +20,7 @@ import torch
 from megatron_lcr.parallel.env import collective_device
 from megatron_lcr.rl.losses import metric_reduction
 from megatron_lcr.train.micro_batches import PackedBatch
+from megatron_lcr.train.optimizer import begin_update
 from megatron_lcr.train.token_logprobs import ScoringSpec, run_packed_schedule
 
 
@@ -77,14 +78,8 @@ def check_weights_finite(chunks, step: int) -> None:
 
 def guarded_update(chunks, optimizer, scheduler, micro_batches: list[PackedBatch], spec: ScoringSpec, loss_fn) -> dict:
     """Forward/backward over the micro-batches, then the optimizer step unless anything is non-finite."""
-    from megatron.core.distributed import finalize_model_grads
-
     config = chunks[0].config
-    config.finalize_model_grads_func = finalize_model_grads
-    for chunk in chunks:
-        chunk.train()
-        chunk.zero_grad_buffer()
-    optimizer.zero_grad()
+    begin_update(chunks, optimizer)
     reports = run_packed_schedule(chunks, micro_batches, spec, loss_fn, forward_only=False)
     metrics = reduce_reports(reports)
     # fp16: gradients of the scaled loss may overflow; the optimizer's loss scaler then skips the step and

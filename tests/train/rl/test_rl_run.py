@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from tests.distributed import REPO_ROOT
@@ -170,6 +171,8 @@ def test_every_objective_trains_through_lcr_train(tmp_path, tiny_policy, section
         assert ("depo/kd_loss" in m) == ("depo/kd_loss" in expected)
     if "train/updates" in expected:
         assert all(m["train/updates"] == 2 for m in steps)
+    resolved = yaml.safe_load((out / "config.yaml").read_text())  # the loss that ran is the one asked for
+    assert resolved["rl"]["loss"]["name"] == ("cispo" if sections.get("rl", {}).get("algorithm") == "cispo" else "ppo")
 
 
 @pytest.mark.parametrize("section, value, message", [
