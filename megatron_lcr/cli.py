@@ -5,6 +5,8 @@ Subcommands (each has its own ``--help``):
   lcr train CONFIG --out DIR [key=value ...]   RL / DePO on Megatron with rollout servers (every rank runs this)
   lcr sft CONFIG --out DIR [key=value ...]     supervised fine-tuning on chosen answers; exports hf/
   lcr pretrain CONFIG --out DIR [...]          next-token training on synthetic sequences (stack smoke test)
+  lcr pipeline CONFIG --out DIR [key=value ...]  the sparse-to-dense workflow: teacher RL, forward-KL warmup,
+                                               OPD, student RL, as one resumable run of lcr train stages
   lcr convert hf-to-megatron --hf DIR --out DIR --tp N --pp N
   lcr convert megatron-to-hf --ckpt DIR --out DIR
   lcr config CONFIG [--kind K] [key=value ...] print the resolved config (or every key with --keys)
@@ -38,6 +40,10 @@ def _config_class(command: str):
         from megatron_lcr.train.pretrain.config import LMRunConfig
 
         return LMRunConfig
+    if command == "pipeline":
+        from megatron_lcr.pipeline.config import PipelineConfig
+
+        return PipelineConfig
     from megatron_lcr.train.rl.config import RLRunConfig
 
     return RLRunConfig
@@ -51,6 +57,11 @@ def _run(args: argparse.Namespace) -> None:
 
     quiet_known_warnings()  # before anything imports Megatron, which warns on import
     cfg = load_config(_config_class(args.command), args.config, args.overrides)
+    if args.command == "pipeline":
+        from megatron_lcr.pipeline.run import run_pipeline
+
+        run_pipeline(cfg, args.out)  # prints its table; each stage prints its own results
+        return
     announce_backend(cfg.model)
     if args.command == "sft":
         from megatron_lcr.train.sft.run import run_sft as run
@@ -189,16 +200,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     runs = (
-        ("train", "RL (GRPO/DAPO/GSPO) with optional DePO / DePO-IW, rollouts from SGLang, vLLM or lcr serve",
+        ("train", "RL (GRPO/DAPO/GSPO/CISPO), DePO / DePO-IW, on-policy distillation, dGRPO or forward-KL "
+         "warmup, rollouts from SGLang, vLLM or lcr serve",
          "examples/tiny/depo.yaml", "checkpoints/, metrics.jsonl, tensorboard/, results.json"),
         ("sft", "supervised fine-tuning on chosen answers (SFT baseline; makes the tiny base model)",
          "examples/tiny/sft_base.yaml", "checkpoints/, metrics.jsonl, hf/, results.json"),
         ("pretrain", "next-token training on synthetic sequences (a smoke test of the Megatron stack)",
          "examples/tiny/train_lm.yaml", "checkpoints/, metrics.jsonl, results.json"),
+        ("pipeline", "the sparse-to-dense workflow (teacher RL, forward-KL warmup, OPD, student RL) as one "
+         "resumable run of lcr train stages; rerun to resume", "examples/tiny/sparse_to_dense.yaml",
+         "one lcr train run per stage, pipeline_state.json, results.json, results.md"),
     )
     for name, summary, example, outputs in runs:
         run = sub.add_parser(name, help=summary,
-                             description=f"{summary}. Under torchrun or srun every rank runs this command.")
+                             description=f"{summary}. " + ("Run it once; it launches the stages (pipeline.launcher)."
+                                                           if name == "pipeline" else
+                                                           "Under torchrun or srun every rank runs this command."))
         run.add_argument("config", help=f"YAML config (e.g. {example})")
         run.add_argument("--out", required=True, help=f"output directory: config.yaml, {outputs}")
         run.add_argument("overrides", nargs="*", metavar="key=value",
@@ -210,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("config", nargs="?", help="YAML config")
     config.add_argument("overrides", nargs="*", metavar="key=value")
     config.add_argument("--keys", action="store_true", help="list every key with its type, default and meaning")
-    config.add_argument("--kind", choices=("train", "sft", "pretrain"), default="train",
+    config.add_argument("--kind", choices=("train", "sft", "pretrain", "pipeline"), default="train",
                         help="which command's config (default: train)")
     config.set_defaults(func=_config)
 

@@ -52,8 +52,6 @@ class EngineTeacherConfig:
         if self.temperature != 1.0:
             raise ValueError(f"teacher temperature {self.temperature:g}: engine teachers score at temperature 1 "
                              "only (their input log-probs are unscaled); score the student at 1 as well")
-        if not self.urls and not self.server.model_path:
-            raise ValueError("an engine teacher needs server.model_path (the teacher's HF directory) or urls")
 
 
 def _tokenizer_digest(hf_dir: Path) -> tuple[int | None, dict[str, str]]:
@@ -80,6 +78,8 @@ class EngineTeacher:
     """Teacher log-probs from rollout servers. Use as a context manager on every rank."""
 
     def __init__(self, cfg: EngineTeacherConfig, *, student_dir: str, log_dir: str) -> None:
+        if not cfg.urls and not cfg.server.model_path:
+            raise ValueError("an engine teacher needs server.model_path (the teacher's HF directory) or urls")
         self.cfg = cfg
         self.is_source = torch.distributed.get_rank() == 0
         self._handles, self._loop, self.client = [], None, None

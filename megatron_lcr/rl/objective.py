@@ -35,6 +35,18 @@ class Needs:
     pair_kl: bool = False
     """The exact KL between each non-``POLICY`` view and its ``POLICY`` view (``TokenBatch.pair_kl``);
     both views then share a micro-batch, so the trainer runs the ``POLICY`` view's forward too."""
+    teacher: bool = False
+    """The teacher's log-probs of every view's response tokens (``TokenBatch.teacher_logp``)."""
+    teacher_kl: str | None = None
+    """'reverse' (``KL(policy || teacher)``) or 'forward' (``KL(teacher || policy)``): the exact per-position
+    KL to a Megatron teacher over the vocabulary (``TokenBatch.teacher_kl``), from the teacher's hidden
+    states and output weight inside the fused kernels."""
+    teacher_rollouts: bool = False
+    """The step's rollouts are sampled from the teacher, not from the policy (forward-KL warmup)."""
+
+    @property
+    def any_teacher(self) -> bool:
+        return self.teacher or self.teacher_kl is not None or self.teacher_rollouts
 
 
 class Objective(Protocol):

@@ -79,6 +79,8 @@ class TokenSequence:
     """The sampling policy's log-probs of the response, scored by the trainer on the ``POLICY`` view."""
     ref_logp: list[float] | None = None
     """The reference policy's log-probs on this view (a KL penalty's)."""
+    teacher_logp: list[float] | None = None
+    """A teacher's log-probs of the response on this view (distillation; ``Needs.teacher``)."""
 
     def __len__(self) -> int:
         return len(self.prompt) + len(self.response)
@@ -111,6 +113,11 @@ class TokenBatch:
     pair_kl: Tensor | None = None
     """``[n, R]`` exact KL(``POLICY`` view || this view) over the vocabulary on non-``POLICY`` rows
     (with grad on this view's side), when asked for."""
+    teacher_logp: Tensor | None = None
+    """``[n, R]`` the teacher's log-probs of the response tokens, when asked for (``Needs.teacher``)."""
+    teacher_kl: Tensor | None = None
+    """``[n, R]`` exact per-position KL between the policy and a Megatron teacher over the vocabulary
+    (``Needs.teacher_kl`` names the direction; with grad on the policy's side), when asked for."""
 
     def token_mask(self, role: Role) -> Tensor:
         """``[n, R]`` float: the response tokens of the rows of ``role`` that count in the loss."""

@@ -58,6 +58,11 @@ class PackedBatch:
     """``[n, R]`` float32 sampling-policy log-probs (0 where masked); None if no sequence has them."""
     ref_logp: torch.Tensor | None = None
     """``[n, R]`` float32 reference log-probs, likewise."""
+    teacher_logp: torch.Tensor | None = None
+    """``[n, R]`` float32 teacher log-probs, likewise."""
+    teacher_hidden: torch.Tensor | None = None
+    """``[n, R, H_teacher]`` a Megatron teacher's final hidden states at the positions predicting each
+    response token (last pipeline stage only; attached per update by ``distill.teacher``)."""
 
     def attention_inputs(self, device: torch.device, *, thd: bool):
         """``(attention_mask, packed_seq_params)`` for Megatron's GPTModel.forward.
@@ -158,7 +163,8 @@ def pack_micro_batch(sequences: Sequence[TokenSequence], ids: Sequence[int], *, 
                        advantage=per_sequence([s.advantage for s in chosen]),
                        in_loss=per_sequence([float(s.in_loss) for s in chosen]),
                        old_logp=_rows([s.old_logp for s in chosen], longest),
-                       ref_logp=_rows([s.ref_logp for s in chosen], longest))
+                       ref_logp=_rows([s.ref_logp for s in chosen], longest),
+                       teacher_logp=_rows([s.teacher_logp for s in chosen], longest))
 
 
 def _rows(lists: list[list[float] | None], width: int) -> torch.Tensor | None:

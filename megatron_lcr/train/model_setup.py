@@ -45,8 +45,13 @@ def has_hf_weights(path: Path) -> bool:
     return (path / INDEX_NAME).is_file() or (path / SINGLE_NAME).is_file()
 
 
-def build_policy(model_cfg: ModelConfig, parallel: ParallelConfig, *, load: str | None = None) -> Policy:
-    """Build, fill and DDP-wrap this rank's chunks (Megatron must be initialised)."""
+def build_policy(model_cfg: ModelConfig, parallel: ParallelConfig, *, load: str | None = None,
+                 trainable: bool = True) -> Policy:
+    """Build, fill and DDP-wrap this rank's chunks (Megatron must be initialised).
+
+    ``trainable=False`` (a teacher): frozen, in eval mode and not DDP-wrapped, so no gradient buffers
+    (for a 70B teacher those would be 280 GB of fp32 spread over its ranks).
+    """
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
@@ -87,6 +92,11 @@ def build_policy(model_cfg: ModelConfig, parallel: ParallelConfig, *, load: str 
                                tp_size=parallel.tensor_model_parallel_size)
     if torch.cuda.is_available():
         chunks = [chunk.cuda() for chunk in chunks]
+    if not trainable:
+        for chunk in chunks:
+            chunk.requires_grad_(False)
+            chunk.eval()
+        return Policy(chunks=chunks, arch=arch, model_cfg=model_cfg, hf_config_dir=config_dir)
     ddp_cfg = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=parallel.use_distributed_optimizer
     )

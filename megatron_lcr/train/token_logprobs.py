@@ -34,8 +34,8 @@ from megatron_lcr.kernels import (IGNORE_INDEX, KernelConfig, kl_divergence, kl_
                                   logprob_entropy_from_logits, output_layer_returns_hidden, output_weight)
 from megatron_lcr.parallel.context import (all_gather_cp_for_loss, zigzag_indices_packed, zigzag_merge_packed,
                                            zigzag_split_packed)
-from megatron_lcr.rl.sequences import Role
-from megatron_lcr.train.micro_batches import PackedBatch
+from megatron_lcr.rl.sequences import Role, TokenSequence
+from megatron_lcr.train.micro_batches import PackedBatch, PackLayout, plan_micro_batches
 
 # ({"logp": [n, R], "entropy"?: [n, R], "pair_kl"?: [n, R]}, batch) -> (loss scalar, report dict of tensors)
 LossFn = Callable[[dict[str, torch.Tensor], PackedBatch], tuple[torch.Tensor, dict]]
@@ -60,6 +60,14 @@ class ScoringSpec:
     from_hidden: bool = False
     """The last stage returns the final hidden states and the fused kernels apply the output weight
     tile by tile: no ``[L, V/tp]`` logits tensor exists (``kernels.megatron``)."""
+    hidden_rows: bool = False
+    """Also ``hidden``: the final hidden states at the response positions (a Megatron teacher's, for
+    the exact KL; needs ``from_hidden``)."""
+    teacher_kl: str | None = None
+    """Also ``teacher_kl``: the exact per-position KL, 'reverse' or 'forward', between the policy and a
+    teacher whose hidden states each micro-batch carries (``PackedBatch.teacher_hidden``)."""
+    teacher_weight: torch.Tensor | None = None
+    """``[V/tp, H_teacher]`` the teacher's output weight (with ``teacher_kl``; same vocabulary shards)."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +131,10 @@ def response_outputs(head: Head, batch: PackedBatch, spec: ScoringSpec) -> dict[
         out["entropy"] = entropy.view(shape) * mask
     if spec.pair_kl:
         out["pair_kl"] = _pair_kl(head, picked.view(*shape, -1), mask, batch, spec, shard)
+    if spec.hidden_rows:
+        out["hidden"] = picked.view(*shape, -1)
+    if spec.teacher_kl and batch.teacher_hidden is not None:
+        out["teacher_kl"] = _teacher_kl(head, picked, mask, batch.teacher_hidden, spec, shard)
     return out
 
 
@@ -143,8 +155,9 @@ def cp_response_outputs(head: Head, batch: PackedBatch, spec: ScoringSpec, *, gr
     rank then computes the same loss; each back-propagates its own tokens) and laid out as ``[n, R]``.
     ``pair_kl`` needs two rows' full distributions at once, which sit on different CP ranks: refused.
     """
-    if spec.pair_kl:
-        raise ValueError("an exact KL between two views (pair_kl) is not available with context parallelism (cp > 1)")
+    if spec.pair_kl or spec.teacher_kl or spec.hidden_rows:
+        raise ValueError("an exact KL over the vocabulary (depo.kd_estimator='full', a Megatron teacher's KL) is not "
+                         "available with context parallelism (cp > 1)")
     cp, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
     device = head.output.device
     offsets = cu_seqlens(batch.lengths)
@@ -183,6 +196,19 @@ def _pair_kl(head: Head, picked: torch.Tensor, mask: torch.Tensor, batch: Packed
     kl = head.forward_kl(picked[s_rows].reshape(-1, width), picked[t_rows].reshape(-1, width),
                          temperature=spec.temperature, mask=mask[s_rows].reshape(-1) > 0, **shard)
     return out.index_put((s_rows,), kl.view(len(students), -1) * mask[s_rows])
+
+
+def _teacher_kl(head: Head, picked: torch.Tensor, mask: torch.Tensor, teacher_hidden: torch.Tensor,
+                spec: ScoringSpec, shard: dict) -> torch.Tensor:
+    """``[n, R]`` exact KL (``spec.teacher_kl``) between the policy's rows ``picked`` ``[n*R, H]`` and the
+    teacher's hidden states ``[n, R, H_t]`` times its output weight; the teacher's side is detached."""
+    if head.weight is None:
+        raise ValueError("a Megatron teacher's exact KL needs the hidden-state path (trainer.logprobs_from: hidden/auto "
+                         "without sequence parallelism)")
+    teacher = teacher_hidden.to(device=picked.device, dtype=picked.dtype).reshape(-1, teacher_hidden.shape[-1])
+    kl = kl_divergence(picked, head.weight, teacher.detach(), spec.teacher_weight.detach(), kind=spec.teacher_kl,
+                       temperature=spec.temperature, mask=mask.reshape(-1) > 0, **shard)
+    return kl.view(mask.shape) * mask
 
 
 def _forward_step(data_iterator, model, *, spec: ScoringSpec, loss_fn: LossFn):
@@ -252,3 +278,27 @@ def score_sequences(chunks, micro_batches: list[PackedBatch], spec: ScoringSpec)
         for k, seq_id in enumerate(batch.sequence_ids):
             out[seq_id] = {name: values[k, :lengths[k]].tolist() for name, values in report.items()}
     return out
+
+
+def _gather_scores(local: dict[int, dict[str, list[float]]]) -> dict[int, dict[str, list[float]]]:
+    """Merge per-rank score dicts (last pipeline stages hold them, one share per DP rank) on every rank."""
+    everyone = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, local)
+    merged: dict[int, dict[str, list[float]]] = {}
+    for part in everyone:
+        merged.update(part)
+    return merged
+
+
+def score(chunks, sequences: list[TokenSequence], spec: ScoringSpec, *, token_budget: int,
+          fixed_length: bool, layout: PackLayout = PackLayout()) -> list[list[float]]:
+    """Forward-only per-token log-probs of each of ``sequences``, on every rank."""
+    from megatron.core import parallel_state as ps
+
+    batches = plan_micro_batches(sequences, token_budget=token_budget, dp_size=ps.get_data_parallel_world_size(),
+                                 dp_rank=ps.get_data_parallel_rank(), pad_id=0, fixed_length=fixed_length,
+                                 layout=layout)
+    local = score_sequences(chunks, batches, spec) if batches else {}
+    keep = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_last_stage(ignore_virtual=True)
+    scores = _gather_scores(local if keep else {})
+    return [scores[j]["logp"] for j in range(len(sequences))]

@@ -72,7 +72,7 @@ def test_unreachable_teacher_and_unscaled_temperature_are_refused(tmp_path, worl
     with pytest.raises(ValueError, match="engine teachers score at temperature 1 only"):
         EngineTeacherConfig(urls=["http://127.0.0.1:9"], temperature=0.7)
     with pytest.raises(ValueError, match="needs server.model_path"):
-        EngineTeacherConfig()
+        EngineTeacher(EngineTeacherConfig(), student_dir=str(student), log_dir=str(tmp_path))
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(RolloutRequestError, match=url.replace(".", r"\.")) as err:
         EngineTeacher(EngineTeacherConfig(urls=[url], request_timeout_s=5), student_dir=str(student),

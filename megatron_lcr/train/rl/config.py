@@ -1,15 +1,20 @@
-"""The configuration of ``lcr train``: RL (GRPO / DAPO / GSPO / CISPO), DePO and DePO-IW, section by section."""
+"""The configuration of ``lcr train``: RL (GRPO / DAPO / GSPO / CISPO), DePO and DePO-IW, on-policy distillation,
+dGRPO and the forward-KL warmup, section by section."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Literal
 
 from megatron_lcr.data.prompts import PromptConfig
 from megatron_lcr.data.tasks import TaskDataConfig
+from megatron_lcr.distill.config import DistillConfig
 from megatron_lcr.distill.depo import DePOConfig
+from megatron_lcr.distill.teacher import check_same_tokenizer
 from megatron_lcr.kernels.config import KernelConfig
 from megatron_lcr.models.builder import ModelConfig
+from megatron_lcr.models.megatron_checkpoint import HF_DIR, read_meta
 from megatron_lcr.parallel.layout import DEFAULT_COLLECTIVE_TIMEOUT_S, ParallelConfig
 from megatron_lcr.registry import lookup
 from megatron_lcr.rl.advantages import AdvantageConfig
@@ -135,7 +140,9 @@ class RLRunConfig:
     objective: str = "rl"
     """What the step optimises (``train.rl.objectives.OBJECTIVES``): 'rl' (the policy loss of ``rl``),
     'depo' (+ lam * KD from the short to the long context), 'depo-iw' (+ lam * importance-weighted RL
-    on the long context); ``depo`` configures the last two."""
+    on the long context), both configured by ``depo``; 'opd' (on-policy distillation from a teacher),
+    'dgrpo' (the policy loss + lam * OPD) and 'fkl' (forward-KL warmup on the teacher's samples),
+    configured by ``distill``."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy network."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -152,6 +159,8 @@ class RLRunConfig:
     """The RL algorithm."""
     depo: DePOConfig = field(default_factory=DePOConfig)
     """DePO / DePO-IW (objectives 'depo', 'depo-iw'): short-to-long self-distillation."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """Distillation from a teacher (objectives 'opd', 'dgrpo', 'fkl')."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Held-out evaluation (before, every eval.interval steps, after)."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -181,11 +190,41 @@ class RLRunConfig:
             raise ValueError(f"objective {self.objective!r} (depo.kd_estimator='full') needs parallel.cp=1: its exact KL "
                              "compares a response's distributions on two packed sequences, which context "
                              "parallelism puts on different ranks")
+        if needs.any_teacher:
+            self._check_teacher(needs)
         rollouts = self.trainer.prompts_per_step * self.rl.group_size * (2 if self.rl.context == "short_long" else 1)
         if rollouts % self.trainer.mini_batches:
             raise ValueError(f"trainer.mini_batches ({self.trainer.mini_batches}) must divide the rollout batch "
                              f"({rollouts} = trainer.prompts_per_step x rl.group_size"
                              f"{' x 2 contexts' if self.rl.context == 'short_long' else ''})")
+
+    def _check_teacher(self, needs) -> None:
+        """One-line errors, before any work, for a teacher the objective cannot use."""
+        teacher, name = self.distill.teacher, f"objective {self.objective!r}"
+        if not teacher.configured:
+            raise ValueError(f"{name} needs a teacher: set distill.teacher.hf_path (or .load, or .engine.urls)")
+        if teacher.load:
+            read_meta(teacher.load)  # a missing or unfinished checkpoint fails here, naming it
+        teacher_dir = teacher.hf_path or (str(Path(teacher.load) / HF_DIR) if teacher.load else "")
+        student_dir = self.model.hf_path or str(Path(self.trainer.load) / HF_DIR)
+        if teacher_dir:
+            check_same_tokenizer(teacher_dir, student_dir)
+        if teacher.temperature is not None and teacher.temperature != self.rl.temperature:
+            raise ValueError(f"distill.teacher.temperature ({teacher.temperature:g}) must equal rl.temperature "
+                             f"({self.rl.temperature:g}): the student's log-probs are scored at the rollout temperature")
+        if needs.teacher_kl and (teacher.scorer != "megatron" or not (teacher.hf_path or teacher.load)):
+            raise ValueError(f"{name} with an exact KL (estimator 'full') needs a Megatron teacher "
+                             "(distill.teacher.scorer: megatron with hf_path or load)")
+        if needs.teacher_kl and (self.parallel.context_parallel_size > 1 or self.parallel.sequence_parallel
+                                 or self.trainer.logprobs_from == "logits"):
+            raise ValueError(f"{name} with an exact KL (estimator 'full') needs parallel.cp=1, parallel.sp=false and "
+                             "trainer.logprobs_from hidden/auto: the teacher hands over hidden states")
+        if needs.teacher and teacher.scorer == "engine" and self.rl.temperature != 1.0:
+            raise ValueError(f"distill.teacher.scorer='engine' scores at temperature 1 only, but rl.temperature is "
+                             f"{self.rl.temperature:g}: use the Megatron scorer or sample at 1")
+        if needs.teacher_rollouts and not (teacher.hf_path or teacher.engine.urls):
+            raise ValueError(f"{name} samples from the teacher: set distill.teacher.hf_path (servers are launched "
+                             "from it) or distill.teacher.engine.urls")
 
     @property
     def pack_layout(self) -> PackLayout:

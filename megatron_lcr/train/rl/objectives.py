@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from megatron_lcr.distill.depo import DePO, DePOIW
+from megatron_lcr.distill.objectives import DGRPO, ForwardKLWarmup, OnPolicyDistillation
 from megatron_lcr.registry import lookup
 from megatron_lcr.rl.objective import Objective, PolicyGradient
 
@@ -32,10 +33,21 @@ def _depo(kind: type[DePO]) -> Callable[[RLRunConfig], DePO]:
     return build
 
 
+def _forward_kl(cfg: RLRunConfig) -> ForwardKLWarmup:
+    loss = cfg.rl.loss
+    if loss.kl_coef or loss.entropy_coef:
+        raise ValueError("objective 'fkl' has no KL penalty or entropy bonus (it fits the teacher's tokens): "
+                         "set rl.loss.kl_coef and rl.loss.entropy_coef to 0")
+    return ForwardKLWarmup(_policy_gradient(cfg), cfg.distill.fkl)
+
+
 OBJECTIVES: dict[str, Callable[[RLRunConfig], Objective]] = {
     "rl": _policy_gradient,
     "depo": _depo(DePO),
     "depo-iw": _depo(DePOIW),
+    "opd": lambda cfg: OnPolicyDistillation(_policy_gradient(cfg), cfg.distill.opd),
+    "dgrpo": lambda cfg: DGRPO(_policy_gradient(cfg), cfg.distill.opd),
+    "fkl": _forward_kl,
 }
 
 

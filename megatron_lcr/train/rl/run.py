@@ -11,6 +11,7 @@ context of the base and the trained policy, and the wall time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -33,6 +34,7 @@ from megatron_lcr.train.rl.config import RLRunConfig
 from megatron_lcr.train.rl.objectives import build_objective
 from megatron_lcr.train.rl.rollouts import collect_rollouts
 from megatron_lcr.train.rl.step import StepContext, train_step
+from megatron_lcr.train.rl.teacher import open_generator, open_scorer
 from megatron_lcr.train.rl.update import check_weights_finite
 from megatron_lcr.train.task import start_qa_job
 from megatron_lcr.train.token_logprobs import ScoringSpec
@@ -73,7 +75,7 @@ def _resume(cfg: RLRunConfig, out_dir: Path, job) -> TrainerState:
     return TrainerState(**load_training_state(resume_from, job.optimizer, job.scheduler))
 
 
-def _step_context(cfg: RLRunConfig, job, objective) -> StepContext:
+def _step_context(cfg: RLRunConfig, job, objective, out_dir: Path, stack: contextlib.ExitStack) -> StepContext:
     task, long_prompts = job.task, {}
 
     def long_prompt(sample) -> list[int]:
@@ -81,9 +83,11 @@ def _step_context(cfg: RLRunConfig, job, objective) -> StepContext:
             long_prompts[sample.id] = task.prompts([sample], "long")[0]
         return long_prompts[sample.id]
 
-    ref = build_policy(cfg.model, cfg.parallel, load=cfg.trainer.load) if objective.needs.ref else None
+    ref = build_policy(cfg.model, cfg.parallel, load=cfg.trainer.load, trainable=False) if objective.needs.ref else None
+    spec = _scoring_spec(cfg, job.policy.arch.vocab_size, entropy=objective.needs.entropy)
+    teacher = open_scorer(cfg, objective.needs, spec, student=job.policy, out_dir=out_dir, stack=stack)
     return StepContext(optimizer=job.optimizer, scheduler=job.scheduler, ref=ref, long_prompt=long_prompt,
-                       spec=_scoring_spec(cfg, job.policy.arch.vocab_size, entropy=objective.needs.entropy),
+                       spec=spec, teacher=teacher,
                        token_budget=cfg.trainer.token_budget, layout=cfg.pack_layout,
                        fixed_length=cfg.parallel.pipeline_model_parallel_size > 1,
                        mini_batches=cfg.trainer.mini_batches, epochs=cfg.trainer.epochs)
@@ -108,7 +112,16 @@ def run_rl(cfg: RLRunConfig, out_dir: str | Path) -> dict:
                             rollout_gpus=cfg.rollout.launched_gpus(), sync_mode=cfg.rollout.sync.mode)
     job = start_qa_job(cfg, out_dir, load=trainer.load, seed=trainer.seed, total_steps=trainer.steps)
     policy, task, objective = job.policy, job.task, build_objective(cfg)
-    ctx = _step_context(cfg, job, objective)  # before the resume: building the reference draws random numbers
+    stack = contextlib.ExitStack()  # teacher servers, rollout engines, the metrics log
+    with stack:
+        # before the resume: building the reference or teacher model draws random numbers
+        ctx = _step_context(cfg, job, objective, out_dir, stack)
+        return _run(cfg, out_dir, job, objective, ctx, stack, started)
+
+
+def _run(cfg: RLRunConfig, out_dir: Path, job, objective, ctx: StepContext, stack: contextlib.ExitStack,
+         started: float) -> dict:
+    policy, task, trainer = job.policy, job.task, cfg.trainer
     state = _resume(cfg, out_dir, job)
     engine_model = policy.hf_config_dir if has_hf_weights(policy.hf_config_dir) else export_hf(policy, out_dir / "engine_init")
 
@@ -123,9 +136,11 @@ def run_rl(cfg: RLRunConfig, out_dir: str | Path) -> dict:
         return save_checkpoint(policy, cfg.parallel, out_dir, step=step, keep_last=trainer.keep_last,
                                optimizer=job.optimizer, scheduler=job.scheduler, trainer_state=asdict(state))
 
+    teacher_engines = open_generator(cfg, objective.needs, out_dir=out_dir, seed=trainer.seed, stack=stack)
     with Engines(cfg.rollout, model_path=str(engine_model), log_dir=str(out_dir / "rollout_logs"),
                  seed=trainer.seed) as engines, MetricsLog(out_dir, enabled=job.is_main, tensorboard=trainer.tensorboard,
                                                            total=trainer.steps, first=state.step) as log:
+        sampler = teacher_engines or engines  # the forward-KL warmup learns from the teacher's samples
         engines.sync(policy, state.step)  # the engines hold exactly the trainer's weights from here on
         if state.base is None:
             state.base = evaluate(engines)
@@ -133,7 +148,7 @@ def run_rl(cfg: RLRunConfig, out_dir: str | Path) -> dict:
         for step in range(state.step + 1, trainer.steps + 1):
             timer = StepTimer()
             with timer.phase("rollout"):
-                rollouts, metrics = collect_rollouts(engines.generate, cfg.rl, task, draw, seed=trainer.seed * 100003 + step,
+                rollouts, metrics = collect_rollouts(sampler.generate, cfg.rl, task, draw, seed=trainer.seed * 100003 + step,
                                                      prompts_per_step=trainer.prompts_per_step)
             metrics.update(train_step(policy, rollouts, objective, ctx, timer))
             if _count_bad(state, metrics, step, trainer.max_bad_steps):

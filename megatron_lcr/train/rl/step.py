@@ -25,7 +25,7 @@ from megatron_lcr.rl.objective import LongPrompt, Objective
 from megatron_lcr.rl.sequences import Role, Rollout, TokenBatch, TokenSequence
 from megatron_lcr.train.micro_batches import PackedBatch, PackLayout, plan_micro_batches
 from megatron_lcr.train.rl.update import gradient_scale, guarded_update
-from megatron_lcr.train.token_logprobs import ScoringSpec, score_sequences
+from megatron_lcr.train.token_logprobs import ScoringSpec, score
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,6 +46,8 @@ class StepContext:
     """The reference policy (its ``chunks``), when the objective needs reference log-probs."""
     long_prompt: LongPrompt | None = None
     """A sample's long-context prompt (objectives with long-context views)."""
+    teacher: Any = None
+    """The teacher (``distill.teacher.Teacher``), when the objective needs one."""
     mini_batches: int = 1
     """Optimizer updates per pass over the rollouts."""
     epochs: int = 1
@@ -59,33 +61,12 @@ def train_step(policy, rollouts: list[Rollout], objective: Objective, ctx: StepC
     sequences = objective.sequences(rollouts, ctx.long_prompt)
     with timer.phase("logprob"):
         metrics = score_old_logprobs(policy, sequences, ctx, ref=objective.needs.ref)
+    if objective.needs.teacher:
+        with timer.phase("teacher"):
+            score_teacher(sequences, ctx.teacher)
     with timer.phase("train"):
         metrics.update(update_on(policy, sequences, objective, ctx, num_rollouts=len(rollouts)))
     return metrics
-
-
-def _gather_scores(local: dict[int, dict[str, list[float]]]) -> dict[int, dict[str, list[float]]]:
-    """Merge per-rank score dicts (last pipeline stages hold them, one share per DP rank) on every rank."""
-    everyone = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(everyone, local)
-    merged: dict[int, dict[str, list[float]]] = {}
-    for part in everyone:
-        merged.update(part)
-    return merged
-
-
-def score(chunks, sequences: list[TokenSequence], spec: ScoringSpec, *, token_budget: int,
-          fixed_length: bool, layout: PackLayout = PackLayout()) -> list[list[float]]:
-    """Forward-only per-token log-probs of each of ``sequences``, on every rank."""
-    from megatron.core import parallel_state as ps
-
-    batches = plan_micro_batches(sequences, token_budget=token_budget, dp_size=ps.get_data_parallel_world_size(),
-                                 dp_rank=ps.get_data_parallel_rank(), pad_id=0, fixed_length=fixed_length,
-                                 layout=layout)
-    local = score_sequences(chunks, batches, spec) if batches else {}
-    keep = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_last_stage(ignore_virtual=True)
-    scores = _gather_scores(local if keep else {})
-    return [scores[j]["logp"] for j in range(len(sequences))]
 
 
 def score_old_logprobs(policy, sequences: list[TokenSequence], ctx: StepContext, *, ref: bool) -> dict[str, float]:
@@ -105,6 +86,18 @@ def score_old_logprobs(policy, sequences: list[TokenSequence], ctx: StepContext,
             seq.old_logp = by_rollout[seq.rollout]
     return {"rollout/logp_diff_max": max(diffs, default=0.0),
             "rollout/logp_diff_mean": sum(diffs) / max(len(diffs), 1)}
+
+
+def score_teacher(sequences: list[TokenSequence], teacher) -> None:
+    """Fill every view's ``teacher_logp``: the teacher scores the ``POLICY`` views (the sequences the policy
+    sampled); other views of a response carry those."""
+    views = [s for s in sequences if s.role == Role.POLICY and s.teacher_logp is None]
+    by_rollout = {}
+    for seq, logp in zip(views, teacher.score(views) if views else []):
+        seq.teacher_logp = by_rollout[seq.rollout] = logp
+    for seq in sequences:
+        if seq.teacher_logp is None:
+            seq.teacher_logp = by_rollout[seq.rollout]
 
 
 def training_units(sequences: list[TokenSequence], paired: bool) -> list[list[int]]:
@@ -142,7 +135,9 @@ def objective_loss_fn(objective: Objective, norms: Any, scale: float) -> Callabl
         tokens = TokenBatch(logp=outputs["logp"], mask=mask, role=moved(batch.role), rollout=moved(batch.rollout),
                             reward=moved(batch.reward), advantage=moved(batch.advantage), in_loss=moved(batch.in_loss),
                             old_logp=moved(batch.old_logp), ref_logp=moved(batch.ref_logp, objective.needs.ref),
-                            entropy=outputs.get("entropy"), pair_kl=outputs.get("pair_kl"))
+                            teacher_logp=moved(batch.teacher_logp, objective.needs.teacher),
+                            entropy=outputs.get("entropy"), pair_kl=outputs.get("pair_kl"),
+                            teacher_kl=outputs.get("teacher_kl"))
         loss, metrics = objective.loss(tokens, norms)
         return loss * scale, metrics
 
@@ -155,7 +150,9 @@ def update_on(policy, sequences: list[TokenSequence], objective: Objective, ctx:
     from megatron.core import parallel_state as ps
 
     trained = [s for s in sequences if s.in_update]
-    spec = replace(ctx.spec, pair_kl=objective.needs.pair_kl)
+    kl_kind = objective.needs.teacher_kl
+    spec = replace(ctx.spec, pair_kl=objective.needs.pair_kl, teacher_kl=kl_kind,
+                   teacher_weight=ctx.teacher.output_weight if kl_kind else None)
     reports = []
     for _ in range(ctx.epochs):
         for part in rollout_parts(num_rollouts, ctx.mini_batches):
@@ -164,6 +161,8 @@ def update_on(policy, sequences: list[TokenSequence], objective: Objective, ctx:
                                          dp_size=ps.get_data_parallel_world_size(), dp_rank=ps.get_data_parallel_rank(),
                                          pad_id=0, fixed_length=ctx.fixed_length,
                                          units=training_units(chosen, objective.needs.pair_kl), layout=ctx.layout)
+            if kl_kind:  # the teacher's hidden states for exactly these rows, this update only
+                batches = ctx.teacher.attach_hidden(batches)
             loss_fn = objective_loss_fn(objective, objective.normalisers(chosen, len(part)),
                                         scale=gradient_scale(len(batches)))
             report = guarded_update(policy.chunks, ctx.optimizer, ctx.scheduler, batches, spec, loss_fn)

@@ -1,0 +1,96 @@
+"""The ``distill`` section of ``lcr train``: the teacher, on-policy distillation (OPD / dGRPO) and the
+forward-KL warmup."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from megatron_lcr.distill.teacher import EngineTeacherConfig
+
+OPD_MODES = ("loss", "reward")
+OPD_ESTIMATORS = ("k1", "k3", "full")
+FKL_ESTIMATORS = ("sampled", "full")
+
+
+@dataclass(kw_only=True)
+class TeacherConfig:
+    """The teacher: a frozen Megatron model inside the job, or engine servers, or both (scoring by one,
+    generation for the forward-KL warmup by the servers)."""
+
+    hf_path: str = ""
+    """The teacher's Hugging Face directory: its weights (or config + tokenizer with ``load``); launched
+    teacher servers serve it. Same tokenizer and vocabulary as the student (checked)."""
+    load: str | None = None
+    """A megatron_lcr checkpoint with the teacher's weights (the Megatron teacher; e.g. a stage's output)."""
+    scorer: Literal["megatron", "engine"] = "megatron"
+    """Who computes the teacher's log-probs: the frozen Megatron model (any temperature; hidden states for
+    the exact KL) or the engine servers (``engine``; temperature 1 only)."""
+    params_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """The Megatron teacher's dtype; None: the student's (the fused KL takes one dtype)."""
+    temperature: float | None = None
+    """Softmax temperature of teacher AND student log-probs in the distillation terms; None: the rollout
+    temperature ``rl.temperature`` (the only value supported today: the student's log-probs are scored
+    at it)."""
+    engine: EngineTeacherConfig = field(default_factory=EngineTeacherConfig)
+    """Teacher servers (launched from ``hf_path`` unless ``engine.urls``): the scorer with
+    ``scorer: engine``, and the forward-KL warmup's generator."""
+
+    def __post_init__(self) -> None:
+        if self.temperature is not None and self.temperature <= 0:
+            raise ValueError(f"distill.teacher.temperature must be > 0, got {self.temperature}")
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.hf_path or self.load or self.engine.urls)
+
+
+@dataclass(kw_only=True)
+class OPDConfig:
+    """On-policy distillation: the per-token reverse KL ``KL(student || teacher)`` on the student's samples."""
+
+    lam: float = 1.0
+    """lambda: weight of the OPD term (dGRPO: ``L_GRPO + lam * L_OPD``; OPD alone: its scale); >= 0."""
+    mode: str = "loss"
+    """'loss': a direct loss (score-function ``sg(k1) * log pi_s``, or the exact KL with 'full'); 'reward':
+    a dense per-token advantage ``A - lam * KL`` in the policy-gradient loss."""
+    estimator: str = "k1"
+    """Per-token KL: 'k1' / 'k3' on the sampled token (any teacher), or 'full': exact over the vocabulary
+    from a Megatron teacher's hidden states (fused kernels). 'k3' only as a reward: its score-function
+    gradient is not the KL's."""
+
+    def __post_init__(self) -> None:
+        if self.lam < 0:
+            raise ValueError(f"distill.opd.lam must be >= 0, got {self.lam}")
+        if self.mode not in OPD_MODES:
+            raise ValueError(f"distill.opd.mode must be one of {', '.join(OPD_MODES)}, got {self.mode!r}")
+        if self.estimator not in OPD_ESTIMATORS:
+            raise ValueError(f"distill.opd.estimator must be one of {', '.join(OPD_ESTIMATORS)}, got {self.estimator!r}")
+        if self.mode == "loss" and self.estimator == "k3":
+            raise ValueError("distill.opd.estimator='k3' needs mode='reward': as a loss its gradient is not the KL's "
+                             "(use k1 or full)")
+
+
+@dataclass(kw_only=True)
+class FKLConfig:
+    """Forward-KL warmup: the student fits ``KL(teacher || student)`` on sequences the teacher samples."""
+
+    estimator: str = "sampled"
+    """'sampled': ``log pi_t(y) - log pi_s(y)`` on the teacher's tokens (its gradient is SFT's on them);
+    'full': exact over the vocabulary from a Megatron teacher's hidden states."""
+
+    def __post_init__(self) -> None:
+        if self.estimator not in FKL_ESTIMATORS:
+            raise ValueError(f"distill.fkl.estimator must be one of {', '.join(FKL_ESTIMATORS)}, got {self.estimator!r}")
+
+
+@dataclass(kw_only=True)
+class DistillConfig:
+    """Distillation from a teacher (objectives ``opd``, ``dgrpo``, ``fkl``)."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    """The teacher model."""
+    opd: OPDConfig = field(default_factory=OPDConfig)
+    """On-policy distillation (``opd``, ``dgrpo``)."""
+    fkl: FKLConfig = field(default_factory=FKLConfig)
+    """Forward-KL warmup (``fkl``)."""

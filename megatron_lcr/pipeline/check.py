@@ -1,0 +1,97 @@
+"""The check at a stage boundary of the sparse-to-dense workflow (the paper's conditions for OPD to help).
+
+- C2, the teacher is close to the student: the per-token reverse KL ``KL(student || teacher)`` on the
+  student's own answers to held-out prompts, sampled at temperature 1 and scored by both models (k1,
+  the unbiased estimate, and k3, the non-negative one; Schulman 2020). Temperature 1 because engines
+  score unscaled log-probs (``distill.teacher``).
+- C1, the teacher is reward-shaped: the teacher's held-out EM next to the student's.
+
+Both models run on servers launched from the run's ``rollout.server`` (``lcr serve`` on CPU, SGLang on
+GPUs), so the check needs no Megatron process and scales with the engines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+from megatron_lcr.data.tasks import load_task_samples
+from megatron_lcr.distill.opd import reverse_kl_k1, reverse_kl_k3
+from megatron_lcr.pipeline.config import CheckConfig
+from megatron_lcr.rollout.client import ClientConfig, RolloutClient
+from megatron_lcr.rollout.engine import GenerateRequest, SamplingParams
+from megatron_lcr.rollout.sglang import launch_servers, stop_servers
+from megatron_lcr.rollout.weight_sync import EventLoopThread
+from megatron_lcr.train.task import TaskContext
+
+
+class _Model:
+    """A model served by launched servers, driven synchronously."""
+
+    def __init__(self, client: RolloutClient, loop: EventLoopThread) -> None:
+        self.client, self.loop = client, loop
+
+    def generate(self, requests):
+        return self.loop.run(self.client.generate(requests))
+
+    def score(self, sequences: list[list[int]]) -> list[list[float]]:
+        return [r.input_logprobs for r in self.loop.run(self.client.score(sequences))]
+
+
+@contextlib.contextmanager
+def served(run_cfg, model_dir: str, log_dir: Path, seed: int) -> Iterator[_Model]:
+    """Launch ``run_cfg.rollout.server`` serving ``model_dir`` for the duration."""
+    server = dataclasses.replace(run_cfg.rollout.server, model_path=model_dir, log_dir=str(log_dir))
+    handles = launch_servers(server)
+    loop = EventLoopThread()
+    client = RolloutClient(ClientConfig(urls=[h.url for h in handles], api_key=server.api_key, seed=seed,
+                                        restart_dead_servers=False))
+    try:
+        yield _Model(client, loop)
+    finally:
+        try:
+            loop.run(client.close())
+        finally:
+            loop.close()
+            stop_servers(handles)
+
+
+def reverse_kl_per_token(student_logp: list[list[float]], teacher_logp: list[list[float]]) -> dict[str, float]:
+    """Token means of k1 and k3 of ``KL(student || teacher)`` over the responses (lists of per-token log-probs)."""
+    import torch
+
+    s = torch.tensor([x for row in student_logp for x in row], dtype=torch.float64)
+    t = torch.tensor([x for row in teacher_logp for x in row], dtype=torch.float64)
+    if s.numel() == 0:
+        return {"k1": math.nan, "k3": math.nan, "tokens": 0}
+    return {"k1": reverse_kl_k1(s, t).mean().item(), "k3": reverse_kl_k3(s, t).mean().item(), "tokens": s.numel()}
+
+
+def boundary_check(run_cfg, *, student: str, teacher: str, check: CheckConfig, log_dir: Path,
+                   teacher_eval: dict | None = None) -> dict:
+    """``{"kl_k1", "kl_k3", "kl_tokens", "teacher": held-out EM}`` for this student and teacher.
+
+    ``run_cfg`` (a resolved ``lcr train`` config) gives the data, prompt, response length and servers;
+    ``teacher_eval``: the teacher's evaluation when already known (it does not change within a stage).
+    """
+    task = TaskContext.create(run_cfg.data, run_cfg.prompt, student)
+    samples = load_task_samples(run_cfg.data, "eval", task.count_tokens)
+    prompts = task.prompts(samples[:check.num_prompts], check.context)
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=run_cfg.rl.max_new_tokens,
+                              stop_token_ids=task.stop_token_ids, seed=check.seed)
+    requests = [GenerateRequest(input_ids=p, sampling=sampling, n=1, rid=f"check-{i}", return_logprob=False)
+                for i, p in enumerate(prompts)]
+    with served(run_cfg, student, log_dir / "student", check.seed) as s, \
+            served(run_cfg, teacher, log_dir / "teacher", check.seed) as t:
+        answers = [c for c in sorted(s.generate(requests), key=lambda c: c.prompt_index) if c.output_ids]
+        sequences = [prompts[c.prompt_index] + list(c.output_ids) for c in answers]
+        cut = [len(prompts[c.prompt_index]) for c in answers]
+        s_logp = [row[n:] for row, n in zip(s.score(sequences), cut)] if sequences else []
+        t_logp = [row[n:] for row, n in zip(t.score(sequences), cut)] if sequences else []
+        if teacher_eval is None:
+            teacher_eval = task.evaluate(t.generate, samples, run_cfg.eval)
+    kl = reverse_kl_per_token(s_logp, t_logp)
+    return {"kl_k1": kl["k1"], "kl_k3": kl["k3"], "kl_tokens": kl["tokens"], "teacher": teacher_eval}

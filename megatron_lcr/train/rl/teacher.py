@@ -1,0 +1,63 @@
+"""The training job's teacher, built from ``distill.teacher`` for the objectives that need one.
+
+- Scoring (``Needs.teacher`` / ``Needs.teacher_kl``): a frozen Megatron model in the job
+  (``distill.megatron_teacher``) or engine servers (``distill.teacher.EngineTeacher``), by
+  ``distill.teacher.scorer``. The log-probs are taken at the rollout temperature, as the student's.
+- Generation (``Needs.teacher_rollouts``, the forward-KL warmup): servers serving the teacher, launched
+  from ``distill.teacher.hf_path`` (or given by ``distill.teacher.engine.urls``), used like the
+  rollout engines but never sent weights (the teacher is frozen).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from pathlib import Path
+
+from megatron_lcr.distill.megatron_teacher import MegatronTeacher
+from megatron_lcr.distill.teacher import EngineTeacher
+from megatron_lcr.models.builder import ModelConfig
+from megatron_lcr.models.megatron_checkpoint import HF_DIR
+from megatron_lcr.rl.objective import Needs
+from megatron_lcr.rollout.engines import Engines, RolloutConfig
+from megatron_lcr.rollout.weight_sync import WeightSyncConfig
+from megatron_lcr.train.token_logprobs import ScoringSpec
+
+
+def teacher_dir(cfg) -> str:
+    """The teacher's Hugging Face directory (config, tokenizer; weights unless ``load``)."""
+    teacher = cfg.distill.teacher
+    return teacher.hf_path or (str(Path(teacher.load) / HF_DIR) if teacher.load else "")
+
+
+def open_scorer(cfg, needs: Needs, spec: ScoringSpec, *, student, out_dir: Path, stack: contextlib.ExitStack):
+    """The teacher that scores the student's sequences (None if the objective needs none)."""
+    teacher = cfg.distill.teacher
+    if not (needs.teacher or needs.teacher_kl):
+        return None
+    if teacher.scorer == "engine":
+        engine = teacher.engine
+        if not engine.urls and not engine.server.model_path:
+            engine = dataclasses.replace(engine, server=dataclasses.replace(engine.server, model_path=teacher_dir(cfg)))
+        return stack.enter_context(EngineTeacher(engine, student_dir=str(student.hf_config_dir),
+                                                 log_dir=str(out_dir / "teacher_logs")))
+    model = ModelConfig(hf_path=teacher.hf_path, params_dtype=teacher.params_dtype or cfg.model.params_dtype,
+                        transformer_impl=cfg.model.transformer_impl)
+    return MegatronTeacher(model, cfg.parallel, dataclasses.replace(spec, temperature=cfg.rl.temperature),
+                           load=teacher.load, token_budget=cfg.trainer.token_budget, layout=cfg.pack_layout,
+                           fixed_length=cfg.parallel.pipeline_model_parallel_size > 1,
+                           student_padded_vocab=student.model_cfg.padded_vocab_size)
+
+
+def open_generator(cfg, needs: Needs, *, out_dir: Path, seed: int, stack: contextlib.ExitStack) -> Engines | None:
+    """Servers sampling from the teacher (None unless the objective's rollouts are the teacher's)."""
+    if not needs.teacher_rollouts:
+        return None
+    engine, path = cfg.distill.teacher.engine, teacher_dir(cfg)
+    rollout = RolloutConfig(server=dataclasses.replace(engine.server, model_path=engine.server.model_path or path),
+                            urls=list(engine.urls), max_concurrency=engine.max_concurrency,
+                            request_timeout_s=engine.request_timeout_s,
+                            # never synced (a frozen teacher); 'disk' is the mode that needs no group with the servers
+                            sync=WeightSyncConfig(mode="disk", disk_dir=str(out_dir / "teacher_logs")))
+    return stack.enter_context(Engines(rollout, model_path=rollout.server.model_path or path,
+                                       log_dir=str(out_dir / "teacher_logs"), seed=seed))

@@ -1,0 +1,87 @@
+"""``lcr train``'s distillation settings (objectives opd / dgrpo / fkl): a teacher the objective cannot use
+is refused in ``load_config``, before Megatron, servers or data, with one line naming what conflicts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from megatron_lcr.config import load_config
+from megatron_lcr.train.rl.config import RLRunConfig
+
+TINY = "examples/tiny/depo.yaml"  # student examples/tiny/base, rl.temperature 0.7
+BASE = "examples/tiny/base"
+TEACHER = f"distill.teacher.hf_path={BASE}"  # same tokenizer as the student
+
+
+def refused(overrides: list[str]) -> str:
+    with pytest.raises(ValueError) as err:
+        load_config(RLRunConfig, TINY, overrides)
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+def test_a_teacher_is_required_and_a_usable_one_is_accepted():
+    for objective in ("opd", "dgrpo", "fkl"):
+        assert f"objective '{objective}' needs a teacher: set distill.teacher.hf_path" in refused([f"objective={objective}"])
+        cfg = load_config(RLRunConfig, TINY, [f"objective={objective}", TEACHER])
+        assert cfg.distill.teacher.hf_path == BASE
+    cfg = load_config(RLRunConfig, TINY, ["objective=dgrpo", TEACHER, "distill.opd.lam=0.5", "distill.opd.mode=reward",
+                                          "distill.opd.estimator=k3", "distill.teacher.temperature=0.7"])
+    assert (cfg.distill.opd.lam, cfg.distill.opd.mode, cfg.distill.opd.estimator) == (0.5, "reward", "k3")
+    load_config(RLRunConfig, TINY, ["objective=opd", TEACHER, "distill.opd.estimator=full"])  # Megatron teacher
+
+
+def test_a_teacher_with_another_vocabulary_is_refused(tmp_path):
+    other = tmp_path / "teacher"
+    shutil.copytree(BASE, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 8}))
+    msg = refused(["objective=opd", f"distill.teacher.hf_path={other}"])
+    assert f"teacher {other} has vocab_size {config['vocab_size'] + 8}, the student {BASE} {config['vocab_size']}" in msg
+
+
+def test_a_missing_teacher_checkpoint_is_refused_naming_it(tmp_path):
+    missing = tmp_path / "no_such_ckpt"
+    msg = refused(["objective=opd", f"distill.teacher.load={missing}"])
+    assert f"{missing}: checkpoint directory not found" in msg
+
+
+def test_lam_must_be_non_negative():
+    assert "distill.opd.lam must be >= 0, got -1" in refused(["objective=opd", TEACHER, "distill.opd.lam=-1"])
+
+
+def test_the_exact_kl_needs_a_megatron_teacher_and_cp_1():
+    full = ["objective=opd", TEACHER, "distill.opd.estimator=full"]
+    msg = refused([*full, "distill.teacher.scorer=engine"])
+    assert "objective 'opd' with an exact KL (estimator 'full') needs a Megatron teacher" in msg
+    msg = refused([*full, "parallel.context_parallel_size=2"])
+    assert "objective 'opd' with an exact KL (estimator 'full') needs parallel.cp=1" in msg
+    assert "needs parallel.cp=1" in refused([*full, "trainer.logprobs_from=logits"])
+    msg = refused(["objective=fkl", TEACHER, "distill.fkl.estimator=full", "distill.teacher.scorer=engine"])
+    assert "objective 'fkl' with an exact KL (estimator 'full') needs a Megatron teacher" in msg
+
+
+def test_an_engine_scorer_needs_rollouts_at_temperature_1():
+    msg = refused(["objective=dgrpo", TEACHER, "distill.teacher.scorer=engine"])  # rl.temperature 0.7
+    assert "distill.teacher.scorer='engine' scores at temperature 1 only, but rl.temperature is 0.7" in msg
+    load_config(RLRunConfig, TINY, ["objective=dgrpo", TEACHER, "distill.teacher.scorer=engine", "rl.temperature=1.0"])
+
+
+def test_the_teacher_temperature_must_be_the_rollouts():
+    msg = refused(["objective=opd", TEACHER, "distill.teacher.temperature=1.0"])
+    assert "distill.teacher.temperature (1) must equal rl.temperature (0.7)" in msg
+
+
+def test_the_warmup_accepts_running_teacher_servers():
+    # Servers given by URL: nothing to launch and no directory to compare tokenizers with.
+    cfg = load_config(RLRunConfig, TINY, ["objective=fkl", "distill.teacher.engine.urls=[http://127.0.0.1:9]"])
+    assert cfg.distill.teacher.engine.urls == ["http://127.0.0.1:9"] and cfg.distill.fkl.estimator == "sampled"
+
+
+def test_the_forward_kl_warmup_refuses_penalties_it_would_ignore():
+    for key in ("rl.loss.kl_coef=0.1", "rl.loss.entropy_coef=0.01"):
+        assert "objective 'fkl' has no KL penalty or entropy bonus" in refused(["objective=fkl", TEACHER, key])
