@@ -1,8 +1,9 @@
 """The check at a stage boundary of the sparse-to-dense workflow (the paper's conditions for OPD to help).
 
 - C2, the teacher is close to the student: the per-token reverse KL ``KL(student || teacher)`` on the
-  student's own answers to held-out prompts, sampled at temperature 1 and scored by both models (k1,
-  the unbiased estimate, and k3, the non-negative one; Schulman 2020). Temperature 1 because engines
+  student's own answers to held-out prompts, sampled at temperature 1 and scored by both models (k3,
+  unbiased and never negative, is the table's value; k1, unbiased but noisier, is kept beside it;
+  Schulman 2020). Temperature 1 because engines
   score unscaled log-probs (``distill.teacher``).
 - C1, the teacher is reward-shaped: the teacher's held-out EM next to the student's.
 

@@ -120,7 +120,7 @@ def _run_stage(cfg: PipelineConfig, out_dir: Path, name: str, trains: str, overr
                            log_dir=stage_dir / "check_logs", teacher_eval=teacher_eval)
     trained = results["trained"]
     row = {"name": name, "model": trains, "short_em": trained.get("short_em"), "long_em": trained.get("long_em"),
-           "teacher_student_kl": check["kl_k1"], "teacher_student_kl_k3": check["kl_k3"],
+           "teacher_student_kl": check["kl_k3"], "teacher_student_kl_k1": check["kl_k1"],
            "teacher_short_em": check["teacher"].get("short_em"), "teacher_long_em": check["teacher"].get("long_em"),
            "start_short_em": results["base"].get("short_em"), "start_long_em": results["base"].get("long_em"),
            "steps": results["steps"], "wall_seconds": time.time() - started}
