@@ -30,8 +30,8 @@ class TeacherConfig:
     """The Megatron teacher's dtype; None: the student's (the fused KL takes one dtype)."""
     temperature: float | None = None
     """Softmax temperature of teacher AND student log-probs in the distillation terms; None: the rollout
-    temperature ``rl.temperature`` (the only value supported today: the student's log-probs are scored
-    at it)."""
+    temperature ``rl.temperature``. Another value only with the exact KL (estimator 'full'; the student is
+    then scored twice); an engine scorer needs 1."""
     engine: EngineTeacherConfig = field(default_factory=EngineTeacherConfig)
     """Teacher servers (launched from ``hf_path`` unless ``engine.urls``): the scorer with
     ``scorer: engine``, and the forward-KL warmup's generator."""

@@ -81,16 +81,17 @@ class OnPolicyDistillation:
         """``[n, R]`` the chosen estimate of ``KL(student || teacher)`` at each sampled prefix."""
         if self.cfg.estimator == "full":
             return batch.teacher_kl
-        return reverse_kl_sampled(batch.logp, batch.teacher_logp, self.cfg.estimator)
+        return reverse_kl_sampled(batch.distill_logp, batch.teacher_logp, self.cfg.estimator)
 
     def loss(self, batch: TokenBatch, norms: DistillNorms) -> tuple[Tensor, dict[str, Tensor]]:
         every = batch.mask * (batch.role == int(Role.POLICY)).to(batch.mask.dtype)[:, None]
         kl = self.per_token_kl(batch)
         metrics = {"opd/kl": _token_mean(kl, every, norms.all),
-                   "opd/k1": _token_mean(reverse_kl_sampled(batch.logp, batch.teacher_logp, "k1"), every, norms.all)}
+                   "opd/k1": _token_mean(reverse_kl_sampled(batch.distill_logp, batch.teacher_logp, "k1"), every,
+                                         norms.all)}
         if self.cfg.mode == "reward":
             return self._reward_loss(batch, kl, every, norms, metrics)
-        term = kl if self.cfg.estimator == "full" else reverse_kl_pg_loss(batch.logp, batch.teacher_logp)
+        term = kl if self.cfg.estimator == "full" else reverse_kl_pg_loss(batch.distill_logp, batch.teacher_logp)
         opd = self.cfg.lam * aggregate(term, every, self.policy.loss_cfg.aggregation, norms.all)
         loss, pg_metrics = self._pg_loss(batch, norms)
         loss = opd if loss is None else loss + opd
@@ -150,7 +151,7 @@ class ForwardKLWarmup:
 
     def loss(self, batch: TokenBatch, norms: Normaliser) -> tuple[Tensor, dict[str, Tensor]]:
         mask = batch.token_mask(Role.POLICY)
-        sampled = upcast(batch.teacher_logp).detach() - upcast(batch.logp)  # gradient: SFT's on the teacher's tokens
+        sampled = upcast(batch.teacher_logp).detach() - upcast(batch.distill_logp)  # gradient: SFT's on its tokens
         kl = batch.teacher_kl if self.cfg.estimator == "full" else sampled
         loss = aggregate(kl, mask, self.policy.loss_cfg.aggregation, norms)
         return loss, {"fkl/kl": _token_mean(kl, mask, norms), "fkl/sampled_kl": _token_mean(sampled, mask, norms),

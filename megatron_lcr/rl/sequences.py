@@ -114,10 +114,18 @@ class TokenBatch:
     """``[n, R]`` exact KL(``POLICY`` view || this view) over the vocabulary on non-``POLICY`` rows
     (with grad on this view's side), when asked for."""
     teacher_logp: Tensor | None = None
-    """``[n, R]`` the teacher's log-probs of the response tokens, when asked for (``Needs.teacher``)."""
+    """``[n, R]`` the teacher's log-probs of the response tokens at the distillation temperature, when asked
+    for (``Needs.teacher``)."""
+    distill_logp: Tensor | None = None
+    """``[n, R]`` the policy's log-probs at the distillation temperature (with grad; ``logp`` itself when that
+    is the rollout temperature): what distillation terms compare with ``teacher_logp``."""
     teacher_kl: Tensor | None = None
     """``[n, R]`` exact per-position KL between the policy and a Megatron teacher over the vocabulary
     (``Needs.teacher_kl`` names the direction; with grad on the policy's side), when asked for."""
+
+    def __post_init__(self) -> None:
+        if self.distill_logp is None:
+            object.__setattr__(self, "distill_logp", self.logp)
 
     def token_mask(self, role: Role) -> Tensor:
         """``[n, R]`` float: the response tokens of the rows of ``role`` that count in the loss."""

@@ -68,6 +68,13 @@ class ScoringSpec:
     teacher whose hidden states each micro-batch carries (``PackedBatch.teacher_hidden``)."""
     teacher_weight: torch.Tensor | None = None
     """``[V/tp, H_teacher]`` the teacher's output weight (with ``teacher_kl``; same vocabulary shards)."""
+    distill_temperature: float | None = None
+    """Temperature of the distillation terms when it differs from ``temperature``: ``distill_logp`` (a
+    second pass over the vocabulary) and ``teacher_kl`` are taken at it; None: at ``temperature``."""
+
+    @property
+    def kl_temperature(self) -> float:
+        return self.temperature if self.distill_temperature is None else self.distill_temperature
 
 
 @dataclass(frozen=True)
@@ -131,6 +138,9 @@ def response_outputs(head: Head, batch: PackedBatch, spec: ScoringSpec) -> dict[
         out["entropy"] = entropy.view(shape) * mask
     if spec.pair_kl:
         out["pair_kl"] = _pair_kl(head, picked.view(*shape, -1), mask, batch, spec, shard)
+    if spec.distill_temperature is not None:
+        distill, _ = head.logp_entropy(picked, labels, temperature=spec.distill_temperature, **shard)
+        out["distill_logp"] = distill.view(shape) * mask
     if spec.hidden_rows:
         out["hidden"] = picked.view(*shape, -1)
     if spec.teacher_kl and batch.teacher_hidden is not None:
@@ -155,9 +165,9 @@ def cp_response_outputs(head: Head, batch: PackedBatch, spec: ScoringSpec, *, gr
     rank then computes the same loss; each back-propagates its own tokens) and laid out as ``[n, R]``.
     ``pair_kl`` needs two rows' full distributions at once, which sit on different CP ranks: refused.
     """
-    if spec.pair_kl or spec.teacher_kl or spec.hidden_rows:
-        raise ValueError("an exact KL over the vocabulary (depo.kd_estimator='full', a Megatron teacher's KL) is not "
-                         "available with context parallelism (cp > 1)")
+    if spec.pair_kl or spec.teacher_kl or spec.hidden_rows or spec.distill_temperature is not None:
+        raise ValueError("an exact KL over the vocabulary (depo.kd_estimator='full', a Megatron teacher's KL) or a "
+                         "second distillation temperature is not available with context parallelism (cp > 1)")
     cp, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
     device = head.output.device
     offsets = cu_seqlens(batch.lengths)
@@ -207,7 +217,7 @@ def _teacher_kl(head: Head, picked: torch.Tensor, mask: torch.Tensor, teacher_hi
                          "without sequence parallelism)")
     teacher = teacher_hidden.to(device=picked.device, dtype=picked.dtype).reshape(-1, teacher_hidden.shape[-1])
     kl = kl_divergence(picked, head.weight, teacher.detach(), spec.teacher_weight.detach(), kind=spec.teacher_kl,
-                       temperature=spec.temperature, mask=mask.reshape(-1) > 0, **shard)
+                       temperature=spec.kl_temperature, mask=mask.reshape(-1) > 0, **shard)
     return kl.view(mask.shape) * mask
 
 

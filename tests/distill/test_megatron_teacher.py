@@ -113,6 +113,14 @@ def test_hidden_states_times_the_output_weight_give_the_scores(megatron_results)
 
 
 @pytest.mark.dist
+def test_a_second_distillation_temperature_scores_the_same_tokens_at_it(megatron_results):
+    teacher, out = megatron_results
+    scores = out["two_temperatures"]
+    for name, temperature in (("logp", 0.7), ("distill_logp", 1.0)):
+        assert max_diff([scores[j][name] for j in range(len(SEQS))], hf_scores(teacher, temperature)) <= 1e-4
+
+
+@pytest.mark.dist
 def test_a_student_with_another_padded_vocabulary_is_refused(megatron_results):
     _, out = megatron_results
     assert "differs from the student's" in out["refused"] and "\n" not in out["refused"]
@@ -140,7 +148,7 @@ def main(teacher_dir: str, out_path: str) -> None:
     from megatron_lcr.parallel.layout import ParallelConfig
     from megatron_lcr.parallel.state import destroy_megatron, initialize_megatron
     from megatron_lcr.train.micro_batches import plan_micro_batches
-    from megatron_lcr.train.token_logprobs import ScoringSpec
+    from megatron_lcr.train.token_logprobs import ScoringSpec, score_sequences
 
     parallel = ParallelConfig()
     initialize_megatron(parallel, seed=1)
@@ -154,6 +162,8 @@ def main(teacher_dir: str, out_path: str) -> None:
     out["batches"] = [{"hidden": b.teacher_hidden, "mask": b.response_mask, "sequence_ids": b.sequence_ids}
                       for b in teacher.attach_hidden(batches)]
     out["weight"] = teacher.output_weight.detach().clone()
+    two = ScoringSpec(vocab_size=VOCAB, temperature=0.7, from_hidden=True, distill_temperature=1.0)
+    out["two_temperatures"] = score_sequences(teacher.model.chunks, batches, two)
     try:
         MegatronTeacher(model, parallel, spec, load=None, token_budget=TOKEN_BUDGET,
                         student_padded_vocab=out["weight"].shape[0] + 128)

@@ -209,9 +209,11 @@ class RLRunConfig:
         student_dir = self.model.hf_path or str(Path(self.trainer.load) / HF_DIR)
         if teacher_dir:
             check_same_tokenizer(teacher_dir, student_dir)
-        if teacher.temperature is not None and teacher.temperature != self.rl.temperature:
-            raise ValueError(f"distill.teacher.temperature ({teacher.temperature:g}) must equal rl.temperature "
-                             f"({self.rl.temperature:g}): the student's log-probs are scored at the rollout temperature")
+        distill_t = self.distill_temperature
+        if distill_t != self.rl.temperature and not needs.teacher_kl:
+            raise ValueError(f"distill.teacher.temperature ({distill_t:g}) differs from rl.temperature "
+                             f"({self.rl.temperature:g}): only the exact KL (estimator 'full') can use another "
+                             "temperature; sampled-token estimates need the temperature the tokens were sampled at")
         if needs.teacher_kl and (teacher.scorer != "megatron" or not (teacher.hf_path or teacher.load)):
             raise ValueError(f"{name} with an exact KL (estimator 'full') needs a Megatron teacher "
                              "(distill.teacher.scorer: megatron with hf_path or load)")
@@ -219,12 +221,19 @@ class RLRunConfig:
                                  or self.trainer.logprobs_from == "logits"):
             raise ValueError(f"{name} with an exact KL (estimator 'full') needs parallel.cp=1, parallel.sp=false and "
                              "trainer.logprobs_from hidden/auto: the teacher hands over hidden states")
-        if needs.teacher and teacher.scorer == "engine" and self.rl.temperature != 1.0:
-            raise ValueError(f"distill.teacher.scorer='engine' scores at temperature 1 only, but rl.temperature is "
-                             f"{self.rl.temperature:g}: use the Megatron scorer or sample at 1")
+        if needs.teacher and teacher.scorer == "engine" and distill_t != 1.0:
+            raise ValueError(f"distill.teacher.scorer='engine' scores at temperature 1 only, but the distillation "
+                             f"temperature is {distill_t:g} (distill.teacher.temperature, else rl.temperature): use "
+                             "the Megatron scorer or sample at 1")
         if needs.teacher_rollouts and not (teacher.hf_path or teacher.engine.urls):
             raise ValueError(f"{name} samples from the teacher: set distill.teacher.hf_path (servers are launched "
                              "from it) or distill.teacher.engine.urls")
+
+    @property
+    def distill_temperature(self) -> float:
+        """Temperature of teacher and student log-probs in distillation terms (default: the rollouts')."""
+        given = self.distill.teacher.temperature
+        return self.rl.temperature if given is None else given
 
     @property
     def pack_layout(self) -> PackLayout:

@@ -63,8 +63,10 @@ def _scoring_spec(cfg: RLRunConfig, vocab_size: int, entropy: bool) -> ScoringSp
 
     source = cfg.trainer.logprobs_from
     from_hidden = source == "hidden" or (source == "auto" and not cfg.parallel.sequence_parallel)
+    distill_t = cfg.distill_temperature
     return ScoringSpec(vocab_size=vocab_size, temperature=cfg.rl.temperature, entropy=entropy,
-                       thd=use_transformer_engine(cfg.model), kernels=cfg.kernels, from_hidden=from_hidden)
+                       thd=use_transformer_engine(cfg.model), kernels=cfg.kernels, from_hidden=from_hidden,
+                       distill_temperature=None if distill_t == cfg.rl.temperature else distill_t)
 
 
 def _resume(cfg: RLRunConfig, out_dir: Path, job) -> TrainerState:

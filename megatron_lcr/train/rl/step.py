@@ -137,7 +137,7 @@ def objective_loss_fn(objective: Objective, norms: Any, scale: float) -> Callabl
                             old_logp=moved(batch.old_logp), ref_logp=moved(batch.ref_logp, objective.needs.ref),
                             teacher_logp=moved(batch.teacher_logp, objective.needs.teacher),
                             entropy=outputs.get("entropy"), pair_kl=outputs.get("pair_kl"),
-                            teacher_kl=outputs.get("teacher_kl"))
+                            teacher_kl=outputs.get("teacher_kl"), distill_logp=outputs.get("distill_logp", outputs["logp"]))
         loss, metrics = objective.loss(tokens, norms)
         return loss * scale, metrics
 

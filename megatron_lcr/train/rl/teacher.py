@@ -2,7 +2,8 @@
 
 - Scoring (``Needs.teacher`` / ``Needs.teacher_kl``): a frozen Megatron model in the job
   (``distill.megatron_teacher``) or engine servers (``distill.teacher.EngineTeacher``), by
-  ``distill.teacher.scorer``. The log-probs are taken at the rollout temperature, as the student's.
+  ``distill.teacher.scorer``. The log-probs are taken at the distillation temperature, as the student's
+  (``RLRunConfig.distill_temperature``: the rollout temperature unless ``distill.teacher.temperature``).
 - Generation (``Needs.teacher_rollouts``, the forward-KL warmup): servers serving the teacher, launched
   from ``distill.teacher.hf_path`` (or given by ``distill.teacher.engine.urls``), used like the
   rollout engines but never sent weights (the teacher is frozen).
@@ -43,7 +44,7 @@ def open_scorer(cfg, needs: Needs, spec: ScoringSpec, *, student, out_dir: Path,
                                                  log_dir=str(out_dir / "teacher_logs")))
     model = ModelConfig(hf_path=teacher.hf_path, params_dtype=teacher.params_dtype or cfg.model.params_dtype,
                         transformer_impl=cfg.model.transformer_impl)
-    return MegatronTeacher(model, cfg.parallel, dataclasses.replace(spec, temperature=cfg.rl.temperature),
+    return MegatronTeacher(model, cfg.parallel, dataclasses.replace(spec, temperature=cfg.distill_temperature),
                            load=teacher.load, token_budget=cfg.trainer.token_budget, layout=cfg.pack_layout,
                            fixed_length=cfg.parallel.pipeline_model_parallel_size > 1,
                            student_padded_vocab=student.model_cfg.padded_vocab_size)

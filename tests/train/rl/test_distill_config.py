@@ -65,15 +65,20 @@ def test_the_exact_kl_needs_a_megatron_teacher_and_cp_1():
     assert "objective 'fkl' with an exact KL (estimator 'full') needs a Megatron teacher" in msg
 
 
-def test_an_engine_scorer_needs_rollouts_at_temperature_1():
+def test_an_engine_scorer_needs_distillation_at_temperature_1():
     msg = refused(["objective=dgrpo", TEACHER, "distill.teacher.scorer=engine"])  # rl.temperature 0.7
-    assert "distill.teacher.scorer='engine' scores at temperature 1 only, but rl.temperature is 0.7" in msg
+    assert "distill.teacher.scorer='engine' scores at temperature 1 only, but the distillation temperature is 0.7" in msg
     load_config(RLRunConfig, TINY, ["objective=dgrpo", TEACHER, "distill.teacher.scorer=engine", "rl.temperature=1.0"])
 
 
-def test_the_teacher_temperature_must_be_the_rollouts():
-    msg = refused(["objective=opd", TEACHER, "distill.teacher.temperature=1.0"])
-    assert "distill.teacher.temperature (1) must equal rl.temperature (0.7)" in msg
+def test_another_distillation_temperature_only_with_the_exact_kl():
+    msg = refused(["objective=opd", TEACHER, "distill.teacher.temperature=1.0"])  # k1: sampled at 0.7
+    assert "distill.teacher.temperature (1) differs from rl.temperature (0.7): only the exact KL" in msg
+    assert "differs from rl.temperature" in refused(["objective=fkl", TEACHER, "distill.teacher.temperature=1.0"])
+    cfg = load_config(RLRunConfig, TINY, ["objective=opd", TEACHER, "distill.teacher.temperature=1.0",
+                                          "distill.opd.estimator=full"])
+    assert (cfg.distill_temperature, cfg.rl.temperature) == (1.0, 0.7)
+    assert load_config(RLRunConfig, TINY, ["objective=opd", TEACHER]).distill_temperature == 0.7  # default: the rollouts'
 
 
 def test_the_warmup_accepts_running_teacher_servers():
