@@ -58,3 +58,15 @@ def check_rollout_placement(*, trainer_gpus: Sequence[int], rollout_gpus: Sequen
                 f"sync.mode 'tensor' hands over CUDA IPC handles from trainer rank 0 on GPU {rank0}, which engines on "
                 f"GPUs {_ranges(rollout_gpus)} cannot open (per-GPU feeding of colocated engines is not built); use "
                 "one tp_size-1 server on rank 0's GPU, sync.mode 'distributed' with GPUs of their own, or 'disk'")
+
+
+def check_teacher_placement(*, trainer_gpus: Sequence[int], rollout_gpus: Sequence[int],
+                            teacher_gpus: Sequence[int]) -> None:
+    """Refuse teacher servers launched by rank 0 on node 0's GPUs that trainer ranks or rollout servers use
+    (``teacher_gpus`` empty: on CPU or given by URL): each sizes its memory as if the GPU were its own."""
+    for name, used in (("trainer", trainer_gpus), ("rollout server", rollout_gpus)):
+        overlap = sorted(set(used) & set(teacher_gpus))
+        if overlap:
+            raise ValueError(f"teacher server GPUs {_ranges(overlap)} are also {name} GPUs: give the teacher GPUs of "
+                             "its own (distill.teacher.engine.server.gpu_ids) or nodes of its own "
+                             "(distill.teacher.engine.urls)")

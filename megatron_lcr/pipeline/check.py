@@ -8,7 +8,8 @@
 - C1, the teacher is reward-shaped: the teacher's held-out EM next to the student's.
 
 Both models run on servers launched from the run's ``rollout.server`` (``lcr serve`` on CPU, SGLang on
-GPUs), so the check needs no Megatron process and scales with the engines.
+GPUs), one model after the other so that each may use all of the node's GPUs; the check needs no
+Megatron process and scales with the engines.
 """
 
 from __future__ import annotations
@@ -85,12 +86,13 @@ def boundary_check(run_cfg, *, student: str, teacher: str, check: CheckConfig, l
                               stop_token_ids=task.stop_token_ids, seed=check.seed)
     requests = [GenerateRequest(input_ids=p, sampling=sampling, n=1, rid=f"check-{i}", return_logprob=False)
                 for i, p in enumerate(prompts)]
-    with served(run_cfg, student, log_dir / "student", check.seed) as s, \
-            served(run_cfg, teacher, log_dir / "teacher", check.seed) as t:
+    # One model's servers at a time: each may need every GPU of the node (a 70B teacher at TP 8).
+    with served(run_cfg, student, log_dir / "student", check.seed) as s:
         answers = [c for c in sorted(s.generate(requests), key=lambda c: c.prompt_index) if c.output_ids]
         sequences = [prompts[c.prompt_index] + list(c.output_ids) for c in answers]
         cut = [len(prompts[c.prompt_index]) for c in answers]
         s_logp = [row[n:] for row, n in zip(s.score(sequences), cut)] if sequences else []
+    with served(run_cfg, teacher, log_dir / "teacher", check.seed) as t:
         t_logp = [row[n:] for row, n in zip(t.score(sequences), cut)] if sequences else []
         if teacher_eval is None:
             teacher_eval = task.evaluate(t.generate, samples, run_cfg.eval)

@@ -66,17 +66,21 @@ class RolloutConfig:
     def launched_gpus(self, on_gpus: bool | None = None) -> list[int]:
         """GPUs of node 0 the servers rank 0 launches will use (empty: servers on CPU, or given by URL).
         ``on_gpus`` overrides resolving ``server.device`` here (the recipe checks assume GPU nodes)."""
-        server = self.server
-        on_gpus = (server.backend != "reference" and server.on_gpus) if on_gpus is None else on_gpus
-        if self.urls or not on_gpus:
-            return []
-        return list(server.gpu_ids) or list(range(server.num_servers * server.tp_size))
+        return launched_gpus(self.server, self.urls, on_gpus)
 
     @property
     def gpu_engines(self) -> bool:
         """Whether the servers run on GPUs. Servers given by URL are taken to be on GPUs (set
         ``sync.backend`` / ``sync.tensor_format`` for others); launched ones run where their device says."""
         return bool(self.urls) or (self.server.backend != "reference" and self.server.on_gpus)
+
+
+def launched_gpus(server: SGLangLaunchConfig, urls: list[str], on_gpus: bool | None = None) -> list[int]:
+    """GPUs of node 0 that servers launched from ``server`` use (empty: on CPU, or ``urls`` given)."""
+    on_gpus = (server.backend != "reference" and server.on_gpus) if on_gpus is None else on_gpus
+    if urls or not on_gpus:
+        return []
+    return list(server.gpu_ids) or list(range(server.num_servers * server.tp_size))
 
 
 def check_served_model(infos: dict[str, ModelInfo], hf_dir: str, *, launched: bool) -> None:

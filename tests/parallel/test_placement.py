@@ -31,3 +31,15 @@ def test_servers_off_node_0s_gpus_always_fit(mode):
 
 def test_disk_mode_takes_any_placement():
     check_rollout_placement(trainer_gpus=range(8), rollout_gpus=range(8), sync_mode="disk")
+
+
+def test_teacher_servers_need_gpus_of_their_own_and_the_error_names_them():
+    from megatron_lcr.parallel.placement import check_teacher_placement
+
+    check_teacher_placement(trainer_gpus=range(4), rollout_gpus=[4, 5], teacher_gpus=[6, 7])
+    check_teacher_placement(trainer_gpus=range(8), rollout_gpus=[], teacher_gpus=[])  # on CPU or by URL
+    with pytest.raises(ValueError, match=r"^teacher server GPUs 2-3 are also trainer GPUs: ") as err:
+        check_teacher_placement(trainer_gpus=range(4), rollout_gpus=[], teacher_gpus=[2, 3, 4])
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match=r"^teacher server GPUs 5 are also rollout server GPUs: "):
+        check_teacher_placement(trainer_gpus=range(4), rollout_gpus=[4, 5], teacher_gpus=[5, 6])

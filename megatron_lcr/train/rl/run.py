@@ -22,7 +22,7 @@ from megatron_lcr.atomic import atomic_write_text
 from megatron_lcr.data.tasks import data_order
 from megatron_lcr.models.megatron_checkpoint import load_model
 from megatron_lcr.parallel.env import read_dist_env
-from megatron_lcr.parallel.placement import check_rollout_placement
+from megatron_lcr.parallel.placement import check_rollout_placement, check_teacher_placement
 from megatron_lcr.parallel.state import destroy_megatron
 from megatron_lcr.profiling.timers import StepTimer
 from megatron_lcr.rollout.engines import Engines
@@ -34,7 +34,7 @@ from megatron_lcr.train.rl.config import RLRunConfig
 from megatron_lcr.train.rl.objectives import build_objective
 from megatron_lcr.train.rl.rollouts import collect_rollouts
 from megatron_lcr.train.rl.step import StepContext, train_step
-from megatron_lcr.train.rl.teacher import open_generator, open_scorer
+from megatron_lcr.train.rl.teacher import open_generator, open_scorer, teacher_server_gpus
 from megatron_lcr.train.rl.update import check_weights_finite
 from megatron_lcr.train.task import start_qa_job
 from megatron_lcr.train.token_logprobs import ScoringSpec
@@ -110,8 +110,11 @@ def _count_bad(state: TrainerState, metrics: dict, step: int, limit: int) -> boo
 def run_rl(cfg: RLRunConfig, out_dir: str | Path) -> dict:
     """Train per ``cfg``; returns the results (also written to ``out_dir/results.json``)."""
     started, out_dir, trainer = time.time(), Path(out_dir), cfg.trainer
-    check_rollout_placement(trainer_gpus=range(read_dist_env(os.environ).local_world_size),
-                            rollout_gpus=cfg.rollout.launched_gpus(), sync_mode=cfg.rollout.sync.mode)
+    trainer_gpus = range(read_dist_env(os.environ).local_world_size)
+    check_rollout_placement(trainer_gpus=trainer_gpus, rollout_gpus=cfg.rollout.launched_gpus(),
+                            sync_mode=cfg.rollout.sync.mode)
+    check_teacher_placement(trainer_gpus=trainer_gpus, rollout_gpus=cfg.rollout.launched_gpus(),
+                            teacher_gpus=teacher_server_gpus(cfg, build_objective(cfg).needs))
     job = start_qa_job(cfg, out_dir, load=trainer.load, seed=trainer.seed, total_steps=trainer.steps)
     policy, task, objective = job.policy, job.task, build_objective(cfg)
     stack = contextlib.ExitStack()  # teacher servers, rollout engines, the metrics log

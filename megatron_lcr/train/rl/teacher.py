@@ -20,7 +20,7 @@ from megatron_lcr.distill.teacher import EngineTeacher
 from megatron_lcr.models.builder import ModelConfig
 from megatron_lcr.models.megatron_checkpoint import HF_DIR
 from megatron_lcr.rl.objective import Needs
-from megatron_lcr.rollout.engines import Engines, RolloutConfig
+from megatron_lcr.rollout.engines import Engines, RolloutConfig, launched_gpus
 from megatron_lcr.rollout.weight_sync import WeightSyncConfig
 from megatron_lcr.train.token_logprobs import ScoringSpec
 
@@ -29,6 +29,13 @@ def teacher_dir(cfg) -> str:
     """The teacher's Hugging Face directory (config, tokenizer; weights unless ``load``)."""
     teacher = cfg.distill.teacher
     return teacher.hf_path or (str(Path(teacher.load) / HF_DIR) if teacher.load else "")
+
+
+def teacher_server_gpus(cfg, needs: Needs) -> list[int]:
+    """Node 0's GPUs the teacher servers rank 0 launches will use (empty: none launched, on CPU or by URL)."""
+    teacher = cfg.distill.teacher
+    launches = needs.teacher_rollouts or ((needs.teacher or needs.teacher_kl) and teacher.scorer == "engine")
+    return launched_gpus(teacher.engine.server, teacher.engine.urls) if launches else []
 
 
 def open_scorer(cfg, needs: Needs, spec: ScoringSpec, *, student, out_dir: Path, stack: contextlib.ExitStack):
