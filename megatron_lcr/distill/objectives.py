@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 from torch import Tensor
 
@@ -59,11 +60,14 @@ class OnPolicyDistillation:
     policy: PolicyGradient
     """Supplies the aggregation, the response-length divisor and, in 'reward' mode, the clipped loss."""
     cfg: OPDConfig
+    with_policy_loss: ClassVar[bool] = False
+    """Whether the task's policy-gradient loss is part of the objective (dGRPO)."""
 
     @property
     def needs(self) -> Needs:
-        full = self.cfg.estimator == "full"
-        return Needs(ref=self.policy.needs.ref, entropy=self.policy.needs.entropy, teacher=True,
+        full = self.cfg.estimator == "full"  # the exact KL needs the teacher's hidden states, not its log-probs
+        return Needs(old=self.cfg.mode == "reward" or self.with_policy_loss,
+                     ref=self.policy.needs.ref, entropy=self.policy.needs.entropy, teacher=not full,
                      teacher_kl="reverse" if full else None)
 
     def in_pg(self, rollout: Rollout) -> bool:
@@ -86,9 +90,7 @@ class OnPolicyDistillation:
     def loss(self, batch: TokenBatch, norms: DistillNorms) -> tuple[Tensor, dict[str, Tensor]]:
         every = batch.mask * (batch.role == int(Role.POLICY)).to(batch.mask.dtype)[:, None]
         kl = self.per_token_kl(batch)
-        metrics = {"opd/kl": _token_mean(kl, every, norms.all),
-                   "opd/k1": _token_mean(reverse_kl_sampled(batch.distill_logp, batch.teacher_logp, "k1"), every,
-                                         norms.all)}
+        metrics = {"opd/kl": _token_mean(kl, every, norms.all)}
         if self.cfg.mode == "reward":
             return self._reward_loss(batch, kl, every, norms, metrics)
         term = kl if self.cfg.estimator == "full" else reverse_kl_pg_loss(batch.distill_logp, batch.teacher_logp)
@@ -117,6 +119,8 @@ class DGRPO(OnPolicyDistillation):
     """dGRPO (objective ``dgrpo``): the policy loss of ``rl`` on the rollouts it trains on plus ``lam`` x OPD
     on every rollout."""
 
+    with_policy_loss: ClassVar[bool] = True
+
     def in_pg(self, rollout: Rollout) -> bool:
         return trains_on(rollout, mask_truncated=self.policy.mask_truncated)
 
@@ -134,7 +138,7 @@ class ForwardKLWarmup:
 
     @property
     def needs(self) -> Needs:
-        return Needs(teacher_rollouts=True, teacher_kl="forward" if self.cfg.estimator == "full" else None)
+        return Needs(old=False, teacher_rollouts=True, teacher_kl="forward" if self.cfg.estimator == "full" else None)
 
     def sequences(self, rollouts: Sequence[Rollout], long_prompt: LongPrompt) -> list[TokenSequence]:
         # The teacher sampled these: its log-probs are the engine's (at the rollout temperature); they

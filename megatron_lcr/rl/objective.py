@@ -28,6 +28,9 @@ LongPrompt = Callable[[Sample], list[int]]
 class Needs:
     """Per-token values an objective needs beyond the policy's log-probs."""
 
+    old: bool = True
+    """The sampling policy's log-probs (``TokenBatch.old_logp``): importance ratios, DePO's short-context
+    teacher; objectives that use neither spare the trainer that forward pass."""
     ref: bool = False
     """The reference policy's log-probs on the ``POLICY`` views (``TokenBatch.ref_logp``)."""
     entropy: bool = False

@@ -74,7 +74,7 @@ def test_opd_k1_loss_is_the_score_function_term_over_every_policy_row():
     want = LAM * ((logp - teacher) * logp * POLICY_ROWS).sum() / n
     assert loss.item() == pytest.approx(want.item(), rel=1e-12, abs=1e-15)
     torch.testing.assert_close(grad(loss, batch.logp), LAM * (logp - teacher) * POLICY_ROWS / n, rtol=1e-12, atol=1e-15)
-    assert metrics["opd/k1"].item() == pytest.approx((((logp - teacher) * POLICY_ROWS).sum() / n).item(), rel=1e-12)
+    assert metrics["opd/kl"].item() == pytest.approx((((logp - teacher) * POLICY_ROWS).sum() / n).item(), rel=1e-12)
     assert metrics["loss"].item() == pytest.approx(want.item(), rel=1e-12)
 
 
@@ -87,7 +87,8 @@ def test_opd_loss_and_gradient_vanish_when_the_teacher_is_the_student():
 def test_opd_full_is_the_token_mean_of_teacher_kl_and_its_gradient_flows_only_there():
     batch, norms = make_batch(2, teacher_kl=True), distill_norms()
     opd = OnPolicyDistillation(policy(), OPDConfig(lam=LAM, estimator="full"))
-    assert opd.needs == Needs(teacher=True, teacher_kl="reverse")
+    # The exact KL takes the teacher's hidden states, not its log-probs; the loss has no importance ratio.
+    assert opd.needs == Needs(old=False, teacher=False, teacher_kl="reverse")
     loss, metrics = opd.loss(batch, norms)
     n = norms.all.num_tokens
     want = LAM * (batch.teacher_kl.detach() * POLICY_ROWS).sum() / n
@@ -98,9 +99,12 @@ def test_opd_full_is_the_token_mean_of_teacher_kl_and_its_gradient_flows_only_th
 
 
 def test_opd_alone_needs_a_teacher_and_what_the_policy_loss_needs():
-    assert OnPolicyDistillation(policy(), OPDConfig()).needs == Needs(teacher=True)
+    assert OnPolicyDistillation(policy(), OPDConfig()).needs == Needs(old=False, teacher=True)
+    # As a reward it runs through the clipped loss (old log-probs); dGRPO always has the policy loss's ratio.
+    assert OnPolicyDistillation(policy(), OPDConfig(mode="reward")).needs == Needs(teacher=True)
+    assert DGRPO(policy(), OPDConfig()).needs == Needs(teacher=True)
     needs = OnPolicyDistillation(policy(kl_coef=0.1, entropy_coef=0.01), OPDConfig()).needs
-    assert needs == Needs(ref=True, entropy=True, teacher=True)
+    assert needs == Needs(old=False, ref=True, entropy=True, teacher=True)
 
 
 # --------------------------------------------------------------------------- OPD as a reward
@@ -193,7 +197,7 @@ def test_dgrpo_with_lam_zero_is_exactly_the_policy_loss():
 def test_fkl_sampled_is_teacher_minus_student_with_sfts_gradient():
     batch = make_batch(7)
     fkl = ForwardKLWarmup(policy(), FKLConfig())
-    assert fkl.needs == Needs(teacher_rollouts=True)
+    assert fkl.needs == Needs(old=False, teacher_rollouts=True)
     n = norm(PG_ROWS)
     loss, metrics = fkl.loss(batch, n)
     want = ((batch.teacher_logp - batch.logp.detach()) * PG_ROWS).sum() / n.num_tokens
@@ -205,7 +209,7 @@ def test_fkl_sampled_is_teacher_minus_student_with_sfts_gradient():
 def test_fkl_full_is_the_token_mean_of_teacher_kl():
     batch = make_batch(8, teacher_kl=True)
     fkl = ForwardKLWarmup(policy(), FKLConfig(estimator="full"))
-    assert fkl.needs == Needs(teacher_rollouts=True, teacher_kl="forward")
+    assert fkl.needs == Needs(old=False, teacher_rollouts=True, teacher_kl="forward")
     n = norm(PG_ROWS)
     loss, _ = fkl.loss(batch, n)
     assert loss.item() == pytest.approx(((batch.teacher_kl.detach() * PG_ROWS).sum() / n.num_tokens).item(), rel=1e-12)

@@ -59,8 +59,10 @@ def train_step(policy, rollouts: list[Rollout], objective: Objective, ctx: StepC
     """Score, then update ``policy`` on one step's ``rollouts``; returns the step's metrics."""
     timer = timer or StepTimer()
     sequences = objective.sequences(rollouts, ctx.long_prompt)
-    with timer.phase("logprob"):
-        metrics = score_old_logprobs(policy, sequences, ctx, ref=objective.needs.ref)
+    metrics = {}
+    if objective.needs.old or objective.needs.ref:
+        with timer.phase("logprob"):
+            metrics = score_old_logprobs(policy, sequences, ctx, ref=objective.needs.ref)
     if objective.needs.teacher:
         with timer.phase("teacher"):
             score_teacher(sequences, ctx.teacher)
@@ -134,7 +136,7 @@ def objective_loss_fn(objective: Objective, norms: Any, scale: float) -> Callabl
 
         tokens = TokenBatch(logp=outputs["logp"], mask=mask, role=moved(batch.role), rollout=moved(batch.rollout),
                             reward=moved(batch.reward), advantage=moved(batch.advantage), in_loss=moved(batch.in_loss),
-                            old_logp=moved(batch.old_logp), ref_logp=moved(batch.ref_logp, objective.needs.ref),
+                            old_logp=moved(batch.old_logp, objective.needs.old), ref_logp=moved(batch.ref_logp, objective.needs.ref),
                             teacher_logp=moved(batch.teacher_logp, objective.needs.teacher),
                             entropy=outputs.get("entropy"), pair_kl=outputs.get("pair_kl"),
                             teacher_kl=outputs.get("teacher_kl"), distill_logp=outputs.get("distill_logp", outputs["logp"]))
