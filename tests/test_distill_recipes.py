@@ -38,6 +38,7 @@ from megatron_lcr.parallel.placement import check_rollout_placement
 from megatron_lcr.pipeline.config import STAGES, PipelineConfig
 from megatron_lcr.pipeline.run import stage_overrides
 from megatron_lcr.train.rl.config import RLRunConfig
+from tests.test_recipes import readme_rows
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE_DIR = REPO / "examples" / "distill"
@@ -452,17 +453,8 @@ def test_pipeline_url_placeholders_become_url_lists(model_dirs, tmp_path):
 
 # --- README -----------------------------------------------------------------------------------------------
 
-def _readme_rows() -> dict[str, list[str]]:
-    rows = {}
-    for line in (RECIPE_DIR / "README.md").read_text().splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if cells and re.fullmatch(r"`[^`]+\.yaml`", cells[0]):
-            rows[cells[0].strip("`")] = cells
-    return rows
-
-
 def test_readme_table_matches_the_recipes(recipe):
-    cells = _readme_rows()[recipe.path.name]
+    cells = readme_rows(RECIPE_DIR / "README.md")[recipe.path.name]
     par, hw = recipe.cfg.parallel, recipe.hardware
     dp = recipe.world_size // (par.tensor_model_parallel_size * par.pipeline_model_parallel_size
                                * par.context_parallel_size)

@@ -205,9 +205,10 @@ def test_dims_are_what_the_checks_use():
         validate_layout(r.cfg.parallel, world_size=r.world_size, dims=r.dims, seq_length=r.cfg.trainer.token_budget)
 
 
-def _readme_rows() -> dict[str, list[str]]:
+def readme_rows(readme: Path = RECIPE_DIR / "README.md") -> dict[str, list[str]]:
+    """The cells of each table row of ``readme`` whose first cell names a recipe file, by that name."""
     rows = {}
-    for line in (RECIPE_DIR / "README.md").read_text().splitlines():
+    for line in readme.read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if cells and re.fullmatch(r"`[^`]+\.yaml`", cells[0]):
             rows[cells[0].strip("`")] = cells
@@ -215,7 +216,7 @@ def _readme_rows() -> dict[str, list[str]]:
 
 
 def test_readme_table_matches_the_recipes(recipe):
-    cells = _readme_rows()[recipe.path.name]
+    cells = readme_rows()[recipe.path.name]
     par = recipe.cfg.parallel
     dp = recipe.world_size // (par.tensor_model_parallel_size * par.pipeline_model_parallel_size
                                * par.context_parallel_size)

@@ -10,18 +10,11 @@ import pytest
 
 from megatron_lcr.config import load_config
 from megatron_lcr.train.rl.config import RLRunConfig
+from tests.train.rl.test_rl_config import refused  # noqa: F401 - the same one-line check on the same tiny config
 
 TINY = "examples/tiny/depo.yaml"  # student examples/tiny/base, rl.temperature 0.7
 BASE = "examples/tiny/base"
 TEACHER = f"distill.teacher.hf_path={BASE}"  # same tokenizer as the student
-
-
-def refused(overrides: list[str]) -> str:
-    with pytest.raises(ValueError) as err:
-        load_config(RLRunConfig, TINY, overrides)
-    message = str(err.value)
-    assert "\n" not in message
-    return message
 
 
 def test_a_teacher_is_required_and_a_usable_one_is_accepted():
