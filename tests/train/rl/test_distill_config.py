@@ -83,3 +83,18 @@ def test_the_warmup_accepts_running_teacher_servers():
 def test_the_forward_kl_warmup_refuses_penalties_it_would_ignore():
     for key in ("rl.loss.kl_coef=0.1", "rl.loss.entropy_coef=0.01"):
         assert "objective 'fkl' has no KL penalty or entropy bonus" in refused(["objective=fkl", TEACHER, key])
+
+
+def test_the_tiny_distillation_examples_resolve_with_the_shipped_teacher():
+    from megatron_lcr.pipeline.config import PipelineConfig
+    from megatron_lcr.pipeline.run import _validate
+
+    for name, objective in (("opd", "opd"), ("dgrpo", "dgrpo")):
+        cfg = load_config(RLRunConfig, f"examples/tiny/{name}.yaml", [])
+        assert (cfg.objective, cfg.distill.teacher.hf_path, cfg.distill.opd.estimator) == \
+            (objective, "examples/tiny/teacher", "full")
+        assert cfg.rl.context == "long" and cfg.distill_temperature == cfg.rl.temperature
+    pipeline = load_config(PipelineConfig, "examples/tiny/sparse_to_dense.yaml", [])
+    _validate(pipeline)  # every stage's lcr train config resolves, and the input models exist
+    assert (pipeline.student, pipeline.teacher) == ("examples/tiny/base", "examples/tiny/teacher")
+    assert pipeline.stages.student_rl.skip and not pipeline.stages.opd.skip
