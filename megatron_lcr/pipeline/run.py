@@ -48,7 +48,7 @@ def _check_model_dir(path: str, what: str) -> None:
         raise HFCheckpointError(f"{what} {path}: no Hugging Face weights there (a missing or unfinished stage output)")
 
 
-def _validate(cfg: PipelineConfig) -> None:
+def validate_pipeline(cfg: PipelineConfig) -> None:
     """Resolve every stage's ``lcr train`` config now, with the pipeline's input models in place of the stage
     outputs (same tokenizer): a bad key, a missing model or a teacher that cannot be used fails before any work."""
     _check_model_dir(cfg.student, "student")
@@ -83,7 +83,7 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path) -> dict:
     state_path = out_dir / STATE_NAME
     state = json.loads(state_path.read_text(encoding="utf-8")) if state_path.is_file() else {"stages": {}}
     done = state["stages"]
-    _validate(cfg)
+    validate_pipeline(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, out_dir / "config.yaml")
     models = {"teacher": cfg.teacher, "student": cfg.student}

@@ -87,7 +87,7 @@ def test_the_forward_kl_warmup_refuses_penalties_it_would_ignore():
 
 def test_the_tiny_distillation_examples_resolve_with_the_shipped_teacher():
     from megatron_lcr.pipeline.config import PipelineConfig
-    from megatron_lcr.pipeline.run import _validate
+    from megatron_lcr.pipeline.run import validate_pipeline
 
     for name, objective in (("opd", "opd"), ("dgrpo", "dgrpo")):
         cfg = load_config(RLRunConfig, f"examples/tiny/{name}.yaml", [])
@@ -95,6 +95,6 @@ def test_the_tiny_distillation_examples_resolve_with_the_shipped_teacher():
             (objective, "examples/tiny/teacher", "full")
         assert cfg.rl.context == "long" and cfg.distill_temperature == cfg.rl.temperature
     pipeline = load_config(PipelineConfig, "examples/tiny/sparse_to_dense.yaml", [])
-    _validate(pipeline)  # every stage's lcr train config resolves, and the input models exist
+    validate_pipeline(pipeline)  # every stage's lcr train config resolves, and the input models exist
     assert (pipeline.student, pipeline.teacher) == ("examples/tiny/base", "examples/tiny/teacher")
     assert pipeline.stages.student_rl.skip and not pipeline.stages.opd.skip
