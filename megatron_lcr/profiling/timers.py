@@ -1,7 +1,9 @@
 """Wall-clock seconds per phase of a training step, as ``time/<phase>_s`` metrics.
 
 Phases are host-side spans (generation, log-prob scoring, the update, the weight sync, ...); a phase
-entered twice in one step adds up. ``time/step_s`` is the step's whole span so far.
+entered twice in one step adds up. A phase entered inside another counts for itself only (the teacher's
+forward inside the update): the outer one is charged the rest, so phases never count a second twice.
+``time/step_s`` is the step's whole span so far.
 """
 
 from __future__ import annotations
@@ -17,14 +19,19 @@ class StepTimer:
     def __init__(self) -> None:
         self.started = time.perf_counter()
         self.seconds: dict[str, float] = {}
+        self._inner: list[float] = []  # per open phase: seconds spent in phases nested in it
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
+        self._inner.append(0.0)
         try:
             yield
         finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            span = time.perf_counter() - start
+            self.seconds[name] = self.seconds.get(name, 0.0) + span - self._inner.pop()
+            if self._inner:
+                self._inner[-1] += span
 
     def metrics(self) -> dict[str, float]:
         """``time/<phase>_s`` per phase and ``time/step_s``, the time since the step began."""

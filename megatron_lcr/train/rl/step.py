@@ -67,7 +67,7 @@ def train_step(policy, rollouts: list[Rollout], objective: Objective, ctx: StepC
         with timer.phase("teacher"):
             score_teacher(sequences, ctx.teacher)
     with timer.phase("train"):
-        metrics.update(update_on(policy, sequences, objective, ctx, num_rollouts=len(rollouts)))
+        metrics.update(update_on(policy, sequences, objective, ctx, num_rollouts=len(rollouts), timer=timer))
     return metrics
 
 
@@ -147,10 +147,11 @@ def objective_loss_fn(objective: Objective, norms: Any, scale: float) -> Callabl
 
 
 def update_on(policy, sequences: list[TokenSequence], objective: Objective, ctx: StepContext, *,
-              num_rollouts: int) -> dict[str, float]:
+              num_rollouts: int, timer: StepTimer | None = None) -> dict[str, float]:
     """``ctx.epochs`` passes of ``ctx.mini_batches`` guarded updates over the sequences in an update."""
     from megatron.core import parallel_state as ps
 
+    timer = timer or StepTimer()
     trained = [s for s in sequences if s.in_update]
     kl_kind = objective.needs.teacher_kl
     spec = replace(ctx.spec, pair_kl=objective.needs.pair_kl, teacher_kl=kl_kind,
@@ -164,7 +165,8 @@ def update_on(policy, sequences: list[TokenSequence], objective: Objective, ctx:
                                          pad_id=0, fixed_length=ctx.fixed_length,
                                          units=training_units(chosen, objective.needs.pair_kl), layout=ctx.layout)
             if kl_kind:  # the teacher's hidden states for exactly these rows, this update only
-                batches = ctx.teacher.attach_hidden(batches)
+                with timer.phase("teacher"):
+                    batches = ctx.teacher.attach_hidden(batches)
             loss_fn = objective_loss_fn(objective, objective.normalisers(chosen, len(part)),
                                         scale=gradient_scale(len(batches)))
             report = guarded_update(policy.chunks, ctx.optimizer, ctx.scheduler, batches, spec, loss_fn)
