@@ -1,6 +1,7 @@
-"""A teacher that scores the student's sequences: rollout servers (SGLang, vLLM, ``lcr serve``) serving
-the teacher model, asked for the log-prob of every response token (``max_new_tokens: 0``,
-``logprob_start_len: 0``).
+"""Teachers: the protocol the trainer uses (:class:`Teacher`, :class:`HiddenStateTeacher`) and the engine
+teacher, rollout servers (SGLang, vLLM, ``lcr serve``) serving the teacher model, asked for the log-prob
+of every response token (``max_new_tokens: 0``, ``logprob_start_len: 0``). The other provider, a frozen
+Megatron model inside the job, is ``distill.megatron_teacher``.
 
 Global rank 0 launches the servers (or attaches to ``urls``) and talks to them through a
 :class:`~megatron_lcr.rollout.client.RolloutClient`, as for rollouts; what they return is broadcast to
@@ -21,6 +22,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -28,6 +30,28 @@ from megatron_lcr.rl.sequences import TokenSequence
 from megatron_lcr.rollout.client import ClientConfig, RolloutClient, RolloutRequestError
 from megatron_lcr.rollout.sglang import SGLangLaunchConfig, cpu_reference_launch, launch_servers, stop_servers
 from megatron_lcr.rollout.weight_sync import EventLoopThread
+
+class Teacher(Protocol):
+    """What the trainer asks of any teacher."""
+
+    def score(self, sequences: list[TokenSequence]) -> list[list[float]]:
+        """The teacher's log-prob of every response token of each sequence (at the distillation
+        temperature), on every rank."""
+        ...
+
+
+class HiddenStateTeacher(Teacher, Protocol):
+    """A teacher in the job that hands over hidden states for the exact KL (``Needs.teacher_kl``)."""
+
+    @property
+    def output_weight(self) -> torch.Tensor | None:
+        """``[V/tp, H_teacher]``: this rank's output-weight shard (None off the last pipeline stage)."""
+        ...
+
+    def attach_hidden(self, batches: list) -> list:
+        """The student's packed micro-batches with ``teacher_hidden`` set on the last pipeline stage."""
+        ...
+
 
 # Files whose content defines a tokenizer (those present are compared).
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt")

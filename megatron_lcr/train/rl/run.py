@@ -110,13 +110,12 @@ def _count_bad(state: TrainerState, metrics: dict, step: int, limit: int) -> boo
 def run_rl(cfg: RLRunConfig, out_dir: str | Path) -> dict:
     """Train per ``cfg``; returns the results (also written to ``out_dir/results.json``)."""
     started, out_dir, trainer = time.time(), Path(out_dir), cfg.trainer
-    trainer_gpus = range(read_dist_env(os.environ).local_world_size)
+    objective, trainer_gpus = build_objective(cfg), range(read_dist_env(os.environ).local_world_size)
     check_rollout_placement(trainer_gpus=trainer_gpus, rollout_gpus=cfg.rollout.launched_gpus(),
                             sync_mode=cfg.rollout.sync.mode)
     check_teacher_placement(trainer_gpus=trainer_gpus, rollout_gpus=cfg.rollout.launched_gpus(),
-                            teacher_gpus=teacher_server_gpus(cfg, build_objective(cfg).needs))
+                            teacher_gpus=teacher_server_gpus(cfg, objective.needs))
     job = start_qa_job(cfg, out_dir, load=trainer.load, seed=trainer.seed, total_steps=trainer.steps)
-    policy, task, objective = job.policy, job.task, build_objective(cfg)
     stack = contextlib.ExitStack()  # teacher servers, rollout engines, the metrics log
     with stack:
         # before the resume: building the reference or teacher model draws random numbers

@@ -47,7 +47,8 @@ class StepContext:
     long_prompt: LongPrompt | None = None
     """A sample's long-context prompt (objectives with long-context views)."""
     teacher: Any = None
-    """The teacher (``distill.teacher.Teacher``), when the objective needs one."""
+    """The teacher (``distill.teacher.Teacher``; a ``HiddenStateTeacher`` for the exact KL), when the
+    objective needs one."""
     mini_batches: int = 1
     """Optimizer updates per pass over the rollouts."""
     epochs: int = 1
