@@ -182,7 +182,7 @@ def test_every_objective_trains_through_lcr_train(tmp_path, tiny_policy, section
     ("rl", {"algorithm": "gspo", "loss": {"name": "ppo"}},
      "rl.loss.name='ppo' conflicts with rl.algorithm='gspo' (its preset sets 'gspo')"),
     ("trainer", {"mini_batches": 3}, "trainer.mini_batches (3) must divide the rollout batch (8 = "),
-    ("objective", "dgrpo", "unknown objective 'dgrpo'; valid: 'rl', 'depo', 'depo-iw'"),
+    ("objective", "gkd", "unknown objective 'gkd'; valid: 'rl', 'depo', 'depo-iw', 'opd', 'dgrpo', 'fkl'"),
 ])
 def test_bad_config_fails_in_one_line_before_work(tmp_path, tiny_policy, section, value, message):
     out = tmp_path / "out"
