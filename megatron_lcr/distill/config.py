@@ -4,9 +4,11 @@ forward-KL warmup."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from megatron_lcr.distill.teacher import EngineTeacherConfig
+from megatron_lcr.models.megatron_checkpoint import HF_DIR
 
 OPD_MODES = ("loss", "reward")
 OPD_ESTIMATORS = ("k1", "k3", "full")
@@ -43,6 +45,11 @@ class TeacherConfig:
     @property
     def configured(self) -> bool:
         return bool(self.hf_path or self.load or self.engine.urls)
+
+    @property
+    def hf_dir(self) -> str:
+        """The teacher's Hugging Face directory (config, tokenizer; weights unless ``load``); empty if none."""
+        return self.hf_path or (str(Path(self.load) / HF_DIR) if self.load else "")
 
 
 @dataclass(kw_only=True)

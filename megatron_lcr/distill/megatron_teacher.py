@@ -43,7 +43,9 @@ class MegatronTeacher:
         if student_padded_vocab is not None and padded != student_padded_vocab:
             raise ValueError(f"teacher {model_cfg.hf_path or load}: padded vocabulary {padded} differs from the "
                              f"student's {student_padded_vocab}: the exact KL needs the same vocabulary shards")
-        self.spec = replace(spec, entropy=False, pair_kl=False, teacher_kl=None, teacher_weight=None)
+        # Only its log-probs at ``spec.temperature`` (the distillation temperature): no second pass.
+        self.spec = replace(spec, entropy=False, pair_kl=False, teacher_kl=None, teacher_weight=None,
+                            distill_temperature=None)
         self._pack = dict(token_budget=token_budget, layout=layout, fixed_length=fixed_length)
 
     @property

@@ -205,10 +205,9 @@ class RLRunConfig:
             raise ValueError(f"{name} needs a teacher: set distill.teacher.hf_path (or .load, or .engine.urls)")
         if teacher.load:
             read_meta(teacher.load)  # a missing or unfinished checkpoint fails here, naming it
-        teacher_dir = teacher.hf_path or (str(Path(teacher.load) / HF_DIR) if teacher.load else "")
         student_dir = self.model.hf_path or str(Path(self.trainer.load) / HF_DIR)
-        if teacher_dir:
-            check_same_tokenizer(teacher_dir, student_dir)
+        if teacher.hf_dir:
+            check_same_tokenizer(teacher.hf_dir, student_dir)
         distill_t = self.distill_temperature
         if distill_t != self.rl.temperature and not needs.teacher_kl:
             raise ValueError(f"distill.teacher.temperature ({distill_t:g}) differs from rl.temperature "

@@ -18,35 +18,37 @@ from pathlib import Path
 from megatron_lcr.distill.megatron_teacher import MegatronTeacher
 from megatron_lcr.distill.teacher import EngineTeacher
 from megatron_lcr.models.builder import ModelConfig
-from megatron_lcr.models.megatron_checkpoint import HF_DIR
 from megatron_lcr.rl.objective import Needs
 from megatron_lcr.rollout.engines import Engines, RolloutConfig, launched_gpus
+from megatron_lcr.rollout.sglang import SGLangLaunchConfig
 from megatron_lcr.rollout.weight_sync import WeightSyncConfig
 from megatron_lcr.train.token_logprobs import ScoringSpec
 
 
-def teacher_dir(cfg) -> str:
-    """The teacher's Hugging Face directory (config, tokenizer; weights unless ``load``)."""
+def _scores(needs: Needs) -> bool:
+    return needs.teacher or needs.teacher_kl is not None
+
+
+def _server(cfg) -> SGLangLaunchConfig:
+    """The teacher servers' launch config, serving the teacher's directory unless it names another."""
     teacher = cfg.distill.teacher
-    return teacher.hf_path or (str(Path(teacher.load) / HF_DIR) if teacher.load else "")
+    return dataclasses.replace(teacher.engine.server, model_path=teacher.engine.server.model_path or teacher.hf_dir)
 
 
 def teacher_server_gpus(cfg, needs: Needs) -> list[int]:
     """Node 0's GPUs the teacher servers rank 0 launches will use (empty: none launched, on CPU or by URL)."""
     teacher = cfg.distill.teacher
-    launches = needs.teacher_rollouts or ((needs.teacher or needs.teacher_kl) and teacher.scorer == "engine")
+    launches = needs.teacher_rollouts or (_scores(needs) and teacher.scorer == "engine")
     return launched_gpus(teacher.engine.server, teacher.engine.urls) if launches else []
 
 
 def open_scorer(cfg, needs: Needs, spec: ScoringSpec, *, student, out_dir: Path, stack: contextlib.ExitStack):
     """The teacher that scores the student's sequences (None if the objective needs none)."""
     teacher = cfg.distill.teacher
-    if not (needs.teacher or needs.teacher_kl):
+    if not _scores(needs):
         return None
     if teacher.scorer == "engine":
-        engine = teacher.engine
-        if not engine.urls and not engine.server.model_path:
-            engine = dataclasses.replace(engine, server=dataclasses.replace(engine.server, model_path=teacher_dir(cfg)))
+        engine = teacher.engine if teacher.engine.urls else dataclasses.replace(teacher.engine, server=_server(cfg))
         return stack.enter_context(EngineTeacher(engine, student_dir=str(student.hf_config_dir),
                                                  log_dir=str(out_dir / "teacher_logs")))
     model = ModelConfig(hf_path=teacher.hf_path, params_dtype=teacher.params_dtype or cfg.model.params_dtype,
@@ -61,11 +63,10 @@ def open_generator(cfg, needs: Needs, *, out_dir: Path, seed: int, stack: contex
     """Servers sampling from the teacher (None unless the objective's rollouts are the teacher's)."""
     if not needs.teacher_rollouts:
         return None
-    engine, path = cfg.distill.teacher.engine, teacher_dir(cfg)
-    rollout = RolloutConfig(server=dataclasses.replace(engine.server, model_path=engine.server.model_path or path),
-                            urls=list(engine.urls), max_concurrency=engine.max_concurrency,
+    engine = cfg.distill.teacher.engine
+    rollout = RolloutConfig(server=_server(cfg), urls=list(engine.urls), max_concurrency=engine.max_concurrency,
                             request_timeout_s=engine.request_timeout_s,
                             # never synced (a frozen teacher); 'disk' is the mode that needs no group with the servers
                             sync=WeightSyncConfig(mode="disk", disk_dir=str(out_dir / "teacher_logs")))
-    return stack.enter_context(Engines(rollout, model_path=rollout.server.model_path or path,
+    return stack.enter_context(Engines(rollout, model_path=rollout.server.model_path,
                                        log_dir=str(out_dir / "teacher_logs"), seed=seed))
