@@ -11,7 +11,7 @@ from megatron_lcr.distill.teacher import EngineTeacherConfig
 from megatron_lcr.models.megatron_checkpoint import HF_DIR
 
 OPD_MODES = ("loss", "reward")
-OPD_ESTIMATORS = ("k1", "k3", "full")
+OPD_ESTIMATORS = ("k1", "k3", "full", "topk")
 FKL_ESTIMATORS = ("sampled", "full")
 
 
@@ -62,11 +62,19 @@ class OPDConfig:
     """'loss': a direct loss (score-function ``sg(k1) * log pi_s``, or the exact KL with 'full'); 'reward':
     a dense per-token advantage ``A - lam * KL`` in the policy-gradient loss."""
     estimator: str = "k1"
-    """Per-token KL: 'k1' / 'k3' on the sampled token (any teacher), or 'full': exact over the vocabulary
-    from a Megatron teacher's hidden states (fused kernels). 'k3' only as a reward: its score-function
-    gradient is not the KL's."""
+    """Per-token KL: 'k1' / 'k3' on the sampled token (any teacher); 'full': exact over the vocabulary
+    from a Megatron teacher's hidden states (fused kernels); 'topk': exact over an engine teacher's
+    ``top_k`` most likely tokens plus one tail bucket for the rest (``distill.opd.topk_reverse_kl``).
+    'k3' only as a reward: its score-function gradient is not the KL's."""
+    top_k: int = 20
+    """With 'topk': how many of the teacher's most likely tokens per position the engine returns (count)."""
+    tail: bool = True
+    """With 'topk': add the bucket of every other token. Without it the sum runs over the teacher's top-k
+    only and the student can lower it by moving its mass outside that set (the known collapse)."""
 
     def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ValueError(f"distill.opd.top_k must be >= 1, got {self.top_k}")
         if self.lam < 0:
             raise ValueError(f"distill.opd.lam must be >= 0, got {self.lam}")
         if self.mode not in OPD_MODES:

@@ -28,7 +28,7 @@ from typing import ClassVar
 from torch import Tensor
 
 from megatron_lcr.distill.config import FKLConfig, OPDConfig
-from megatron_lcr.distill.opd import reverse_kl_pg_loss, reverse_kl_sampled
+from megatron_lcr.distill.opd import reverse_kl_pg_loss, reverse_kl_sampled, topk_reverse_kl
 from megatron_lcr.rl.losses import Normaliser, aggregate, policy_loss, upcast
 from megatron_lcr.rl.objective import LongPrompt, Needs, PolicyGradient, policy_view, role_normaliser, trains_on
 from megatron_lcr.rl.sequences import Role, Rollout, TokenBatch, TokenSequence
@@ -66,9 +66,10 @@ class OnPolicyDistillation:
     @property
     def needs(self) -> Needs:
         full = self.cfg.estimator == "full"  # the exact KL needs the teacher's hidden states, not its log-probs
+        topk = self.cfg.estimator == "topk"  # the set KL needs an engine's top-k, not the sampled token's log-prob
         return Needs(old=self.cfg.mode == "reward" or self.with_policy_loss,
-                     ref=self.policy.needs.ref, entropy=self.policy.needs.entropy, teacher=not full,
-                     teacher_kl="reverse" if full else None)
+                     ref=self.policy.needs.ref, entropy=self.policy.needs.entropy, teacher=not (full or topk),
+                     teacher_kl="reverse" if full else None, teacher_topk=self.cfg.top_k if topk else 0)
 
     def in_pg(self, rollout: Rollout) -> bool:
         """Whether the rollout's task advantage enters the loss (not for OPD alone)."""
@@ -85,15 +86,21 @@ class OnPolicyDistillation:
         """``[n, R]`` the chosen estimate of ``KL(student || teacher)`` at each sampled prefix."""
         if self.cfg.estimator == "full":
             return batch.teacher_kl
+        if self.cfg.estimator == "topk":
+            return topk_reverse_kl(batch.topk_logp, batch.teacher_topk_logp, tail=self.cfg.tail)
         return reverse_kl_sampled(batch.distill_logp, batch.teacher_logp, self.cfg.estimator)
 
     def loss(self, batch: TokenBatch, norms: DistillNorms) -> tuple[Tensor, dict[str, Tensor]]:
         every = batch.mask * (batch.role == int(Role.POLICY)).to(batch.mask.dtype)[:, None]
         kl = self.per_token_kl(batch)
         metrics = {"opd/kl": _token_mean(kl, every, norms.all)}
+        if self.cfg.estimator == "topk":  # how much of each model's mass the teacher's top-k set holds
+            metrics["opd/teacher_topk_mass"] = _token_mean(batch.teacher_topk_logp.exp().sum(-1), every, norms.all)
+            metrics["opd/student_topk_mass"] = _token_mean(batch.topk_logp.exp().sum(-1), every, norms.all)
         if self.cfg.mode == "reward":
             return self._reward_loss(batch, kl, every, norms, metrics)
-        term = kl if self.cfg.estimator == "full" else reverse_kl_pg_loss(batch.distill_logp, batch.teacher_logp)
+        exact = self.cfg.estimator in ("full", "topk")  # differentiable as they stand: the KL is the loss
+        term = kl if exact else reverse_kl_pg_loss(batch.distill_logp, batch.teacher_logp)
         opd = self.cfg.lam * aggregate(term, every, self.policy.loss_cfg.aggregation, norms.all)
         loss, pg_metrics = self._pg_loss(batch, norms)
         loss = opd if loss is None else loss + opd

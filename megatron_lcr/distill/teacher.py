@@ -40,6 +40,14 @@ class Teacher(Protocol):
         ...
 
 
+class TopKTeacher(Teacher, Protocol):
+    """A teacher that also names its k most likely tokens at each position (an engine: ``Needs.teacher_topk``)."""
+
+    def score_topk(self, sequences: list[TokenSequence], k: int) -> list[tuple[list[float], list[list[int]], list[list[float]]]]:
+        """Per sequence ``(response log-probs, [R][k] top ids, [R][k] their log-probs)``, on every rank."""
+        ...
+
+
 class HiddenStateTeacher(Teacher, Protocol):
     """A teacher in the job that hands over hidden states for the exact KL (``Needs.teacher_kl``)."""
 
@@ -98,6 +106,15 @@ def check_same_tokenizer(teacher_dir: str | Path, student_dir: str | Path) -> No
                          f"({', '.join(differ or sorted(t_files.keys() ^ s_files.keys()))}): distillation needs one")
 
 
+def _response_scores(result, prompt_len: int, k: int) -> tuple:
+    """``(log-probs, top-k ids, top-k log-probs)`` of the response positions of one scored sequence."""
+    logp = result.input_logprobs[prompt_len:]
+    if not k:
+        return logp, None, None
+    rows = result.input_top_logprobs[prompt_len:]
+    return logp, [[i for i, _ in row] for row in rows], [[v for _, v in row] for row in rows]
+
+
 class EngineTeacher:
     """Teacher log-probs from rollout servers. Use as a context manager on every rank."""
 
@@ -135,11 +152,19 @@ class EngineTeacher:
 
     def score(self, sequences: list[TokenSequence]) -> list[list[float]]:
         """The teacher's log-prob of every response token of each sequence, on every rank."""
+        return [logp for logp, _, _ in self._scored(sequences, 0)]
+
+    def score_topk(self, sequences: list[TokenSequence], k: int) -> list[tuple[list[float], list[list[int]], list[list[float]]]]:
+        """Per sequence ``(log-probs of its response tokens, [R][k] the teacher's k most likely ids at each
+        response position, [R][k] their log-probs)``, on every rank."""
+        return self._scored(sequences, k)
+
+    def _scored(self, sequences: list[TokenSequence], k: int) -> list[tuple]:
         box: list = [None]
         if self.is_source:
             try:
-                results = self._loop.run(self.client.score([s.prompt + s.response for s in sequences]))
-                box[0] = ("done", [r.input_logprobs[len(s.prompt):] for r, s in zip(results, sequences)])
+                results = self._loop.run(self.client.score([s.prompt + s.response for s in sequences], top_k=k))
+                box[0] = ("done", [_response_scores(r, len(s.prompt), k) for r, s in zip(results, sequences)])
             except Exception as exc:  # noqa: BLE001 - every rank raises it, not only rank 0
                 box[0] = ("error", f"teacher: {type(exc).__name__}: {exc}")
         torch.distributed.broadcast_object_list(box, src=0)

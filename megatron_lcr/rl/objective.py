@@ -46,10 +46,13 @@ class Needs:
     states and output weight inside the fused kernels."""
     teacher_rollouts: bool = False
     """The step's rollouts are sampled from the teacher, not from the policy (forward-KL warmup)."""
+    teacher_topk: int = 0
+    """k > 0: an engine teacher's k most likely tokens and their log-probs at every response position, and
+    the policy's log-probs of those tokens (``TokenBatch.teacher_topk_logp`` / ``topk_logp``)."""
 
     @property
     def any_teacher(self) -> bool:
-        return self.teacher or self.teacher_kl is not None or self.teacher_rollouts
+        return self.teacher or self.teacher_kl is not None or self.teacher_rollouts or self.teacher_topk > 0
 
 
 class Objective(Protocol):

@@ -81,6 +81,10 @@ class TokenSequence:
     """The reference policy's log-probs on this view (a KL penalty's)."""
     teacher_logp: list[float] | None = None
     """A teacher's log-probs of the response on this view (distillation; ``Needs.teacher``)."""
+    teacher_topk_ids: list[list[int]] | None = None
+    """Per response token, the teacher's k most likely token ids at that position (``Needs.teacher_topk``)."""
+    teacher_topk_logp: list[list[float]] | None = None
+    """Their log-probs under the teacher, in the same order."""
 
     def __len__(self) -> int:
         return len(self.prompt) + len(self.response)
@@ -122,6 +126,10 @@ class TokenBatch:
     teacher_kl: Tensor | None = None
     """``[n, R]`` exact per-position KL between the policy and a Megatron teacher over the vocabulary
     (``Needs.teacher_kl`` names the direction; with grad on the policy's side), when asked for."""
+    teacher_topk_logp: Tensor | None = None
+    """``[n, R, k]`` the teacher's log-probs of its k most likely tokens at each position (``Needs.teacher_topk``)."""
+    topk_logp: Tensor | None = None
+    """``[n, R, k]`` the policy's log-probs of those tokens at the distillation temperature (with grad)."""
 
     def __post_init__(self) -> None:
         if self.distill_logp is None:

@@ -284,16 +284,17 @@ class RolloutClient:
 
         return await self._run_all([job(s) for s in specs])
 
-    async def score(self, sequences: Sequence[Sequence[int]]) -> list[ScoreResult]:
-        """Log-prob of every token of every sequence given the tokens before it (teacher scoring)."""
+    async def score(self, sequences: Sequence[Sequence[int]], *, top_k: int = 0) -> list[ScoreResult]:
+        """Log-prob of every token of every sequence given the tokens before it (teacher scoring), and with
+        ``top_k`` the engine's ``top_k`` most likely tokens at each position."""
         for i, seq in enumerate(sequences):
             if not seq:
                 raise ValueError(f"sequence {i} is empty")
         batch = self._rng.getrandbits(48)
 
         def job(i: int, seq: Sequence[int]) -> Awaitable[ScoreResult]:
-            return self._dispatch(f"score-{batch:012x}-{i}", lambda api, rid: api.score_call(seq, rid),
-                                  lambda api, body, rid, url: api.parse_score(body, seq, rid, url))
+            return self._dispatch(f"score-{batch:012x}-{i}", lambda api, rid: api.score_call(seq, rid, top_k),
+                                  lambda api, body, rid, url: api.parse_score(body, seq, rid, url, top_k))
 
         return await self._run_all([job(i, seq) for i, seq in enumerate(sequences)])
 

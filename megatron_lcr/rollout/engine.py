@@ -193,6 +193,9 @@ class ScoreResult:
     """Weights that scored it."""
     engine_url: str
     """Engine that scored it."""
+    input_top_logprobs: list[list[tuple[int, float]] | None] | None = None
+    """With ``top_k``: the engine's ``top_k`` most likely ``(token id, log-prob)`` at every position, most
+    likely first ([len(sequence)]; the first is None); None when not asked for."""
 
 
 @runtime_checkable
@@ -202,8 +205,9 @@ class RolloutEngine(Protocol):
     async def generate(self, requests: Sequence[GenerateRequest]) -> list[Completion]:
         """One Completion per sample, ordered by (prompt index, sample index)."""
 
-    async def score(self, sequences: Sequence[Sequence[int]]) -> list[ScoreResult]:
-        """Per-token log-probs of each whole sequence, in order."""
+    async def score(self, sequences: Sequence[Sequence[int]], *, top_k: int = 0) -> list[ScoreResult]:
+        """Per-token log-probs of each whole sequence, in order (and the ``top_k`` most likely tokens at
+        each position when ``top_k > 0``)."""
 
     async def init_weights_update_group(self, *, master_address: str, master_port: int, world_size: int,
                                         group_name: str, backend: str, ranks_per_engine: int = 1) -> None:

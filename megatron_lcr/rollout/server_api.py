@@ -105,8 +105,8 @@ class ServerAPI(Protocol):
 
     def generate_call(self, spec: SampleSpec, rid: str) -> Call: ...
     def parse_generate(self, body: Any, spec: SampleSpec, rid: str, url: str) -> Completion: ...
-    def score_call(self, sequence: Sequence[int], rid: str) -> Call: ...
-    def parse_score(self, body: Any, sequence: Sequence[int], rid: str, url: str) -> ScoreResult: ...
+    def score_call(self, sequence: Sequence[int], rid: str, top_k: int = 0) -> Call: ...
+    def parse_score(self, body: Any, sequence: Sequence[int], rid: str, url: str, top_k: int = 0) -> ScoreResult: ...
     def abort_call(self, rid: str | None) -> Call | None: ...
     def model_info_call(self) -> Call: ...
     def parse_model_info(self, body: Any) -> ModelInfo: ...
@@ -187,8 +187,9 @@ def parse_generate_response(body: Any, spec: SampleSpec, rid: str, url: str) -> 
     )
 
 
-def parse_score_response(body: Any, sequence: Sequence[int], rid: str, url: str) -> ScoreResult:
-    """:class:`ScoreResult` from a scoring answer: ``meta_info.input_token_logprobs`` for every token."""
+def parse_score_response(body: Any, sequence: Sequence[int], rid: str, url: str, top_k: int = 0) -> ScoreResult:
+    """:class:`ScoreResult` from a scoring answer: ``meta_info.input_token_logprobs`` for every token (and
+    ``input_top_logprobs``, ``[logprob, token id, text]`` x ``top_k`` per position, with ``top_k``)."""
     meta = _meta(body, rid)
     items = meta.get("input_token_logprobs")
     if not isinstance(items, list) or len(items) != len(sequence):
@@ -203,7 +204,23 @@ def parse_score_response(body: Any, sequence: Sequence[int], rid: str, url: str)
     logprobs = [None if item[0] is None else float(item[0]) for item in items]
     if any(lp is None for lp in logprobs[1:]):
         raise ValueError(f"request {rid}: input_token_logprobs has a null log-prob after the first token")
-    return ScoreResult(input_logprobs=logprobs, weight_version=meta.get("weight_version"), engine_url=url)
+    top = _top_rows(meta.get("input_top_logprobs"), len(sequence), top_k, rid) if top_k else None
+    return ScoreResult(input_logprobs=logprobs, weight_version=meta.get("weight_version"), engine_url=url,
+                       input_top_logprobs=top)
+
+
+def _top_rows(rows: Any, length: int, top_k: int, rid: str) -> list[list[tuple[int, float]] | None]:
+    """SGLang's ``input_top_logprobs`` (None, then per position ``top_k`` entries ``[logprob, id, text]``)
+    as ``(id, logprob)`` lists, most likely first."""
+    if not isinstance(rows, list) or len(rows) != length:
+        got = len(rows) if isinstance(rows, list) else rows
+        raise ValueError(f"request {rid}: asked for top-{top_k} log-probs of {length} tokens, got {got} entries")
+    out: list[list[tuple[int, float]] | None] = [None]
+    for pos, row in enumerate(rows[1:], start=1):
+        if not isinstance(row, list) or len(row) != top_k or any(item[0] is None for item in row):
+            raise ValueError(f"request {rid}: input_top_logprobs[{pos}] is not {top_k} entries: {str(row)[:200]}")
+        out.append(sorted(((int(item[1]), float(item[0])) for item in row), key=lambda e: -e[1]))
+    return out
 
 
 def _optional(payload: dict, **fields: Any) -> dict:
@@ -261,14 +278,14 @@ class SGLangAPI:
     def parse_generate(self, body: Any, spec: SampleSpec, rid: str, url: str) -> Completion:
         return parse_generate_response(body, spec, rid, url)
 
-    def score_call(self, sequence: Sequence[int], rid: str) -> Call:
+    def score_call(self, sequence: Sequence[int], rid: str, top_k: int = 0) -> Call:
         # Temperature 1: the log-probs of the unscaled distribution; max_new_tokens 0 scores only.
-        return Call("POST", "/generate", {"input_ids": list(sequence),
-                                          "sampling_params": {"max_new_tokens": 0, "temperature": 1.0},
-                                          "return_logprob": True, "logprob_start_len": 0, "rid": rid})
+        body = {"input_ids": list(sequence), "sampling_params": {"max_new_tokens": 0, "temperature": 1.0},
+                "return_logprob": True, "logprob_start_len": 0, "rid": rid}
+        return Call("POST", "/generate", {**body, "top_logprobs_num": top_k} if top_k else body)
 
-    def parse_score(self, body: Any, sequence: Sequence[int], rid: str, url: str) -> ScoreResult:
-        return parse_score_response(body, sequence, rid, url)
+    def parse_score(self, body: Any, sequence: Sequence[int], rid: str, url: str, top_k: int = 0) -> ScoreResult:
+        return parse_score_response(body, sequence, rid, url, top_k)
 
     def abort_call(self, rid: str | None) -> Call:
         return Call("POST", "/abort_request", {"abort_all": True} if rid is None else {"rid": rid})

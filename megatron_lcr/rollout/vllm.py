@@ -122,9 +122,10 @@ def completion_request(spec: SampleSpec, rid: str) -> dict:
     return body
 
 
-def score_request(sequence: Sequence[int], rid: str) -> dict:
-    """The ``/v1/completions`` body that scores ``sequence``: every prompt token's log-prob at temperature 1."""
-    return {"prompt": list(sequence), "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0,
+def score_request(sequence: Sequence[int], rid: str, top_k: int = 0) -> dict:
+    """The ``/v1/completions`` body that scores ``sequence``: every prompt token's log-prob at temperature 1
+    (and the ``top_k`` most likely tokens at each position)."""
+    return {"prompt": list(sequence), "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": top_k,
             "return_token_ids": True, "request_id": rid}
 
 
@@ -181,8 +182,9 @@ def completion_from_answer(body: Any, spec: SampleSpec, rid: str, url: str) -> C
     )
 
 
-def score_from_answer(body: Any, sequence: Sequence[int], rid: str, url: str) -> ScoreResult:
-    """:class:`ScoreResult` from ``choices[0].prompt_logprobs``: ``[null, {"<token id>": {"logprob": x}}, ...]``."""
+def score_from_answer(body: Any, sequence: Sequence[int], rid: str, url: str, top_k: int = 0) -> ScoreResult:
+    """:class:`ScoreResult` from ``choices[0].prompt_logprobs``: ``[null, {"<token id>": {"logprob": x, "rank":
+    r}}, ...]``; each position holds the sequence's token and, with ``top_k``, the ranks 1..top_k."""
     items = _choice(body, rid, url).get("prompt_logprobs")
     if not isinstance(items, list) or len(items) != len(sequence):
         got = len(items) if isinstance(items, list) else items
@@ -194,7 +196,19 @@ def score_from_answer(body: Any, sequence: Sequence[int], rid: str, url: str) ->
             raise ValueError(f"request {rid}: prompt_logprobs[{i}] has no log-prob for token {sequence[i]}: "
                              f"{str(items[i])[:200]}")
         logprobs.append(float(entry["logprob"]))
-    return ScoreResult(input_logprobs=logprobs, weight_version=None, engine_url=url)
+    top = [None] + [_top_entries(items[i], top_k, rid, i) for i in range(1, len(sequence))] if top_k else None
+    return ScoreResult(input_logprobs=logprobs, weight_version=None, engine_url=url, input_top_logprobs=top)
+
+
+def _top_entries(entries: dict, top_k: int, rid: str, pos: int) -> list[tuple[int, float]]:
+    """The ranks 1..top_k of one ``prompt_logprobs`` position as ``(id, logprob)``, most likely first (the
+    sequence's own token is in the dict at its rank, which may be higher)."""
+    ranked = sorted((int(e["rank"]), int(tok), float(e["logprob"])) for tok, e in entries.items()
+                    if isinstance(e, dict) and e.get("rank") is not None and int(e["rank"]) <= top_k)
+    if len(ranked) != top_k:
+        raise ValueError(f"request {rid}: prompt_logprobs[{pos}] has {len(ranked)} entries of rank <= {top_k}: "
+                         f"{str(entries)[:200]}")
+    return [(tok, lp) for _, tok, lp in ranked]
 
 
 def model_info_from_results(body: Any) -> ModelInfo:
@@ -270,11 +284,11 @@ class VLLMServerAPI:
     def parse_generate(self, body: Any, spec: SampleSpec, rid: str, url: str) -> Completion:
         return completion_from_answer(body, spec, rid, url)
 
-    def score_call(self, sequence: Sequence[int], rid: str) -> Call:
-        return Call("POST", "/v1/completions", score_request(sequence, rid))
+    def score_call(self, sequence: Sequence[int], rid: str, top_k: int = 0) -> Call:
+        return Call("POST", "/v1/completions", score_request(sequence, rid, top_k))
 
-    def parse_score(self, body: Any, sequence: Sequence[int], rid: str, url: str) -> ScoreResult:
-        return score_from_answer(body, sequence, rid, url)
+    def parse_score(self, body: Any, sequence: Sequence[int], rid: str, url: str, top_k: int = 0) -> ScoreResult:
+        return score_from_answer(body, sequence, rid, url, top_k)
 
     def abort_call(self, rid: str | None) -> Call:
         return Call("POST", "/abort_requests", abort_request(rid))

@@ -63,6 +63,11 @@ class PackedBatch:
     teacher_hidden: torch.Tensor | None = None
     """``[n, R, H_teacher]`` a Megatron teacher's final hidden states at the positions predicting each
     response token (last pipeline stage only; attached per update by ``distill.teacher``)."""
+    teacher_topk_ids: torch.Tensor | None = None
+    """``[n, R, k]`` int64 an engine teacher's k most likely token ids at each response position (0 where
+    masked); None if no sequence has them."""
+    teacher_topk_logp: torch.Tensor | None = None
+    """``[n, R, k]`` float32 their teacher log-probs (0 where masked)."""
 
     def attention_inputs(self, device: torch.device, *, thd: bool):
         """``(attention_mask, packed_seq_params)`` for Megatron's GPTModel.forward.
@@ -164,7 +169,9 @@ def pack_micro_batch(sequences: Sequence[TokenSequence], ids: Sequence[int], *, 
                        in_loss=per_sequence([float(s.in_loss) for s in chosen]),
                        old_logp=_rows([s.old_logp for s in chosen], longest),
                        ref_logp=_rows([s.ref_logp for s in chosen], longest),
-                       teacher_logp=_rows([s.teacher_logp for s in chosen], longest))
+                       teacher_logp=_rows([s.teacher_logp for s in chosen], longest),
+                       teacher_topk_ids=_topk_rows([s.teacher_topk_ids for s in chosen], longest, torch.int64),
+                       teacher_topk_logp=_topk_rows([s.teacher_topk_logp for s in chosen], longest, torch.float32))
 
 
 def _rows(lists: list[list[float] | None], width: int) -> torch.Tensor | None:
@@ -175,6 +182,18 @@ def _rows(lists: list[list[float] | None], width: int) -> torch.Tensor | None:
     for k, row in enumerate(lists):
         if row:
             out[k, :len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out
+
+
+def _topk_rows(lists: list[list[list] | None], width: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """``[n, width, k]`` rows of per-token top-k lists (0 beyond each list and for None); None if all are None."""
+    present = [rows for rows in lists if rows]
+    if not present:
+        return None
+    out = torch.zeros(len(lists), width, len(present[0][0]), dtype=dtype)
+    for k, rows in enumerate(lists):
+        if rows:
+            out[k, :len(rows)] = torch.tensor(rows, dtype=dtype)
     return out
 
 

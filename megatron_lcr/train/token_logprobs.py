@@ -32,6 +32,7 @@ import torch
 from megatron_lcr.data.packing import cu_seqlens
 from megatron_lcr.kernels import (IGNORE_INDEX, KernelConfig, kl_divergence, kl_divergence_from_logits, logprob_entropy,
                                   logprob_entropy_from_logits, output_layer_returns_hidden, output_weight)
+from megatron_lcr.kernels.topk import token_logits, token_logits_from_logits
 from megatron_lcr.parallel.context import (all_gather_cp_for_loss, zigzag_indices_packed, zigzag_merge_packed,
                                            zigzag_split_packed)
 from megatron_lcr.rl.sequences import Role, TokenSequence
@@ -70,7 +71,10 @@ class ScoringSpec:
     """``[V/tp, H_teacher]`` the teacher's output weight (with ``teacher_kl``; same vocabulary shards)."""
     distill_temperature: float | None = None
     """Temperature of the distillation terms when it differs from ``temperature``: ``distill_logp`` (a
-    second pass over the vocabulary) and ``teacher_kl`` are taken at it; None: at ``temperature``."""
+    second pass over the vocabulary), ``teacher_kl`` and ``topk_logp`` are taken at it; None: at ``temperature``."""
+    teacher_topk: bool = False
+    """Also ``topk_logp``: the policy's log-probs of the token ids each micro-batch carries as
+    ``PackedBatch.teacher_topk_ids`` (an engine teacher's top-k), ``[n, R, k]``."""
 
     @property
     def kl_temperature(self) -> float:
@@ -138,9 +142,13 @@ def response_outputs(head: Head, batch: PackedBatch, spec: ScoringSpec) -> dict[
         out["entropy"] = entropy.view(shape) * mask
     if spec.pair_kl:
         out["pair_kl"] = _pair_kl(head, picked.view(*shape, -1), mask, batch, spec, shard)
+    distill = logp
     if spec.distill_temperature is not None:
         distill, _ = head.logp_entropy(picked, labels, temperature=spec.distill_temperature, **shard)
         out["distill_logp"] = distill.view(shape) * mask
+    if spec.teacher_topk and batch.teacher_topk_ids is not None:
+        topk = _topk_logp(head, picked, labels, distill, batch.teacher_topk_ids.to(device), spec, shard)
+        out["topk_logp"] = topk * mask[..., None]
     if spec.hidden_rows:
         out["hidden"] = picked.view(*shape, -1)
     if spec.teacher_kl and batch.teacher_hidden is not None:
@@ -165,9 +173,10 @@ def cp_response_outputs(head: Head, batch: PackedBatch, spec: ScoringSpec, *, gr
     rank then computes the same loss; each back-propagates its own tokens) and laid out as ``[n, R]``.
     ``pair_kl`` needs two rows' full distributions at once, which sit on different CP ranks: refused.
     """
-    if spec.pair_kl or spec.teacher_kl or spec.hidden_rows or spec.distill_temperature is not None:
-        raise ValueError("an exact KL over the vocabulary (depo.kd_estimator='full', a Megatron teacher's KL) or a "
-                         "second distillation temperature is not available with context parallelism (cp > 1)")
+    if spec.pair_kl or spec.teacher_kl or spec.hidden_rows or spec.distill_temperature is not None or spec.teacher_topk:
+        raise ValueError("an exact KL over the vocabulary (depo.kd_estimator='full', a Megatron teacher's KL), an "
+                         "engine teacher's top-k KL or a second distillation temperature is not available with "
+                         "context parallelism (cp > 1)")
     cp, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
     device = head.output.device
     offsets = cu_seqlens(batch.lengths)
@@ -206,6 +215,21 @@ def _pair_kl(head: Head, picked: torch.Tensor, mask: torch.Tensor, batch: Packed
     kl = head.forward_kl(picked[s_rows].reshape(-1, width), picked[t_rows].reshape(-1, width),
                          temperature=spec.temperature, mask=mask[s_rows].reshape(-1) > 0, **shard)
     return out.index_put((s_rows,), kl.view(len(students), -1) * mask[s_rows])
+
+
+def _topk_logp(head: Head, picked: torch.Tensor, labels: torch.Tensor, label_logp: torch.Tensor, ids: torch.Tensor,
+               spec: ScoringSpec, shard: dict) -> torch.Tensor:
+    """``[n, R, k]`` the policy's log-probs of ``ids`` ``[n, R, k]`` at the distillation temperature: their
+    logits minus the position's log-sum-exp, which is the label's logit minus its log-prob ``label_logp``
+    (the fused op's, so the log-sum-exp's gradient comes from it: no ``[tokens, V]`` tensor either way)."""
+    n, width, k = ids.shape
+    wanted = torch.cat([ids.reshape(n * width, k), labels.clamp_min(0)[:, None]], dim=1)
+    where = {"temperature": spec.kl_temperature, "vocab_start": shard["vocab_start"],
+             "valid_vocab_end": shard["valid_vocab_end"], "tp_group": shard["tp_group"]}
+    logits = (token_logits_from_logits(picked, wanted, **where) if head.weight is None
+              else token_logits(picked, head.weight, wanted, **where))
+    log_z = logits[:, -1] - label_logp
+    return (logits[:, :-1] - log_z[:, None]).view(n, width, k)
 
 
 def _teacher_kl(head: Head, picked: torch.Tensor, mask: torch.Tensor, teacher_hidden: torch.Tensor,

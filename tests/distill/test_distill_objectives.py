@@ -3,6 +3,8 @@ float64 references computed here (not through the objectives' own helpers)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -105,6 +107,51 @@ def test_opd_alone_needs_a_teacher_and_what_the_policy_loss_needs():
     assert DGRPO(policy(), OPDConfig()).needs == Needs(teacher=True)
     needs = OnPolicyDistillation(policy(kl_coef=0.1, entropy_coef=0.01), OPDConfig()).needs
     assert needs == Needs(old=False, ref=True, entropy=True, teacher=True)
+
+
+def topk_batch(seed: int, k: int = 3, *, same_teacher: bool = False) -> TokenBatch:
+    """A batch whose ``topk_logp`` / ``teacher_topk_logp`` are k of k + 2 outcomes of random distributions."""
+    g = torch.Generator().manual_seed(seed)
+
+    def top(shape):
+        return torch.log_softmax(torch.randn(*shape, k + 2, generator=g, dtype=torch.float64) * 2, dim=-1)[..., :k]
+
+    student = top((4, 4)).requires_grad_()
+    teacher = student.detach().clone() if same_teacher else top((4, 4))
+    return replace(make_batch(seed), topk_logp=student, teacher_topk_logp=teacher)
+
+
+def topk_kl_by_hand(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position the KL over the top-k outcomes plus the tail bucket, and its derivative with respect
+    to each student log-prob: ``s_i * ((log s_i - log t_i) - (log s_tail - log t_tail))``."""
+    kl, d = torch.zeros(student.shape[:2], dtype=torch.float64), torch.zeros_like(student)
+    for b in range(student.shape[0]):
+        for t in range(student.shape[1]):
+            s, q = student[b, t].exp(), teacher[b, t].exp()
+            s_tail, q_tail = 1 - s.sum(), 1 - q.sum()
+            kl[b, t] = (s * (s.log() - q.log())).sum() + s_tail * (s_tail.log() - q_tail.log())
+            d[b, t] = s * ((s.log() - q.log()) - (s_tail.log() - q_tail.log()))
+    return kl, d
+
+
+def test_opd_topk_is_the_token_mean_of_the_set_kl_with_its_exact_gradient():
+    batch, norms = topk_batch(3), distill_norms()
+    opd = OnPolicyDistillation(policy(), OPDConfig(lam=LAM, estimator="topk", top_k=3))
+    assert opd.needs == Needs(old=False, teacher=False, teacher_topk=3)
+    loss, metrics = opd.loss(batch, norms)
+    kl, d = topk_kl_by_hand(batch.topk_logp.detach(), batch.teacher_topk_logp)
+    n = norms.all.num_tokens
+    assert loss.item() == pytest.approx(LAM * (kl * POLICY_ROWS).sum().item() / n, rel=1e-12)
+    torch.testing.assert_close(grad(loss, batch.topk_logp), LAM * d * POLICY_ROWS[..., None] / n, rtol=1e-10, atol=1e-15)
+    assert grad(loss, batch.logp).abs().max().item() == 0.0  # nothing through the sampled token
+    mass = (batch.teacher_topk_logp.exp().sum(-1) * POLICY_ROWS).sum() / n
+    assert metrics["opd/teacher_topk_mass"].item() == pytest.approx(mass.item(), rel=1e-12)
+
+
+def test_opd_topk_loss_and_gradient_vanish_when_the_teacher_is_the_student():
+    batch = topk_batch(4, same_teacher=True)
+    loss, _ = OnPolicyDistillation(policy(), OPDConfig(lam=LAM, estimator="topk", top_k=3)).loss(batch, distill_norms())
+    assert abs(loss.item()) < 1e-15 and grad(loss, batch.topk_logp).abs().max().item() < 1e-15
 
 
 # --------------------------------------------------------------------------- OPD as a reward
@@ -270,7 +317,8 @@ def test_fkl_views_carry_the_teachers_sampled_log_probs_not_the_engines():
 @pytest.mark.parametrize("make, match", [
     (lambda: OPDConfig(lam=-0.1), "distill.opd.lam must be >= 0, got -0.1"),
     (lambda: OPDConfig(mode="dense"), "distill.opd.mode must be one of loss, reward, got 'dense'"),
-    (lambda: OPDConfig(estimator="k2"), "distill.opd.estimator must be one of k1, k3, full, got 'k2'"),
+    (lambda: OPDConfig(estimator="k2"), "distill.opd.estimator must be one of k1, k3, full, topk, got 'k2'"),
+    (lambda: OPDConfig(estimator="topk", top_k=0), "distill.opd.top_k must be >= 1, got 0"),
     (lambda: OPDConfig(mode="loss", estimator="k3"), "distill.opd.estimator='k3' needs mode='reward'"),
     (lambda: FKLConfig(estimator="k1"), "distill.fkl.estimator must be one of sampled, full, got 'k1'"),
     (lambda: TeacherConfig(temperature=0.0), "distill.teacher.temperature must be > 0, got 0"),

@@ -1,5 +1,6 @@
 """distill/teacher.py: an engine teacher (a real ``lcr serve`` with the teacher model) scores the
-student's sequences exactly as the teacher model does (Hugging Face fp32, <= 1e-4); a teacher with
+student's sequences exactly as the teacher model does (Hugging Face fp32, <= 1e-4), its top-k tokens
+included; a teacher with
 another vocabulary or tokenizer, an unreachable teacher and a temperature other than 1 are refused in
 one line before any work."""
 
@@ -36,6 +37,17 @@ def hf_response_logprobs(model_dir, seq: TokenSequence) -> list[float]:
     return [float(logp[j - 1, ids[j]]) for j in range(len(seq.prompt), len(ids))]
 
 
+@torch.no_grad()
+def hf_response_topk(model_dir, seq: TokenSequence, k: int) -> tuple[list[list[int]], list[list[float]]]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32).eval()
+    ids = seq.prompt + seq.response
+    logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+    top = torch.topk(logp[len(seq.prompt) - 1:len(ids) - 1], k)
+    return top.indices.tolist(), top.values.tolist()
+
+
 def test_engine_teacher_scores_equal_the_teacher_models(tmp_path, world_of_one):
     student = make_tiny_hf("llama", tmp_path / "student", seed=0, num_layers=2)
     teacher = make_tiny_hf("llama", tmp_path / "teacher", seed=5, num_layers=4)  # bigger, same tokenizer
@@ -44,9 +56,14 @@ def test_engine_teacher_scores_equal_the_teacher_models(tmp_path, world_of_one):
     seqs = [TokenSequence([5, 17, 33, 48], [71, 99, 120]), TokenSequence([9, 8, 7], [6, 999])]
     with EngineTeacher(EngineTeacherConfig(server=server), student_dir=str(student), log_dir=str(tmp_path)) as t:
         scores = t.score(seqs)
-    for seq, got in zip(seqs, scores):
+        top = t.score_topk(seqs, 3)
+    for seq, got, (logp, ids, top_logp) in zip(seqs, scores, top):
         want = hf_response_logprobs(teacher, seq)
         assert len(got) == len(seq.response) and max(abs(a - b) for a, b in zip(got, want)) <= 1e-4
+        assert logp == got
+        want_ids, want_top = hf_response_topk(teacher, seq, 3)  # the teacher's top 3 at each response position
+        assert ids == want_ids
+        assert max(abs(a - b) for row, ref in zip(top_logp, want_top) for a, b in zip(row, ref)) <= 1e-4
     student_scores = hf_response_logprobs(student, seqs[0])  # the check tells the two models apart
     assert max(abs(a - b) for a, b in zip(scores[0], student_scores)) > 1e-2
 

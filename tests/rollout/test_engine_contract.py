@@ -167,6 +167,21 @@ def test_scoring_equals_hf(engine, hf):
     assert max_diff(s.input_logprobs[1:], hf_logprobs(hf[0], seq, 1)) <= TOL
 
 
+@torch.no_grad()
+def test_top_k_scoring_equals_hf(engine, hf):
+    """``top_k``: per position the engine's k most likely ids, in order, with HF's log-probs (ties aside:
+    the tiny model's top-5 log-probs differ by far more than the tolerance)."""
+    seq, k = PROMPT + [200, 999, 400], 5
+    (s,) = engine.run(engine.client.score([seq], top_k=k))
+    assert s.input_top_logprobs[0] is None and len(s.input_top_logprobs) == len(seq)
+    logp = torch.log_softmax(hf[0](input_ids=torch.tensor([seq])).logits[0].float(), dim=-1)
+    for j in range(1, len(seq)):
+        want = torch.topk(logp[j - 1], k)
+        assert [i for i, _ in s.input_top_logprobs[j]] == want.indices.tolist(), j
+        assert max_diff([v for _, v in s.input_top_logprobs[j]], want.values.tolist()) <= TOL
+    assert max_diff(s.input_logprobs[1:], hf_logprobs(hf[0], seq, 1)) <= TOL
+
+
 def test_n_samples_each_with_its_own_seed_and_logprobs(engine, hf):
     out = generate(engine, n=4, temperature=1.0, seed=100, max_new_tokens=6, ignore_eos=True)
     assert [c.sample_index for c in out] == [0, 1, 2, 3] and len({c.rid for c in out}) == 4

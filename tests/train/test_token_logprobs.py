@@ -1,4 +1,5 @@
-"""The trainer's log-probs and entropies under context parallelism (CP=2, gloo), against float64.
+"""The trainer's log-probs and entropies under context parallelism (CP=2, gloo), and its log-probs of an
+engine teacher's top-k ids under tensor parallelism (TP=2), against float64.
 
 Each CP rank holds half of a packed row (zigzag), as logits or as hidden states for the fused
 kernels; the values it computes must equal the whole row's, and the gradient shares of the two
@@ -49,6 +50,37 @@ def _check_shares(shares, batch, logp, entropy, grad):
     # Each rank's share is its own tokens' gradient: the two shares touch disjoint positions.
     touched = [share["grad"][0].abs().sum(-1) > 0 for share in shares]
     assert not (touched[0] & touched[1]).any()
+
+
+@pytest.mark.dist
+def test_tp2_topk_logprobs_and_gradients_match_float64(tmp_path):
+    from tests.workers import topk_outputs as w
+
+    batch, hidden, out_weight, weights = w.inputs()
+    h = hidden.clone().requires_grad_(True)
+    logits = (h @ out_weight.T)[0, :, :w.VOCAB]  # padded columns are not part of the distribution
+    log_p = torch.log_softmax(logits / w.DISTILL_T, dim=-1)[batch.response_index]  # [n, R, V]
+    mask = batch.response_mask.double()[..., None]
+    want = log_p.gather(-1, batch.teacher_topk_ids) * mask
+    (want * weights).sum().backward()
+    run_torchrun(WORKERS / "topk_outputs.py", 2, [str(tmp_path)], timeout=300)
+    rows = w.PADDED_VOCAB // 2
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        for kind in ("logits", "hidden"):
+            torch.testing.assert_close(result[kind]["topk_logp"].double(), want.detach(), rtol=0, atol=1e-5)
+        torch.testing.assert_close(result["hidden"]["grad"].double(), h.grad, rtol=0, atol=1e-5)
+        columns = _logit_grad(batch, hidden, out_weight, weights, w)[:, rank * rows:(rank + 1) * rows]
+        torch.testing.assert_close(result["logits"]["grad"][0].double(), columns, rtol=0, atol=1e-5)
+
+
+def _logit_grad(batch, hidden, out_weight, weights, w):
+    """float64 gradient of ``sum(weights * topk_logp)`` on the padded logits ``[L, PADDED_VOCAB]``."""
+    logits = (hidden[0] @ out_weight.T).requires_grad_(True)
+    log_p = torch.log_softmax(logits[:, :w.VOCAB] / w.DISTILL_T, dim=-1)[batch.response_index]
+    value = log_p.gather(-1, batch.teacher_topk_ids) * batch.response_mask.double()[..., None]
+    (value * weights).sum().backward()
+    return logits.grad
 
 
 def test_exact_kd_with_context_parallelism_is_refused_at_config_time():

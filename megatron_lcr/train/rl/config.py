@@ -209,10 +209,16 @@ class RLRunConfig:
         if teacher.hf_dir:
             check_same_tokenizer(teacher.hf_dir, student_dir)
         distill_t = self.distill_temperature
-        if distill_t != self.rl.temperature and not needs.teacher_kl:
+        if distill_t != self.rl.temperature and not (needs.teacher_kl or needs.teacher_topk):
             raise ValueError(f"distill.teacher.temperature ({distill_t:g}) differs from rl.temperature "
-                             f"({self.rl.temperature:g}): only the exact KL (estimator 'full') can use another "
-                             "temperature; sampled-token estimates need the temperature the tokens were sampled at")
+                             f"({self.rl.temperature:g}): only a KL over the distributions (estimator 'full' or "
+                             "'topk') can use another temperature; sampled-token estimates need the temperature "
+                             "the tokens were sampled at")
+        if needs.teacher_topk and teacher.scorer != "engine":
+            raise ValueError(f"{name} with estimator 'topk' needs an engine teacher (distill.teacher.scorer: engine); "
+                             "a Megatron teacher gives the exact KL over the whole vocabulary (estimator 'full')")
+        if needs.teacher_topk and self.parallel.context_parallel_size > 1:
+            raise ValueError(f"{name} with estimator 'topk' needs parallel.cp=1")
         if needs.teacher_kl and (teacher.scorer != "megatron" or not (teacher.hf_path or teacher.load)):
             raise ValueError(f"{name} with an exact KL (estimator 'full') needs a Megatron teacher "
                              "(distill.teacher.scorer: megatron with hf_path or load)")
@@ -220,7 +226,7 @@ class RLRunConfig:
                                  or self.trainer.logprobs_from == "logits"):
             raise ValueError(f"{name} with an exact KL (estimator 'full') needs parallel.cp=1, parallel.sp=false and "
                              "trainer.logprobs_from hidden/auto: the teacher hands over hidden states")
-        if needs.teacher and teacher.scorer == "engine" and distill_t != 1.0:
+        if (needs.teacher or needs.teacher_topk) and teacher.scorer == "engine" and distill_t != 1.0:
             raise ValueError(f"distill.teacher.scorer='engine' scores at temperature 1 only, but the distillation "
                              f"temperature is {distill_t:g} (distill.teacher.temperature, else rl.temperature): use "
                              "the Megatron scorer or sample at 1")

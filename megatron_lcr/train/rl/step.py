@@ -64,9 +64,9 @@ def train_step(policy, rollouts: list[Rollout], objective: Objective, ctx: StepC
     if objective.needs.old or objective.needs.ref:
         with timer.phase("logprob"):
             metrics = score_old_logprobs(policy, sequences, ctx, ref=objective.needs.ref)
-    if objective.needs.teacher:
+    if objective.needs.teacher or objective.needs.teacher_topk:
         with timer.phase("teacher"):
-            score_teacher(sequences, ctx.teacher)
+            score_teacher(sequences, ctx.teacher, top_k=objective.needs.teacher_topk)
     with timer.phase("train"):
         metrics.update(update_on(policy, sequences, objective, ctx, num_rollouts=len(rollouts), timer=timer))
     return metrics
@@ -91,16 +91,18 @@ def score_old_logprobs(policy, sequences: list[TokenSequence], ctx: StepContext,
             "rollout/logp_diff_mean": sum(diffs) / max(len(diffs), 1)}
 
 
-def score_teacher(sequences: list[TokenSequence], teacher) -> None:
-    """Fill every view's ``teacher_logp``: the teacher scores the ``POLICY`` views (the sequences the policy
-    sampled); other views of a response carry those."""
+def score_teacher(sequences: list[TokenSequence], teacher, *, top_k: int = 0) -> None:
+    """Fill every view's ``teacher_logp`` (and with ``top_k`` its ``teacher_topk_ids`` / ``_logp``): the teacher
+    scores the ``POLICY`` views (the sequences the policy sampled); other views of a response carry those."""
     views = [s for s in sequences if s.role == Role.POLICY and s.teacher_logp is None]
+    scores = (teacher.score_topk(views, top_k) if top_k else [(logp, None, None) for logp in teacher.score(views)]
+              ) if views else []
     by_rollout = {}
-    for seq, logp in zip(views, teacher.score(views) if views else []):
-        seq.teacher_logp = by_rollout[seq.rollout] = logp
+    for seq, (logp, ids, top_logp) in zip(views, scores):
+        seq.teacher_logp, seq.teacher_topk_ids, seq.teacher_topk_logp = by_rollout[seq.rollout] = logp, ids, top_logp
     for seq in sequences:
         if seq.teacher_logp is None:
-            seq.teacher_logp = by_rollout[seq.rollout]
+            seq.teacher_logp, seq.teacher_topk_ids, seq.teacher_topk_logp = by_rollout[seq.rollout]
 
 
 def training_units(sequences: list[TokenSequence], paired: bool) -> list[list[int]]:
@@ -140,7 +142,8 @@ def objective_loss_fn(objective: Objective, norms: Any, scale: float) -> Callabl
                             old_logp=moved(batch.old_logp, objective.needs.old), ref_logp=moved(batch.ref_logp, objective.needs.ref),
                             teacher_logp=moved(batch.teacher_logp, objective.needs.teacher),
                             entropy=outputs.get("entropy"), pair_kl=outputs.get("pair_kl"),
-                            teacher_kl=outputs.get("teacher_kl"), distill_logp=outputs.get("distill_logp", outputs["logp"]))
+                            teacher_kl=outputs.get("teacher_kl"), distill_logp=outputs.get("distill_logp", outputs["logp"]),
+                            teacher_topk_logp=moved(batch.teacher_topk_logp, False), topk_logp=outputs.get("topk_logp"))
         loss, metrics = objective.loss(tokens, norms)
         return loss * scale, metrics
 
@@ -156,7 +159,8 @@ def update_on(policy, sequences: list[TokenSequence], objective: Objective, ctx:
     trained = [s for s in sequences if s.in_update]
     kl_kind = objective.needs.teacher_kl
     spec = replace(ctx.spec, pair_kl=objective.needs.pair_kl, teacher_kl=kl_kind,
-                   teacher_weight=ctx.teacher.output_weight if kl_kind else None)
+                   teacher_weight=ctx.teacher.output_weight if kl_kind else None,
+                   teacher_topk=objective.needs.teacher_topk > 0)
     reports = []
     for _ in range(ctx.epochs):
         for part in rollout_parts(num_rollouts, ctx.mini_batches):

@@ -26,7 +26,7 @@ from megatron_lcr.train.token_logprobs import ScoringSpec
 
 
 def _scores(needs: Needs) -> bool:
-    return needs.teacher or needs.teacher_kl is not None
+    return needs.teacher or needs.teacher_kl is not None or needs.teacher_topk > 0
 
 
 def _server(cfg) -> SGLangLaunchConfig:

@@ -66,12 +66,25 @@ def test_an_engine_scorer_needs_distillation_at_temperature_1():
 
 def test_another_distillation_temperature_only_with_the_exact_kl():
     msg = refused(["objective=opd", TEACHER, "distill.teacher.temperature=1.0"])  # k1: sampled at 0.7
-    assert "distill.teacher.temperature (1) differs from rl.temperature (0.7): only the exact KL" in msg
+    assert "distill.teacher.temperature (1) differs from rl.temperature (0.7): only a KL over the distributions" in msg
     assert "differs from rl.temperature" in refused(["objective=fkl", TEACHER, "distill.teacher.temperature=1.0"])
     cfg = load_config(RLRunConfig, TINY, ["objective=opd", TEACHER, "distill.teacher.temperature=1.0",
                                           "distill.opd.estimator=full"])
     assert (cfg.distill_temperature, cfg.rl.temperature) == (1.0, 0.7)
     assert load_config(RLRunConfig, TINY, ["objective=opd", TEACHER]).distill_temperature == 0.7  # default: the rollouts'
+
+
+def test_the_topk_kl_needs_an_engine_teacher_at_temperature_1_and_may_differ_from_the_rollouts():
+    topk = ["objective=opd", TEACHER, "distill.opd.estimator=topk"]
+    msg = refused([*topk, "distill.teacher.temperature=1.0"])  # the default scorer is the Megatron teacher
+    assert "objective 'opd' with estimator 'topk' needs an engine teacher (distill.teacher.scorer: engine)" in msg
+    engine = [*topk, "distill.teacher.scorer=engine"]
+    assert "scores at temperature 1 only, but the distillation temperature is 0.7" in refused(engine)
+    assert "with estimator 'topk' needs parallel.cp=1" in refused([*engine, "distill.teacher.temperature=1.0",
+                                                                   "parallel.context_parallel_size=2"])
+    # A KL over the teacher's top-k set is not a sampled-token estimate: rollouts at 0.7, distillation at 1.
+    cfg = load_config(RLRunConfig, TINY, [*engine, "distill.teacher.temperature=1.0", "distill.opd.top_k=8"])
+    assert (cfg.distill_temperature, cfg.rl.temperature, cfg.distill.opd.top_k) == (1.0, 0.7, 8)
 
 
 def test_the_warmup_accepts_running_teacher_servers():
