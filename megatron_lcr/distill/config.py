@@ -28,6 +28,10 @@ class TeacherConfig:
     scorer: Literal["megatron", "engine"] = "megatron"
     """Who computes the teacher's log-probs: the frozen Megatron model (any temperature; hidden states for
     the exact KL) or the engine servers (``engine``; temperature 1 only)."""
+    tensor_parallel_size: int | None = None
+    """The Megatron teacher's own TP size: the job's ranks form groups of this many consecutive ranks, each
+    holding one whole teacher (PP=1; from ``hf_path``; ``distill.layout_teacher``). None: the teacher takes
+    the student's TP/PP layout."""
     params_dtype: Literal["float32", "bfloat16", "float16"] | None = None
     """The Megatron teacher's dtype; None: the student's (the fused KL takes one dtype)."""
     temperature: float | None = None
@@ -41,6 +45,8 @@ class TeacherConfig:
     def __post_init__(self) -> None:
         if self.temperature is not None and self.temperature <= 0:
             raise ValueError(f"distill.teacher.temperature must be > 0, got {self.temperature}")
+        if self.tensor_parallel_size is not None and self.tensor_parallel_size < 1:
+            raise ValueError(f"distill.teacher.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
 
     @property
     def configured(self) -> bool:

@@ -5,7 +5,8 @@ DDP, gradients or optimizer state, and may differ from the student in every size
 (a larger teacher: more layers, a wider hidden size). It shares the training job's parallel groups,
 so its TP/PP layout is the student's: its output weight is split into the same vocabulary shards as
 the student's, which is what lets the fused kernels compute the exact KL between the two from
-hidden states (``kernels.kl_divergence``), and its last pipeline stage is the student's.
+hidden states (``kernels.kl_divergence``), and its last pipeline stage is the student's. A teacher too
+large for the student's layout takes one of its own: ``distill.layout_teacher``.
 
 Two services:
 

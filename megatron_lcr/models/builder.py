@@ -172,8 +172,12 @@ def build_gpt_model(
     pre_process: bool,
     post_process: bool,
     vp_stage: int | None = None,
+    pg_collection=None,
 ):
-    """Build this rank's ``GPTModel`` chunk; Megatron's parallel_state must be initialised."""
+    """Build this rank's ``GPTModel`` chunk; Megatron's parallel_state must be initialised.
+
+    ``pg_collection`` (Megatron's ``ProcessGroupCollection``): process groups of the model's own instead
+    of parallel_state's (a teacher with its own tensor-parallel layout, ``distill.layout_teacher``)."""
     from megatron.core.models.gpt.gpt_model import GPTModel
 
     config = transformer_config(arch, cfg, parallel)
@@ -188,6 +192,7 @@ def build_gpt_model(
         position_embedding_type="rope",
         rotary_base=arch.rope.theta,
         vp_stage=vp_stage,
+        pg_collection=pg_collection,
     )
     # Megatron's llama3 scaling fixes three of its four parameters; set the exact frequencies.
     device = model.rotary_pos_emb.inv_freq.device

@@ -214,6 +214,11 @@ class RLRunConfig:
                              f"({self.rl.temperature:g}): only a KL over the distributions (estimator 'full' or "
                              "'topk') can use another temperature; sampled-token estimates need the temperature "
                              "the tokens were sampled at")
+        if teacher.tensor_parallel_size and (teacher.scorer != "megatron" or teacher.load or not teacher.hf_path
+                                             or self.parallel.context_parallel_size > 1):
+            raise ValueError("distill.teacher.tensor_parallel_size (a Megatron teacher with its own layout) needs "
+                             "scorer: megatron, hf_path with the weights (not load: convert it with lcr convert "
+                             "megatron-to-hf) and parallel.cp=1")
         if needs.teacher_topk and teacher.scorer != "engine":
             raise ValueError(f"{name} with estimator 'topk' needs an engine teacher (distill.teacher.scorer: engine); "
                              "a Megatron teacher gives the exact KL over the whole vocabulary (estimator 'full')")

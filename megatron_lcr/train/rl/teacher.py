@@ -1,8 +1,9 @@
 """The training job's teacher, built from ``distill.teacher`` for the objectives that need one.
 
-- Scoring (``Needs.teacher`` / ``Needs.teacher_kl``): a frozen Megatron model in the job
-  (``distill.megatron_teacher``) or engine servers (``distill.teacher.EngineTeacher``), by
-  ``distill.teacher.scorer``. The log-probs are taken at the distillation temperature, as the student's
+- Scoring (``Needs.teacher`` / ``Needs.teacher_kl`` / ``Needs.teacher_topk``): a frozen Megatron model in
+  the job, on the student's layout (``distill.megatron_teacher``) or on its own tensor-parallel groups
+  (``distill.teacher.tensor_parallel_size``: ``distill.layout_teacher``), or engine servers
+  (``distill.teacher.EngineTeacher``), by ``distill.teacher.scorer``. The log-probs are taken at the distillation temperature, as the student's
   (``RLRunConfig.distill_temperature``: the rollout temperature unless ``distill.teacher.temperature``).
 - Generation (``Needs.teacher_rollouts``, the forward-KL warmup): servers serving the teacher, launched
   from ``distill.teacher.hf_path`` (or given by ``distill.teacher.engine.urls``), used like the
@@ -15,6 +16,7 @@ import contextlib
 import dataclasses
 from pathlib import Path
 
+from megatron_lcr.distill.layout_teacher import LayoutTeacher
 from megatron_lcr.distill.megatron_teacher import MegatronTeacher
 from megatron_lcr.distill.teacher import EngineTeacher
 from megatron_lcr.models.builder import ModelConfig
@@ -53,6 +55,10 @@ def open_scorer(cfg, needs: Needs, spec: ScoringSpec, *, student, out_dir: Path,
                                                  log_dir=str(out_dir / "teacher_logs")))
     model = ModelConfig(hf_path=teacher.hf_path, params_dtype=teacher.params_dtype or cfg.model.params_dtype,
                         transformer_impl=cfg.model.transformer_impl)
+    if teacher.tensor_parallel_size:
+        return LayoutTeacher(model, teacher.tensor_parallel_size, vocab_size=spec.vocab_size,
+                             temperature=cfg.distill_temperature, token_budget=cfg.trainer.token_budget,
+                             student_padded_vocab=student.model_cfg.padded_vocab_size)
     return MegatronTeacher(model, cfg.parallel, dataclasses.replace(spec, temperature=cfg.distill_temperature),
                            load=teacher.load, token_budget=cfg.trainer.token_budget, layout=cfg.pack_layout,
                            fixed_length=cfg.parallel.pipeline_model_parallel_size > 1,

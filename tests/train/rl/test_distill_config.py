@@ -111,3 +111,12 @@ def test_the_tiny_distillation_examples_resolve_with_the_shipped_teacher():
     validate_pipeline(pipeline)  # every stage's lcr train config resolves, and the input models exist
     assert (pipeline.student, pipeline.teacher) == ("examples/tiny/base", "examples/tiny/teacher")
     assert pipeline.stages.student_rl.skip and not pipeline.stages.opd.skip
+
+
+def test_a_teacher_with_its_own_layout_needs_hf_weights_a_megatron_scorer_and_cp_1(tmp_path):
+    own = ["objective=opd", TEACHER, "distill.opd.estimator=full", "distill.teacher.tensor_parallel_size=2"]
+    assert load_config(RLRunConfig, TINY, own).distill.teacher.tensor_parallel_size == 2
+    for extra in (["distill.teacher.scorer=engine", "rl.temperature=1.0"], ["parallel.context_parallel_size=2"]):
+        assert "distill.teacher.tensor_parallel_size (a Megatron teacher with its own layout) needs" in refused(own + extra)
+    assert "distill.teacher.tensor_parallel_size must be >= 1, got 0" in refused(
+        ["objective=opd", TEACHER, "distill.teacher.tensor_parallel_size=0"])
