@@ -29,9 +29,11 @@ class TeacherConfig:
     """Who computes the teacher's log-probs: the frozen Megatron model (any temperature; hidden states for
     the exact KL) or the engine servers (``engine``; temperature 1 only)."""
     tensor_parallel_size: int | None = None
-    """The Megatron teacher's own TP size: the job's ranks form groups of this many consecutive ranks, each
-    holding one whole teacher (PP=1; from ``hf_path``; ``distill.layout_teacher``). None: the teacher takes
-    the student's TP/PP layout."""
+    """The Megatron teacher's own TP size: the job's ranks form groups of ``tensor_parallel_size x
+    pipeline_parallel_size`` consecutive ranks, each holding one whole teacher (from ``hf_path``;
+    ``distill.layout_teacher``). None: the teacher takes the student's TP/PP layout."""
+    pipeline_parallel_size: int = 1
+    """The Megatron teacher's own PP size, with ``tensor_parallel_size``."""
     params_dtype: Literal["float32", "bfloat16", "float16"] | None = None
     """The Megatron teacher's dtype; None: the student's (the fused KL takes one dtype)."""
     temperature: float | None = None
@@ -47,6 +49,9 @@ class TeacherConfig:
             raise ValueError(f"distill.teacher.temperature must be > 0, got {self.temperature}")
         if self.tensor_parallel_size is not None and self.tensor_parallel_size < 1:
             raise ValueError(f"distill.teacher.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.pipeline_parallel_size < 1 or (self.pipeline_parallel_size > 1 and not self.tensor_parallel_size):
+            raise ValueError(f"distill.teacher.pipeline_parallel_size ({self.pipeline_parallel_size}) must be >= 1, "
+                             "and other than 1 only with distill.teacher.tensor_parallel_size (the teacher's own layout)")
 
     @property
     def configured(self) -> bool:

@@ -1,8 +1,9 @@
 """distill/layout_teacher.py: a Megatron teacher with a tensor-parallel layout of its own inside the job.
 
-Two 2-rank jobs (gloo): the student at TP=1 x DP=2 with the teacher at TP=2 (one teacher split over both
-ranks, which hold different micro-batches), and the student at TP=2 with the teacher at TP=1 (a whole
-teacher per rank, its output weight cut to the student's vocabulary shards). The teacher is wider than the
+Three 2-rank jobs (gloo): the student at TP=1 x DP=2 with the teacher at TP=2 (one teacher split over both
+ranks, which hold different micro-batches), the student at TP=2 with the teacher at TP=1 (a whole teacher
+per rank, its output weight cut to the student's vocabulary shards), and the student at TP=1 x DP=2 with
+the teacher at PP=2 (its stages on the two ranks, activations sent from one to the other). The teacher is wider than the
 student (hidden 96 vs 64). Against float64 / Hugging Face: its hidden states at the response positions
 equal HF's final hidden states, its scores equal HF's log-probs (<= 1e-4), and the exact reverse KL from
 the student's fused kernel with the teacher's hidden states and weight rows equals float64 PyTorch on the
@@ -44,15 +45,15 @@ def hf_hidden(model_dir) -> tuple[list[torch.Tensor], torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
-    return make_wide_teacher(tmp_path_factory.mktemp("layout_teacher") / "teacher")
+    return make_wide_teacher(tmp_path_factory.mktemp("layout_teacher") / "teacher", num_layers=4)  # 2 stages of 2
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("student_tp, teacher_tp", [(1, 2), (2, 1)])
-def test_teacher_with_its_own_tp_matches_hf_and_float64(teacher_dir, tmp_path, student_tp, teacher_tp):
+@pytest.mark.parametrize("student_tp, teacher_tp, teacher_pp", [(1, 2, 1), (2, 1, 1), (1, 1, 2)])
+def test_teacher_with_its_own_layout_matches_hf_and_float64(teacher_dir, tmp_path, student_tp, teacher_tp, teacher_pp):
     from tests.distributed import run_torchrun
 
-    run_torchrun(__file__, 2, [str(teacher_dir), str(tmp_path), student_tp, teacher_tp], timeout=600)
+    run_torchrun(__file__, 2, [str(teacher_dir), str(tmp_path), student_tp, teacher_tp, teacher_pp], timeout=600)
     want_scores = hf_scores(teacher_dir, TEMPERATURE)
     want_hidden, lm_head = hf_hidden(teacher_dir)
     seen = set()
@@ -95,7 +96,7 @@ def test_lcr_train_with_the_teacher_on_its_own_groups_gives_the_same_step(tmp_pa
 # --------------------------------------------------------------------------- the torchrun worker
 
 
-def main(teacher_dir: str, out_dir: str, student_tp: str, teacher_tp: str) -> None:
+def main(teacher_dir: str, out_dir: str, student_tp: str, teacher_tp: str, teacher_pp: str) -> None:
     from megatron.core import parallel_state as ps
 
     from megatron_lcr.distill.layout_teacher import LayoutTeacher
@@ -109,7 +110,7 @@ def main(teacher_dir: str, out_dir: str, student_tp: str, teacher_tp: str) -> No
     initialize_megatron(ParallelConfig(tensor_model_parallel_size=tp), seed=1)
     padded = padded_vocab_size(VOCAB, tp)
     model = ModelConfig(hf_path=teacher_dir, params_dtype="float32", transformer_impl="local")
-    teacher = LayoutTeacher(model, int(teacher_tp), vocab_size=VOCAB, temperature=TEMPERATURE,
+    teacher = LayoutTeacher(model, int(teacher_tp), int(teacher_pp), vocab_size=VOCAB, temperature=TEMPERATURE,
                             token_budget=TOKEN_BUDGET, student_padded_vocab=padded)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     batches = plan_micro_batches(SEQS, token_budget=TOKEN_BUDGET, dp_size=dp, dp_rank=dp_rank, pad_id=0,

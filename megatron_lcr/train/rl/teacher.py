@@ -56,8 +56,9 @@ def open_scorer(cfg, needs: Needs, spec: ScoringSpec, *, student, out_dir: Path,
     model = ModelConfig(hf_path=teacher.hf_path, params_dtype=teacher.params_dtype or cfg.model.params_dtype,
                         transformer_impl=cfg.model.transformer_impl)
     if teacher.tensor_parallel_size:
-        return LayoutTeacher(model, teacher.tensor_parallel_size, vocab_size=spec.vocab_size,
-                             temperature=cfg.distill_temperature, token_budget=cfg.trainer.token_budget,
+        return LayoutTeacher(model, teacher.tensor_parallel_size, teacher.pipeline_parallel_size,
+                             vocab_size=spec.vocab_size, temperature=cfg.distill_temperature,
+                             token_budget=cfg.trainer.token_budget,
                              student_padded_vocab=student.model_cfg.padded_vocab_size)
     return MegatronTeacher(model, cfg.parallel, dataclasses.replace(spec, temperature=cfg.distill_temperature),
                            load=teacher.load, token_budget=cfg.trainer.token_budget, layout=cfg.pack_layout,

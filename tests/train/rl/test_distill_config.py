@@ -120,3 +120,7 @@ def test_a_teacher_with_its_own_layout_needs_hf_weights_a_megatron_scorer_and_cp
         assert "distill.teacher.tensor_parallel_size (a Megatron teacher with its own layout) needs" in refused(own + extra)
     assert "distill.teacher.tensor_parallel_size must be >= 1, got 0" in refused(
         ["objective=opd", TEACHER, "distill.teacher.tensor_parallel_size=0"])
+    assert "distill.teacher.pipeline_parallel_size (2) must be >= 1, and other than 1 only with" in refused(
+        ["objective=opd", TEACHER, "distill.teacher.pipeline_parallel_size=2"])
+    cfg = load_config(RLRunConfig, TINY, [*own, "distill.teacher.pipeline_parallel_size=2"])
+    assert (cfg.distill.teacher.tensor_parallel_size, cfg.distill.teacher.pipeline_parallel_size) == (2, 2)
