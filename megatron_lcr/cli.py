@@ -15,6 +15,7 @@ Subcommands (each has its own ``--help``):
   lcr data stats FILE [FILE ...]
   lcr serve --model DIR --port P [--host H --api-key KEY ...]   CPU rollout server speaking SGLang's HTTP API
   lcr plot RUN [RUN ...] --out FILE [--metrics KEY ...]        training curves of runs side by side
+  lcr eval --model DIR --data FILE [FILE ...] --out DIR          benchmark scores per dataset and context-length bucket
 
 Errors in the input (config keys, model directories, checkpoints, layouts) end the command with one
 line on stderr naming the file or key, and exit status 1.
@@ -248,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_lcr.data.commands import add_parser as add_data_parser
 
     add_data_parser(sub)
+    from megatron_lcr.eval.commands import add_parser as add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 

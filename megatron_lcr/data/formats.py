@@ -88,7 +88,7 @@ def load_qa(path: str, fmt: Format) -> list[QARecord]:
 # Reading records with their line numbers
 
 
-def _raw_records(path: str) -> Iterator[tuple[int, int | None, Any]]:
+def raw_records(path: str) -> Iterator[tuple[int, int | None, Any]]:
     """Yield ``(line, array index or None, decoded record)``; a file starting with ``[`` is a JSON array.
 
     JSONL is streamed line by line (only ``\n`` ends a line: JSON strings may hold U+2028 and the
@@ -152,7 +152,7 @@ def _load(path: str, parse: Callable[[dict, str], QARecord | None], id_field: st
     records: list[QARecord] = []
     first_seen: dict[str, str] = {}
     skipped = 0
-    for line, index, raw in _raw_records(path):
+    for line, index, raw in raw_records(path):
         where = f"{path}:{line}" if index is None else f"{path}:{line}: element {index}"
         if not isinstance(raw, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
@@ -176,7 +176,7 @@ def _load(path: str, parse: Callable[[dict, str], QARecord | None], id_field: st
 # Field checks: each returns the value or raises a DataError naming ``where`` and the field path
 
 
-def _get(obj: dict, key: str, kind: type, where: str, path: str, what: str) -> Any:
+def get_field(obj: dict, key: str, kind: type, where: str, path: str, what: str) -> Any:
     if key not in obj:
         raise DataError(f"{where}: missing field '{path}'")
     value = obj[key]
@@ -185,15 +185,15 @@ def _get(obj: dict, key: str, kind: type, where: str, path: str, what: str) -> A
     return value
 
 
-def _text(obj: dict, key: str, where: str, path: str | None = None, *, allow_empty: bool = False) -> str:
+def text_field(obj: dict, key: str, where: str, path: str | None = None, *, allow_empty: bool = False) -> str:
     path = path or key
-    value = _get(obj, key, str, where, path, "a string")
+    value = get_field(obj, key, str, where, path, "a string")
     if not allow_empty and not value.strip():
         raise DataError(f"{where}: field '{path}' is empty")
     return value
 
 
-def _string_list(value: Any, where: str, path: str) -> list[str]:
+def string_list(value: Any, where: str, path: str) -> list[str]:
     """A list of non-blank strings."""
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise DataError(f"{where}: field '{path}' must be a list of strings")
@@ -203,10 +203,10 @@ def _string_list(value: Any, where: str, path: str) -> list[str]:
     return value
 
 
-def _optional(obj: dict, key: str, kind: type, where: str, what: str) -> Any:
+def optional_field(obj: dict, key: str, kind: type, where: str, what: str) -> Any:
     if key not in obj or obj[key] is None:
         return None
-    return _get(obj, key, kind, where, key, what)
+    return get_field(obj, key, kind, where, key, what)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,29 +214,29 @@ def _optional(obj: dict, key: str, kind: type, where: str, what: str) -> Any:
 
 
 def _parse_musique(raw: dict, where: str) -> QARecord | None:
-    answerable = _optional(raw, "answerable", bool, where, "a boolean")
-    record_id = _text(raw, "id", where)
+    answerable = optional_field(raw, "answerable", bool, where, "a boolean")
+    record_id = text_field(raw, "id", where)
     if answerable is False:
         return None
-    question, answer = _text(raw, "question", where), _text(raw, "answer", where)
-    aliases = _string_list(raw.get("answer_aliases", []), where, "answer_aliases")
-    paragraphs = _get(raw, "paragraphs", list, where, "paragraphs", "a list of paragraphs")
+    question, answer = text_field(raw, "question", where), text_field(raw, "answer", where)
+    aliases = string_list(raw.get("answer_aliases", []), where, "answer_aliases")
+    paragraphs = get_field(raw, "paragraphs", list, where, "paragraphs", "a list of paragraphs")
     gold, distractors = [], []
     for i, para in enumerate(paragraphs):
         path = f"paragraphs[{i}]"
         if not isinstance(para, dict):
             raise DataError(f"{where}: field '{path}' must be an object")
-        _get(para, "idx", int, where, f"{path}.idx", "an integer")
-        title = _text(para, "title", where, f"{path}.title", allow_empty=True)
-        text = _text(para, "paragraph_text", where, f"{path}.paragraph_text", allow_empty=True)
-        supporting = _get(para, "is_supporting", bool, where, f"{path}.is_supporting", "a boolean")
+        get_field(para, "idx", int, where, f"{path}.idx", "an integer")
+        title = text_field(para, "title", where, f"{path}.title", allow_empty=True)
+        text = text_field(para, "paragraph_text", where, f"{path}.paragraph_text", allow_empty=True)
+        supporting = get_field(para, "is_supporting", bool, where, f"{path}.is_supporting", "a boolean")
         if supporting:
             gold.append(Document(title=title, text=text))
         elif text.strip():
             distractors.append(Document(title=title, text=text))
     if not gold:
         raise DataError(f"{where}: field 'paragraphs': no paragraph has is_supporting true in an answerable record")
-    decomposition = _optional(raw, "question_decomposition", list, where, "a list")
+    decomposition = optional_field(raw, "question_decomposition", list, where, "a list")
     metadata: dict[str, Any] = {}
     if decomposition is not None:
         metadata["hops"] = len(decomposition)
@@ -257,7 +257,7 @@ def _join_sentences(sentences: list[str]) -> str:
 
 
 def _wiki_context(raw: dict, where: str) -> list[tuple[str, list[str]]]:
-    context = _get(raw, "context", list, where, "context", "a list of [title, sentences] pairs")
+    context = get_field(raw, "context", list, where, "context", "a list of [title, sentences] pairs")
     paragraphs = []
     for i, item in enumerate(context):
         if not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str):
@@ -270,7 +270,7 @@ def _wiki_context(raw: dict, where: str) -> list[tuple[str, list[str]]]:
 
 def _wiki_supporting_titles(raw: dict, where: str, paragraphs: list[tuple[str, list[str]]]) -> list[str]:
     """Titles named by ``supporting_facts``, in first-mention order, each checked against the context."""
-    facts = _get(raw, "supporting_facts", list, where, "supporting_facts", "a list of [title, sent_id] pairs")
+    facts = get_field(raw, "supporting_facts", list, where, "supporting_facts", "a list of [title, sent_id] pairs")
     if not facts:
         raise DataError(f"{where}: field 'supporting_facts' is empty")
     sentences_per_title: dict[str, int] = {}
@@ -299,8 +299,8 @@ def _wiki_supporting_titles(raw: dict, where: str, paragraphs: list[tuple[str, l
 
 def _parse_wiki(raw: dict, where: str, source: str) -> QARecord:
     """HotpotQA and 2WikiMultihopQA share one layout."""
-    record_id = _text(raw, "_id", where)
-    question, answer = _text(raw, "question", where), _text(raw, "answer", where)
+    record_id = text_field(raw, "_id", where)
+    question, answer = text_field(raw, "question", where), text_field(raw, "answer", where)
     paragraphs = _wiki_context(raw, where)
     titles = _wiki_supporting_titles(raw, where, paragraphs)
     gold = [
@@ -314,7 +314,7 @@ def _parse_wiki(raw: dict, where: str, source: str) -> QARecord:
     ]
     metadata: dict[str, Any] = {"supporting_facts": raw["supporting_facts"]}
     for key in ("type", "level"):
-        value = _optional(raw, key, str, where, "a string")
+        value = optional_field(raw, key, str, where, "a string")
         if value is not None:
             metadata[key] = value
     evidences = raw.get("evidences")
@@ -333,17 +333,17 @@ def _parse_wiki(raw: dict, where: str, source: str) -> QARecord:
 _BLANK_LINES = re.compile(r"\n[ \t]*\n")
 
 
-def _parse_longbench(raw: dict, where: str) -> QARecord:
-    record_id = _text(raw, "_id", where)
-    dataset = _text(raw, "dataset", where)
-    question = _text(raw, "input", where, allow_empty=dataset in LONGBENCH_SUMMARY_DATASETS)
-    context = _text(raw, "context", where)
-    answers = _string_list(_get(raw, "answers", list, where, "answers", "a list of strings"), where, "answers")
+def parse_longbench(raw: dict, where: str) -> QARecord:
+    record_id = text_field(raw, "_id", where)
+    dataset = text_field(raw, "dataset", where)
+    question = text_field(raw, "input", where, allow_empty=dataset in LONGBENCH_SUMMARY_DATASETS)
+    context = text_field(raw, "context", where)
+    answers = string_list(get_field(raw, "answers", list, where, "answers", "a list of strings"), where, "answers")
     if not answers:
         raise DataError(f"{where}: field 'answers' is empty")
-    length = _get(raw, "length", int, where, "length", "an integer")
-    language = _optional(raw, "language", str, where, "a string")
-    all_classes = _optional(raw, "all_classes", list, where, "a list or null")
+    length = get_field(raw, "length", int, where, "length", "an integer")
+    language = optional_field(raw, "language", str, where, "a string")
+    all_classes = optional_field(raw, "all_classes", list, where, "a list or null")
     pieces = [piece.strip() for piece in _BLANK_LINES.split(context)]
     documents = [Document(title="", text=piece) for piece in pieces if piece]
     metadata: dict[str, Any] = {"dataset": dataset, "length": length}
@@ -376,7 +376,7 @@ LOADERS: dict[str, Callable[[str], list[QARecord]]] = {
     "musique": lambda path: _load(path, _parse_musique, "id"),
     "hotpotqa": lambda path: _load(path, lambda raw, where: _parse_wiki(raw, where, "hotpotqa"), "_id"),
     "2wiki": lambda path: _load(path, lambda raw, where: _parse_wiki(raw, where, "2wiki"), "_id"),
-    "longbench": lambda path: _load(path, _parse_longbench, "_id"),
+    "longbench": lambda path: _load(path, parse_longbench, "_id"),
     "lcr": _load_lcr,
 }
 """Format name -> loader ``path -> list[QARecord]``."""

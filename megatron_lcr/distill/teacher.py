@@ -17,6 +17,7 @@ log-probs at temperature 1 too; ``temperature`` other than 1 is refused rather t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -27,9 +28,9 @@ from typing import Protocol
 import torch
 
 from megatron_lcr.rl.sequences import TokenSequence
-from megatron_lcr.rollout.client import ClientConfig, RolloutClient, RolloutRequestError
-from megatron_lcr.rollout.sglang import SGLangLaunchConfig, cpu_reference_launch, launch_servers, stop_servers
-from megatron_lcr.rollout.weight_sync import EventLoopThread
+from megatron_lcr.rollout.client import RolloutRequestError
+from megatron_lcr.rollout.served import served
+from megatron_lcr.rollout.sglang import SGLangLaunchConfig, cpu_reference_launch
 
 class Teacher(Protocol):
     """What the trainer asks of any teacher."""
@@ -123,21 +124,18 @@ class EngineTeacher:
             raise ValueError("an engine teacher needs server.model_path (the teacher's HF directory) or urls")
         self.cfg = cfg
         self.is_source = torch.distributed.get_rank() == 0
-        self._handles, self._loop, self.client = [], None, None
+        self._stack, self.model = contextlib.ExitStack(), None
         if cfg.server.model_path:
             check_same_tokenizer(cfg.server.model_path, student_dir)
         if not self.is_source:
             return
-        urls = list(cfg.urls)
+        server = dataclasses.replace(cfg.server, log_dir=log_dir)
         try:
-            if not urls:
-                self._handles = launch_servers(dataclasses.replace(cfg.server, log_dir=log_dir))
-                urls = [h.url for h in self._handles]
-            self._loop = EventLoopThread()
-            self.client = RolloutClient(ClientConfig(urls=urls, api_key=cfg.server.api_key, timeout_s=cfg.request_timeout_s,
-                                                     max_concurrency=cfg.max_concurrency, restart_dead_servers=False))
-            self._loop.run(self.client.model_info())  # an unreachable teacher fails here, before any work
+            self.model = self._stack.enter_context(served(server, urls=cfg.urls, timeout_s=cfg.request_timeout_s,
+                                                          max_concurrency=cfg.max_concurrency))
+            self.model.model_info()  # an unreachable teacher fails here, before any work
         except RolloutRequestError as exc:
+            urls = list(self.model.client.urls) if self.model else list(cfg.urls)
             self.close()
             raise RolloutRequestError(f"teacher servers {', '.join(urls)}: {exc}") from None
         except BaseException:
@@ -163,7 +161,7 @@ class EngineTeacher:
         box: list = [None]
         if self.is_source:
             try:
-                results = self._loop.run(self.client.score([s.prompt + s.response for s in sequences], top_k=k))
+                results = self.model.score([s.prompt + s.response for s in sequences], top_k=k)
                 box[0] = ("done", [_response_scores(r, len(s.prompt), k) for r, s in zip(results, sequences)])
             except Exception as exc:  # noqa: BLE001 - every rank raises it, not only rank 0
                 box[0] = ("error", f"teacher: {type(exc).__name__}: {exc}")
@@ -174,11 +172,5 @@ class EngineTeacher:
         return value
 
     def close(self) -> None:
-        try:
-            if self.client is not None:
-                self._loop.run(self.client.close())
-        finally:
-            if self._loop is not None:
-                self._loop.close()
-            stop_servers(self._handles)
-            self._handles, self.client, self._loop = [], None, None
+        self._stack.close()
+        self.model = None

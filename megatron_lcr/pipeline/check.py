@@ -23,42 +23,21 @@ from pathlib import Path
 from megatron_lcr.data.tasks import load_task_samples
 from megatron_lcr.distill.opd import reverse_kl_k1, reverse_kl_k3
 from megatron_lcr.pipeline.config import CheckConfig
-from megatron_lcr.rollout.client import ClientConfig, RolloutClient
 from megatron_lcr.rollout.engine import GenerateRequest, SamplingParams
-from megatron_lcr.rollout.sglang import launch_servers, stop_servers
-from megatron_lcr.rollout.weight_sync import EventLoopThread
+from megatron_lcr.rollout.served import ServedModel, served
 from megatron_lcr.train.task import TaskContext
 
 
-class _Model:
-    """A model served by launched servers, driven synchronously."""
-
-    def __init__(self, client: RolloutClient, loop: EventLoopThread) -> None:
-        self.client, self.loop = client, loop
-
-    def generate(self, requests):
-        return self.loop.run(self.client.generate(requests))
-
-    def score(self, sequences: list[list[int]]) -> list[list[float]]:
-        return [r.input_logprobs for r in self.loop.run(self.client.score(sequences))]
-
-
 @contextlib.contextmanager
-def served(run_cfg, model_dir: str, log_dir: Path, seed: int) -> Iterator[_Model]:
-    """Launch ``run_cfg.rollout.server`` serving ``model_dir`` for the duration."""
-    server = dataclasses.replace(run_cfg.rollout.server, model_path=model_dir, log_dir=str(log_dir))
-    handles = launch_servers(server)
-    loop = EventLoopThread()
-    client = RolloutClient(ClientConfig(urls=[h.url for h in handles], api_key=server.api_key, seed=seed,
-                                        restart_dead_servers=False))
-    try:
-        yield _Model(client, loop)
-    finally:
-        try:
-            loop.run(client.close())
-        finally:
-            loop.close()
-            stop_servers(handles)
+def served_for(run_cfg, model_dir: str, log_dir: Path, seed: int) -> Iterator[ServedModel]:
+    """``run_cfg.rollout.server`` launched to serve ``model_dir`` for the duration."""
+    with served(dataclasses.replace(run_cfg.rollout.server, model_path=model_dir, log_dir=str(log_dir)),
+                seed=seed) as model:
+        yield model
+
+
+def _response_logp(model: ServedModel, sequences: list[list[int]], cut: list[int]) -> list[list[float]]:
+    return [r.input_logprobs[n:] for r, n in zip(model.score(sequences), cut)] if sequences else []
 
 
 def reverse_kl_per_token(student_logp: list[list[float]], teacher_logp: list[list[float]]) -> dict[str, float]:
@@ -87,13 +66,13 @@ def boundary_check(run_cfg, *, student: str, teacher: str, check: CheckConfig, l
     requests = [GenerateRequest(input_ids=p, sampling=sampling, n=1, rid=f"check-{i}", return_logprob=False)
                 for i, p in enumerate(prompts)]
     # One model's servers at a time: each may need every GPU of the node (a 70B teacher at TP 8).
-    with served(run_cfg, student, log_dir / "student", check.seed) as s:
+    with served_for(run_cfg, student, log_dir / "student", check.seed) as s:
         answers = [c for c in sorted(s.generate(requests), key=lambda c: c.prompt_index) if c.output_ids]
         sequences = [prompts[c.prompt_index] + list(c.output_ids) for c in answers]
         cut = [len(prompts[c.prompt_index]) for c in answers]
-        s_logp = [row[n:] for row, n in zip(s.score(sequences), cut)] if sequences else []
-    with served(run_cfg, teacher, log_dir / "teacher", check.seed) as t:
-        t_logp = [row[n:] for row, n in zip(t.score(sequences), cut)] if sequences else []
+        s_logp = _response_logp(s, sequences, cut)
+    with served_for(run_cfg, teacher, log_dir / "teacher", check.seed) as t:
+        t_logp = _response_logp(t, sequences, cut)
         if teacher_eval is None:
             teacher_eval = task.evaluate(t.generate, samples, run_cfg.eval)
     kl = reverse_kl_per_token(s_logp, t_logp)

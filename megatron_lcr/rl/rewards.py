@@ -19,8 +19,16 @@ already extracted from a response (``None`` when none could be extracted: every 
 - ``math``: symbolic equivalence with Hugging Face's ``math-verify``; parse failures and timeouts
   score 0. How answers are parsed, the SIGALRM timeouts and the helper child process that runs the
   check off the main thread are ``megatron_lcr.verify.math_verify``'s.
+- ``numeric``: numeric accuracy for DocMath-style answers (Zhao et al., 2024). The number read
+  from the prediction is the first one after its last ``=`` (or ``≈``), thousands commas allowed
+  (``$1,234.5 million`` -> 1234.5); the gold's is read the same way. It matches when
+  ``|p - g| <= 0.0015 * |g|`` (DocMath-Eval's ``within_eps``: 0.15% relative tolerance; ``g = 0``
+  needs ``p = 0``), for ``p`` as written, ``100 p`` or ``p / 100`` (percent vs fraction, a scaling
+  DocMath-Eval's comparison accepts too). Deviation: DocMath-Eval also accepts other powers of ten
+  and answers equal after rounding up to 3 decimals; here only the 100x scalings count.
 
 ``REWARDS`` maps names to functions; ``reward_name_for(family, metric)`` picks a sample's reward.
+``numeric`` is not a training reward (no sample family uses it): ``lcr eval`` registers it.
 """
 
 from __future__ import annotations
@@ -144,6 +152,33 @@ def math_equal(prediction: str | None, answers: Sequence[str], *, timeout_s: int
     if prediction is None:
         return 0.0
     return float(math_equivalent(prediction, golds, timeout_s))
+
+
+# --- numeric accuracy (DocMath-Eval) ---
+
+NUMERIC_REL_TOL = 0.0015
+"""Relative tolerance of ``numeric`` (DocMath-Eval's ``within_eps``: 0.15% of the gold value)."""
+
+_NUMBER = re.compile(r"[-+]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def read_number(text: str) -> float | None:
+    """The first number after the last ``=``/``≈`` of ``text`` (thousands commas allowed), or None."""
+    tail = re.split(r"[=≈]", text)[-1]
+    match = _NUMBER.search(tail)
+    return float(match.group().replace(",", "")) if match else None
+
+
+def _numeric(prediction: str, gold: str, rel_tol: float) -> float:
+    value, target = read_number(prediction), read_number(gold)
+    if value is None or target is None:
+        return 0.0
+    return float(any(abs(v - target) <= rel_tol * abs(target) for v in (value, value * 100, value / 100)))
+
+
+def numeric_match(prediction: str | None, answers: Sequence[str], *, rel_tol: float = NUMERIC_REL_TOL) -> float:
+    """1.0 if the prediction's number equals some gold number within ``rel_tol`` (relative), else 0.0."""
+    return _best(prediction, answers, lambda pred, gold: _numeric(pred, gold, rel_tol))
 
 
 # --- registry and per-family defaults ---

@@ -4,7 +4,8 @@ The number DePO is about is the gap between a question answered with its short c
 documents + a few distractors) and the same question with its long context (many more
 distractors). Both are measured on the same held-out samples, greedy decoding, with the same
 prompt template as training; EM is SQuAD-normalised exact match in percent, ``score`` the sample's
-own metric (EM, F1 or ROUGE-L) in percent.
+own metric (EM, F1 or ROUGE-L) in percent. Each response is scored by
+:func:`megatron_lcr.eval.metrics.score_prediction`, the function ``lcr eval`` scores benchmarks with.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from megatron_lcr.data.prompts import PromptConfig, extract_answer
+from megatron_lcr.data.prompts import PromptConfig
 from megatron_lcr.data.schema import Sample
-from megatron_lcr.rl.rewards import exact_match, reward_for_family
+from megatron_lcr.eval.metrics import score_prediction
 from megatron_lcr.rollout.engine import Completion, GenerateRequest, SamplingParams
 
 Generate = Callable[[list[GenerateRequest]], list[Completion]]
@@ -55,9 +56,9 @@ def evaluate(generate: Generate, samples: Sequence[Sample], prompts: dict[str, l
         completions = sorted(generate(requests), key=lambda c: c.prompt_index)
         em = score = 0.0
         for sample, completion in zip(samples, completions):
-            answer = extract_answer(decode(completion.output_ids), prompt_cfg)
-            em += exact_match(answer, sample.answers)
-            score += reward_for_family(sample.family, sample.metric)(answer, sample.answers)
+            scored = score_prediction(decode(completion.output_ids), sample, prompt_cfg)
+            em += scored.em
+            score += scored.score
         results[f"{context}_em"] = 100.0 * em / len(samples)
         results[f"{context}_score"] = 100.0 * score / len(samples)
     return results
