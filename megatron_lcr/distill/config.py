@@ -12,7 +12,7 @@ from megatron_lcr.models.megatron_checkpoint import HF_DIR
 
 OPD_MODES = ("loss", "reward")
 OPD_ESTIMATORS = ("k1", "k3", "full", "topk")
-FKL_ESTIMATORS = ("sampled", "full")
+FKL_ESTIMATORS = ("sampled", "full", "topk")
 
 
 @dataclass(kw_only=True)
@@ -103,9 +103,16 @@ class FKLConfig:
 
     estimator: str = "sampled"
     """'sampled': ``log pi_t(y) - log pi_s(y)`` on the teacher's tokens (its gradient is SFT's on them);
-    'full': exact over the vocabulary from a Megatron teacher's hidden states."""
+    'full': exact over the vocabulary from a Megatron teacher's hidden states; 'topk': over the teacher
+    servers' ``top_k`` most likely tokens at each position plus a tail bucket (scored at temperature 1)."""
+    top_k: int = 20
+    """With 'topk': tokens per position the teacher servers return (count)."""
+    tail: bool = True
+    """With 'topk': add the bucket of every other token."""
 
     def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ValueError(f"distill.fkl.top_k must be >= 1, got {self.top_k}")
         if self.estimator not in FKL_ESTIMATORS:
             raise ValueError(f"distill.fkl.estimator must be one of {', '.join(FKL_ESTIMATORS)}, got {self.estimator!r}")
 

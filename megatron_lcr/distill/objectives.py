@@ -28,7 +28,7 @@ from typing import ClassVar
 from torch import Tensor
 
 from megatron_lcr.distill.config import FKLConfig, OPDConfig
-from megatron_lcr.distill.opd import reverse_kl_pg_loss, reverse_kl_sampled, topk_reverse_kl
+from megatron_lcr.distill.opd import reverse_kl_pg_loss, reverse_kl_sampled, topk_forward_kl, topk_reverse_kl
 from megatron_lcr.rl.losses import Normaliser, aggregate, policy_loss, upcast
 from megatron_lcr.rl.objective import LongPrompt, Needs, PolicyGradient, policy_view, role_normaliser, trains_on
 from megatron_lcr.rl.sequences import Role, Rollout, TokenBatch, TokenSequence
@@ -145,7 +145,8 @@ class ForwardKLWarmup:
 
     @property
     def needs(self) -> Needs:
-        return Needs(old=False, teacher_rollouts=True, teacher_kl="forward" if self.cfg.estimator == "full" else None)
+        return Needs(old=False, teacher_rollouts=True, teacher_kl="forward" if self.cfg.estimator == "full" else None,
+                     teacher_topk=self.cfg.top_k if self.cfg.estimator == "topk" else 0)
 
     def sequences(self, rollouts: Sequence[Rollout], long_prompt: LongPrompt) -> list[TokenSequence]:
         # The teacher sampled these: its log-probs are the engine's (at the rollout temperature); they
@@ -163,7 +164,9 @@ class ForwardKLWarmup:
     def loss(self, batch: TokenBatch, norms: Normaliser) -> tuple[Tensor, dict[str, Tensor]]:
         mask = batch.token_mask(Role.POLICY)
         sampled = upcast(batch.teacher_logp).detach() - upcast(batch.distill_logp)  # gradient: SFT's on its tokens
-        kl = batch.teacher_kl if self.cfg.estimator == "full" else sampled
+        kl = {"full": batch.teacher_kl, "sampled": sampled}.get(self.cfg.estimator)
+        if self.cfg.estimator == "topk":
+            kl = topk_forward_kl(batch.topk_logp, batch.teacher_topk_logp, tail=self.cfg.tail)
         loss = aggregate(kl, mask, self.policy.loss_cfg.aggregation, norms)
         return loss, {"fkl/kl": _token_mean(kl, mask, norms), "fkl/sampled_kl": _token_mean(sampled, mask, norms),
                       "fkl/loss": loss.detach(), "loss": loss.detach()}

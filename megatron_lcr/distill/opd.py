@@ -18,7 +18,8 @@ Two ways to train on it:
   estimate's own dependence on theta would add). Differentiating k1 itself would give
   ``-grad log s`` on every sampled token, which is not the KL's gradient.
 
-When only an engine teacher's top-k log-probs are available, :func:`topk_reverse_kl` computes the
+When only an engine teacher's top-k log-probs are available, :func:`topk_reverse_kl` (and, for the
+forward-KL warmup, :func:`topk_forward_kl`) computes the
 reverse KL between the two distributions coarsened to the teacher's top-k tokens plus one *tail*
 bucket (everything else). Without the tail term the sum runs over the top-k set only, and a student
 that puts its mass outside that set lowers the "KL" while moving away from the teacher (the known
@@ -75,19 +76,28 @@ def reverse_kl_pg_loss(student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
     return reverse_kl_k1(student_logp, teacher_logp).detach() * upcast(student_logp)
 
 
-def topk_reverse_kl(student_logp_topk: Tensor, teacher_logp_topk: Tensor, *, tail: bool = True) -> Tensor:
-    """``KL(pi_s || pi_t)`` over the teacher's top-k tokens plus, with ``tail``, one bucket for the rest.
-
-    ``student_logp_topk`` (with grad), ``teacher_logp_topk``: ``[..., k]``, the two models' log-probs of
-    the teacher's top-k token ids at each position -> ``[...]``. The tail bucket's probabilities are
-    ``1 - sum(top-k)`` on each side (clamped to a tiny positive value; a teacher whose top-k already
-    holds all its mass then makes any student tail mass expensive).
-    """
-    log_s, log_t = upcast(student_logp_topk), upcast(teacher_logp_topk).detach()
-    kl = (log_s.exp() * (log_s - log_t)).sum(dim=-1)
+def topk_kl(p_logp_topk: Tensor, q_logp_topk: Tensor, *, tail: bool = True) -> Tensor:
+    """``KL(p || q)`` over a set of k tokens plus, with ``tail``, one bucket for the rest: ``[..., k]`` log-probs
+    of the same ids under both -> ``[...]``. The tail bucket's probabilities are ``1 - sum(set)`` on each side
+    (clamped to a tiny positive value: a side whose set already holds all its mass makes the other's tail
+    mass expensive)."""
+    log_p, log_q = upcast(p_logp_topk), upcast(q_logp_topk)
+    kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
     if not tail:
         return kl
-    tiny = torch.finfo(log_s.dtype).tiny
-    s_tail = (1.0 - log_s.exp().sum(dim=-1)).clamp_min(tiny)
-    t_tail = (1.0 - log_t.exp().sum(dim=-1)).clamp_min(tiny)
-    return kl + s_tail * (s_tail.log() - t_tail.log())
+    tiny = torch.finfo(log_p.dtype).tiny
+    p_tail = (1.0 - log_p.exp().sum(dim=-1)).clamp_min(tiny)
+    q_tail = (1.0 - log_q.exp().sum(dim=-1)).clamp_min(tiny)
+    return kl + p_tail * (p_tail.log() - q_tail.log())
+
+
+def topk_reverse_kl(student_logp_topk: Tensor, teacher_logp_topk: Tensor, *, tail: bool = True) -> Tensor:
+    """``KL(pi_s || pi_t)`` over the teacher's top-k tokens plus, with ``tail``, one bucket for the rest
+    (``[..., k]`` log-probs of the teacher's top-k ids, the student's with grad -> ``[...]``)."""
+    return topk_kl(student_logp_topk, teacher_logp_topk.detach(), tail=tail)
+
+
+def topk_forward_kl(student_logp_topk: Tensor, teacher_logp_topk: Tensor, *, tail: bool = True) -> Tensor:
+    """``KL(pi_t || pi_s)`` over the teacher's top-k tokens plus, with ``tail``, one bucket for the rest: the
+    forward-KL warmup's loss from an engine teacher's top-k (``[..., k]`` -> ``[...]``)."""
+    return topk_kl(teacher_logp_topk.detach(), student_logp_topk, tail=tail)

@@ -29,7 +29,7 @@ import torch
 
 from megatron_lcr.rl.sequences import TokenSequence
 from megatron_lcr.rollout.client import RolloutRequestError
-from megatron_lcr.rollout.served import served
+from megatron_lcr.rollout.served import ServedModel, served
 from megatron_lcr.rollout.sglang import SGLangLaunchConfig, cpu_reference_launch
 
 class Teacher(Protocol):
@@ -119,15 +119,18 @@ def _response_scores(result, prompt_len: int, k: int) -> tuple:
 class EngineTeacher:
     """Teacher log-probs from rollout servers. Use as a context manager on every rank."""
 
-    def __init__(self, cfg: EngineTeacherConfig, *, student_dir: str, log_dir: str) -> None:
+    def __init__(self, cfg: EngineTeacherConfig, *, student_dir: str, log_dir: str,
+                 attach: ServedModel | None = None) -> None:
+        """``attach``: score through these already-open servers (rank 0's; the forward-KL warmup's generator)
+        instead of launching or connecting to ``cfg``'s; the teacher then owns nothing."""
         if not cfg.urls and not cfg.server.model_path:
             raise ValueError("an engine teacher needs server.model_path (the teacher's HF directory) or urls")
         self.cfg = cfg
         self.is_source = torch.distributed.get_rank() == 0
-        self._stack, self.model = contextlib.ExitStack(), None
-        if cfg.server.model_path:
+        self._stack, self.model = contextlib.ExitStack(), attach
+        if attach is None and cfg.server.model_path:
             check_same_tokenizer(cfg.server.model_path, student_dir)
-        if not self.is_source:
+        if not self.is_source or attach is not None:
             return
         server = dataclasses.replace(cfg.server, log_dir=log_dir)
         try:

@@ -148,6 +148,23 @@ def test_opd_topk_is_the_token_mean_of_the_set_kl_with_its_exact_gradient():
     assert metrics["opd/teacher_topk_mass"].item() == pytest.approx(mass.item(), rel=1e-12)
 
 
+def test_fkl_topk_is_the_token_mean_of_the_forward_set_kl_with_its_exact_gradient():
+    batch, norms = topk_batch(5), norm(PG_ROWS)
+    fkl = ForwardKLWarmup(policy(), FKLConfig(estimator="topk", top_k=3))
+    assert fkl.needs == Needs(old=False, teacher_rollouts=True, teacher_topk=3)
+    loss, metrics = fkl.loss(batch, norms)
+    mask = batch.token_mask(Role.POLICY)
+    s, t = batch.topk_logp.detach().exp(), batch.teacher_topk_logp.exp()
+    s_tail, t_tail = 1 - s.sum(-1), 1 - t.sum(-1)
+    kl = (t * (t.log() - s.log())).sum(-1) + t_tail * (t_tail.log() - s_tail.log())  # KL(teacher || student)
+    # d/d log s_i: -t_i + s_i * t_tail / s_tail (the tail's log depends on every s_i)
+    d = -t + s * (t_tail / s_tail)[..., None]
+    n = norms.num_tokens
+    assert loss.item() == pytest.approx((kl * mask).sum().item() / n, rel=1e-12)
+    torch.testing.assert_close(grad(loss, batch.topk_logp), d * mask[..., None] / n, rtol=1e-10, atol=1e-15)
+    assert metrics["fkl/kl"].item() == pytest.approx(loss.item(), rel=1e-12)
+
+
 def test_opd_topk_loss_and_gradient_vanish_when_the_teacher_is_the_student():
     batch = topk_batch(4, same_teacher=True)
     loss, _ = OnPolicyDistillation(policy(), OPDConfig(lam=LAM, estimator="topk", top_k=3)).loss(batch, distill_norms())
@@ -320,7 +337,8 @@ def test_fkl_views_carry_the_teachers_sampled_log_probs_not_the_engines():
     (lambda: OPDConfig(estimator="k2"), "distill.opd.estimator must be one of k1, k3, full, topk, got 'k2'"),
     (lambda: OPDConfig(estimator="topk", top_k=0), "distill.opd.top_k must be >= 1, got 0"),
     (lambda: OPDConfig(mode="loss", estimator="k3"), "distill.opd.estimator='k3' needs mode='reward'"),
-    (lambda: FKLConfig(estimator="k1"), "distill.fkl.estimator must be one of sampled, full, got 'k1'"),
+    (lambda: FKLConfig(estimator="k1"), "distill.fkl.estimator must be one of sampled, full, topk, got 'k1'"),
+    (lambda: FKLConfig(estimator="topk", top_k=0), "distill.fkl.top_k must be >= 1, got 0"),
     (lambda: TeacherConfig(temperature=0.0), "distill.teacher.temperature must be > 0, got 0"),
 ])
 def test_config_errors_are_one_line(make, match):

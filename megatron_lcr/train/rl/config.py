@@ -219,7 +219,7 @@ class RLRunConfig:
             raise ValueError("distill.teacher.tensor_parallel_size (a Megatron teacher with its own layout) needs "
                              "scorer: megatron, hf_path with the weights (not load: convert it with lcr convert "
                              "megatron-to-hf) and parallel.cp=1")
-        if needs.teacher_topk and teacher.scorer != "engine":
+        if needs.teacher_topk and not needs.teacher_rollouts and teacher.scorer != "engine":
             raise ValueError(f"{name} with estimator 'topk' needs an engine teacher (distill.teacher.scorer: engine); "
                              "a Megatron teacher gives the exact KL over the whole vocabulary (estimator 'full')")
         if needs.teacher_topk and self.parallel.context_parallel_size > 1:
@@ -231,8 +231,9 @@ class RLRunConfig:
                                  or self.trainer.logprobs_from == "logits"):
             raise ValueError(f"{name} with an exact KL (estimator 'full') needs parallel.cp=1, parallel.sp=false and "
                              "trainer.logprobs_from hidden/auto: the teacher hands over hidden states")
-        if (needs.teacher or needs.teacher_topk) and teacher.scorer == "engine" and distill_t != 1.0:
-            raise ValueError(f"distill.teacher.scorer='engine' scores at temperature 1 only, but the distillation "
+        if ((needs.teacher and teacher.scorer == "engine") or needs.teacher_topk) and distill_t != 1.0:
+            raise ValueError(f"distill.teacher.scorer='engine' (and any top-k estimator: engines give the top-k) "
+                             "scores at temperature 1 only, but the distillation "
                              f"temperature is {distill_t:g} (distill.teacher.temperature, else rl.temperature): use "
                              "the Megatron scorer or sample at 1")
         if needs.teacher_rollouts and not (teacher.hf_path or teacher.engine.urls):

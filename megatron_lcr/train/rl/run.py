@@ -15,7 +15,7 @@ import contextlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from megatron_lcr.atomic import atomic_write_text
@@ -34,7 +34,7 @@ from megatron_lcr.train.rl.config import RLRunConfig
 from megatron_lcr.train.rl.objectives import build_objective
 from megatron_lcr.train.rl.rollouts import collect_rollouts
 from megatron_lcr.train.rl.step import StepContext, train_step
-from megatron_lcr.train.rl.teacher import open_generator, open_scorer, teacher_server_gpus
+from megatron_lcr.train.rl.teacher import generator_scorer, open_generator, open_scorer, teacher_server_gpus
 from megatron_lcr.train.rl.update import check_weights_finite
 from megatron_lcr.train.task import start_qa_job
 from megatron_lcr.train.token_logprobs import ScoringSpec
@@ -141,6 +141,7 @@ def _run(cfg: RLRunConfig, out_dir: Path, job, objective, ctx: StepContext, stac
                                optimizer=job.optimizer, scheduler=job.scheduler, trainer_state=asdict(state))
 
     teacher_engines = open_generator(cfg, objective.needs, out_dir=out_dir, seed=trainer.seed, stack=stack)
+    ctx = replace(ctx, teacher=ctx.teacher or generator_scorer(cfg, objective.needs, teacher_engines, out_dir=out_dir))
     with Engines(cfg.rollout, model_path=str(engine_model), log_dir=str(out_dir / "rollout_logs"),
                  seed=trainer.seed) as engines, MetricsLog(out_dir, enabled=job.is_main, tensorboard=trainer.tensorboard,
                                                            total=trainer.steps, first=state.step) as log:

@@ -94,14 +94,16 @@ def score_old_logprobs(policy, sequences: list[TokenSequence], ctx: StepContext,
 def score_teacher(sequences: list[TokenSequence], teacher, *, top_k: int = 0) -> None:
     """Fill every view's ``teacher_logp`` (and with ``top_k`` its ``teacher_topk_ids`` / ``_logp``): the teacher
     scores the ``POLICY`` views (the sequences the policy sampled); other views of a response carry those."""
-    views = [s for s in sequences if s.role == Role.POLICY and s.teacher_logp is None]
+    # The warmup's views carry the teacher's sampled-token log-probs already; with top_k they are rescored.
+    pending = (lambda s: s.teacher_topk_ids is None) if top_k else (lambda s: s.teacher_logp is None)
+    views = [s for s in sequences if s.role == Role.POLICY and pending(s)]
     scores = (teacher.score_topk(views, top_k) if top_k else [(logp, None, None) for logp in teacher.score(views)]
               ) if views else []
     by_rollout = {}
     for seq, (logp, ids, top_logp) in zip(views, scores):
         seq.teacher_logp, seq.teacher_topk_ids, seq.teacher_topk_logp = by_rollout[seq.rollout] = logp, ids, top_logp
     for seq in sequences:
-        if seq.teacher_logp is None:
+        if pending(seq):
             seq.teacher_logp, seq.teacher_topk_ids, seq.teacher_topk_logp = by_rollout[seq.rollout]
 
 

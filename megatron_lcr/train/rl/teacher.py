@@ -19,6 +19,7 @@ from pathlib import Path
 from megatron_lcr.distill.layout_teacher import LayoutTeacher
 from megatron_lcr.distill.megatron_teacher import MegatronTeacher
 from megatron_lcr.distill.teacher import EngineTeacher
+from megatron_lcr.rollout.served import ServedModel
 from megatron_lcr.models.builder import ModelConfig
 from megatron_lcr.rl.objective import Needs
 from megatron_lcr.rollout.engines import Engines, RolloutConfig, launched_gpus
@@ -28,7 +29,8 @@ from megatron_lcr.train.token_logprobs import ScoringSpec
 
 
 def _scores(needs: Needs) -> bool:
-    return needs.teacher or needs.teacher_kl is not None or needs.teacher_topk > 0
+    """Whether the objective needs a scorer of its own (the warmup's top-k comes from its generator's servers)."""
+    return needs.teacher or needs.teacher_kl is not None or (needs.teacher_topk > 0 and not needs.teacher_rollouts)
 
 
 def _server(cfg) -> SGLangLaunchConfig:
@@ -77,3 +79,13 @@ def open_generator(cfg, needs: Needs, *, out_dir: Path, seed: int, stack: contex
                             sync=WeightSyncConfig(mode="disk", disk_dir=str(out_dir / "teacher_logs")))
     return stack.enter_context(Engines(rollout, model_path=rollout.server.model_path,
                                        log_dir=str(out_dir / "teacher_logs"), seed=seed))
+
+
+def generator_scorer(cfg, needs: Needs, generator: Engines | None, *, out_dir: Path) -> EngineTeacher | None:
+    """The forward-KL warmup's top-k scorer: the teacher servers that sample its rollouts, so that no second
+    set is launched (None unless the objective asks for the teacher's top-k on the teacher's own samples)."""
+    if not (needs.teacher_topk and needs.teacher_rollouts and generator is not None):
+        return None
+    attach = ServedModel(generator.syncer.client, generator.syncer) if generator.is_source else None
+    engine = dataclasses.replace(cfg.distill.teacher.engine, server=_server(cfg))
+    return EngineTeacher(engine, student_dir=cfg.model.hf_path, log_dir=str(out_dir / "teacher_logs"), attach=attach)

@@ -60,7 +60,8 @@ def test_the_exact_kl_needs_a_megatron_teacher_and_cp_1():
 
 def test_an_engine_scorer_needs_distillation_at_temperature_1():
     msg = refused(["objective=dgrpo", TEACHER, "distill.teacher.scorer=engine"])  # rl.temperature 0.7
-    assert "distill.teacher.scorer='engine' scores at temperature 1 only, but the distillation temperature is 0.7" in msg
+    assert ("distill.teacher.scorer='engine' (and any top-k estimator: engines give the top-k) scores at temperature 1 "
+            "only, but the distillation temperature is 0.7") in msg
     load_config(RLRunConfig, TINY, ["objective=dgrpo", TEACHER, "distill.teacher.scorer=engine", "rl.temperature=1.0"])
 
 
@@ -85,6 +86,10 @@ def test_the_topk_kl_needs_an_engine_teacher_at_temperature_1_and_may_differ_fro
     # A KL over the teacher's top-k set is not a sampled-token estimate: rollouts at 0.7, distillation at 1.
     cfg = load_config(RLRunConfig, TINY, [*engine, "distill.teacher.temperature=1.0", "distill.opd.top_k=8"])
     assert (cfg.distill_temperature, cfg.rl.temperature, cfg.distill.opd.top_k) == (1.0, 0.7, 8)
+    # The warmup's top-k comes from the servers that sample it, whatever the scorer; at temperature 1 only.
+    warmup = ["objective=fkl", TEACHER, "distill.fkl.estimator=topk"]
+    assert "scores at temperature 1 only, but the distillation temperature is 0.7" in refused(warmup)
+    load_config(RLRunConfig, TINY, [*warmup, "distill.teacher.temperature=1.0"])
 
 
 def test_the_warmup_accepts_running_teacher_servers():
