@@ -31,7 +31,6 @@ setup(
         "safetensors",
         "tokenizers",
         "pyyaml",
-        "nvidia-ml-py",
         "tqdm",
         "psutil",
         "numpy",
@@ -41,6 +40,7 @@ setup(
     ],
     extras_require={
         "plot": ["matplotlib"],  # lcr plot
+        "profile": ["nvidia-ml-py", "matplotlib"],  # lcr profile: GPU sampling through NVML, its figures
         # triton: its CPU interpreter tests the kernels; matplotlib: lcr plot is tested.
         "dev": ["pytest>=8", "pytest-timeout", "triton", "matplotlib"],
         # Engines and Transformer Engine, each installable alone (SGLang and vLLM pin different torch

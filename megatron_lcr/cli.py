@@ -15,7 +15,10 @@ Subcommands (each has its own ``--help``):
   lcr data stats FILE [FILE ...]
   lcr serve --model DIR --port P [--host H --api-key KEY ...]   CPU rollout server speaking SGLang's HTTP API
   lcr plot RUN [RUN ...] --out FILE [--metrics KEY ...]        training curves of runs side by side
+  lcr profile CONFIG --steps N --out DIR [...]  step-time breakdown, tokens/s, FLOPs, MFU, GPU use (NVML)
   lcr eval --model DIR --data FILE [FILE ...] --out DIR          benchmark scores per dataset and context-length bucket
+  lcr launch slurm CONFIG --out DIR [--nodes N --gpus-per-node G --rollout-nodes K ...] [--dry-run] [key=value ...]
+                                               check, write and submit a SLURM job (requeues itself on preemption)
 
 Errors in the input (config keys, model directories, checkpoints, layouts) end the command with one
 line on stderr naming the file or key, and exit status 1.
@@ -31,7 +34,7 @@ import traceback
 from megatron_lcr import __version__
 
 
-def _config_class(command: str):
+def config_class(command: str):
     """The run config of ``lcr train`` / ``sft`` / ``pretrain``."""
     if command == "sft":
         from megatron_lcr.train.sft.run import SFTRunConfig
@@ -57,7 +60,7 @@ def _run(args: argparse.Namespace) -> None:
     from megatron_lcr.startup import announce_backend, is_global_rank_zero, quiet_known_warnings
 
     quiet_known_warnings()  # before anything imports Megatron, which warns on import
-    cfg = load_config(_config_class(args.command), args.config, args.overrides)
+    cfg = load_config(config_class(args.command), args.config, args.overrides)
     if args.command == "pipeline":
         from megatron_lcr.pipeline.run import run_pipeline
 
@@ -80,7 +83,7 @@ def _config(args: argparse.Namespace) -> None:
 
     from megatron_lcr.config import config_help, load_config, to_dict
 
-    cls = _config_class(args.kind)
+    cls = config_class(args.kind)
     if args.keys:
         print(config_help(cls))
         return
@@ -101,8 +104,7 @@ def _hf_to_megatron(args: argparse.Namespace) -> None:
 def _megatron_to_hf(args: argparse.Namespace) -> None:
     from megatron_lcr.models.convert import megatron_to_hf
 
-    megatron_to_hf(args.ckpt, args.out, tp=args.tp, pp=args.pp,
-                   max_shard_bytes=int(args.max_shard_gb * 2**30), overwrite=args.overwrite)
+    megatron_to_hf(args.ckpt, args.out, max_shard_bytes=int(args.max_shard_gb * 2**30), overwrite=args.overwrite)
     print(f"wrote {args.out}")
 
 
@@ -140,7 +142,8 @@ def _add_convert_parser(sub) -> None:
                              description="Checkpoint conversion; both directions stream tensor by tensor.")
     direction = convert.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
     h2m = direction.add_parser("hf-to-megatron", help="Hugging Face directory -> Megatron distributed checkpoint",
-                               description="Write a Megatron dist checkpoint from a HF model, using TP x PP local worker processes.")
+                               description="Write a Megatron dist checkpoint (loads at any TP/PP) from a HF model, "
+                                           "one tensor at a time in this process.")
     h2m.add_argument("--hf", required=True, help="Hugging Face model directory (config.json, safetensors, tokenizer)")
     h2m.add_argument("--out", required=True, help="output checkpoint directory (must not exist, unless --overwrite)")
     h2m.add_argument("--tp", type=int, default=1, help="tensor-parallel size to write at (default 1)")
@@ -150,11 +153,10 @@ def _add_convert_parser(sub) -> None:
     h2m.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     h2m.set_defaults(func=_hf_to_megatron)
     m2h = direction.add_parser("megatron-to-hf", help="Megatron checkpoint -> Hugging Face directory",
-                               description="Write sharded safetensors + index, config.json and tokenizer files.")
+                               description="Write sharded safetensors + index, config.json and tokenizer files, "
+                                           "one tensor at a time (reads a checkpoint saved at any TP/PP).")
     m2h.add_argument("--ckpt", required=True, help="megatron_lcr checkpoint directory (converted or checkpoints/iter_N)")
     m2h.add_argument("--out", required=True, help="output Hugging Face directory")
-    m2h.add_argument("--tp", type=int, default=None, help="reader TP size (default: the layout it was saved at)")
-    m2h.add_argument("--pp", type=int, default=None, help="reader PP size (default: the layout it was saved at)")
     m2h.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard, GiB (default 5)")
     m2h.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     m2h.set_defaults(func=_megatron_to_hf)
@@ -249,9 +251,15 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_lcr.data.commands import add_parser as add_data_parser
 
     add_data_parser(sub)
+    from megatron_lcr.profiling.commands import add_parser as add_profile_parser
+
+    add_profile_parser(sub)
     from megatron_lcr.eval.commands import add_parser as add_eval_parser
 
     add_eval_parser(sub)
+    from megatron_lcr.launch.commands import add_parser as add_launch_parser
+
+    add_launch_parser(sub)
     return parser
 
 

@@ -415,18 +415,22 @@ def test_pipeline_stage_1_memory(pipeline, model_dirs):
 
 
 def test_phase_1_runs_what_the_pipeline_would(pipeline, model_dirs):
-    """The header's sbatch command for stage 1 is lcr pipeline's stage-1 lcr train command (objective,
-    the raw teacher, the stage's overrides) on trainer + rollout nodes, and its export is `teacher:`."""
+    """The header's ``lcr launch slurm`` command for stage 1 is lcr pipeline's stage-1 lcr train command
+    (objective, the raw teacher, the stage's overrides) on trainer + rollout nodes, and its export is
+    `teacher:`."""
+    from megatron_lcr.cli import build_parser
+
     base = REPO / pipeline.base
     raw_teacher = yaml.safe_load(base.read_text())["distill"]["teacher"]["hf_path"]
-    (args,) = command_args(PIPELINE, "sbatch", "depo_8b.sbatch")
-    script = args.index("examples/slurm/depo_8b.sbatch")
-    assert args[script + 1] == pipeline.base
-    assert args[script + 3:] == stage_overrides("rl", init=raw_teacher, teacher=None,
-                                                user=pipeline.stages.teacher_rl.overrides)
+    (args,) = command_args(PIPELINE, "lcr launch slurm")
+    launch, extra = build_parser().parse_known_args(args[1:])  # overrides after --out: as lcr's main merges them
+    assert launch.config == pipeline.base
+    assert [*launch.overrides, *extra] == stage_overrides("rl", init=raw_teacher, teacher=None,
+                                               user=pipeline.stages.teacher_rl.overrides)
     hw = header_values(PIPELINE, "recipe[teacher_rl]")
-    assert f"--nodes={int(hw['trainer_nodes']) + int(hw['rollout_nodes'])}" in args[:script]
-    out = args[script + 2]
+    assert (launch.nodes, launch.rollout_nodes) == (int(hw["trainer_nodes"]) + int(hw["rollout_nodes"]),
+                                                    int(hw["rollout_nodes"]))
+    out = launch.out
     (convert,) = command_args(PIPELINE, "lcr convert megatron-to-hf", f"--ckpt {out}/")
     steps = load_config(RLRunConfig, base, model_overrides(model_dirs, *named_models(base))).trainer.steps
     assert convert[convert.index("--ckpt") + 1] == f"{out}/checkpoints/iter_{steps:07d}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+import shlex
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,6 @@ from megatron_lcr.train.rl.config import RLRunConfig
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE_DIR = REPO / "examples" / "depo"
-SBATCH = REPO / "examples" / "slurm" / "depo_8b.sbatch"
 RECIPES = sorted(RECIPE_DIR.glob("*.yaml"))
 
 # Published dimensions, keyed by the model directory name that model.hf_path ends in.
@@ -227,26 +227,28 @@ def test_readme_table_matches_the_recipes(recipe):
     assert recipe.path.name in cells[-1]
 
 
-def _sbatch_default(option: str) -> str:
-    values = re.findall(rf"^#SBATCH --{option}=(\S+)$", SBATCH.read_text(), flags=re.M)
-    assert len(values) == 1, option
-    return values[0]
+def launch_command(path: Path) -> list[str]:
+    """The arguments of the header's ``lcr launch slurm`` command (backslash continuations joined)."""
+    from tests.test_distill_recipes import header_commands
+
+    lines = [line for line in header_commands(path) if "lcr launch slurm" in line]
+    assert len(lines) == 1, f"{path.name}: {len(lines)} 'lcr launch slurm' lines in the header"
+    return shlex.split(lines[0][lines[0].index("lcr launch slurm") + len("lcr launch slurm"):])
 
 
-def test_sbatch_script_parses():
-    subprocess.run(["bash", "-n", str(SBATCH)], check=True)
-    assert _sbatch_default("ntasks-per-node") == _sbatch_default("gpus-per-node")  # one trainer task per GPU
-    assert re.search(r"^ROLLOUT_NODES=\$\{ROLLOUT_NODES:-1\}$", SBATCH.read_text(), flags=re.M)
+def test_launch_lines_request_the_recipes_nodes_and_pass_the_launchers_checks(recipe, tmp_path, capsys):
+    """The header's ``lcr launch slurm`` asks for the recipe's trainer + rollout nodes and GPUs per node, and
+    the launcher's own checks (layout against the GPUs, placement) accept it: a dry run writes the script."""
+    from megatron_lcr.cli import build_parser
 
-
-def test_launch_lines_request_the_recipes_nodes(recipe):
-    """The header's sbatch command gets the recipe's node count, trainer + rollout (given, or the script's
-    default), and the script's default of one rollout node."""
-    assert recipe.rollout_nodes == 1
-    text = recipe.path.read_text()
-    match = re.search(r"sbatch (.*?)examples/slurm/depo_8b\.sbatch\s+(?:\\\n#\s*)?(\S+)", text)
-    assert match, f"{recipe.path.name}: no sbatch launch line"
-    given = re.search(r"--nodes=(\d+)", match.group(1))
-    assert int(given.group(1) if given else _sbatch_default("nodes")) == recipe.nodes
-    assert int(_sbatch_default("gpus-per-node")) == recipe.gpus_per_node
-    assert match.group(2) == f"examples/depo/{recipe.path.name}"
+    args = launch_command(recipe.path)
+    parsed = build_parser().parse_args(["launch", "slurm", *args])
+    assert parsed.config == f"examples/depo/{recipe.path.name}"
+    assert (parsed.nodes, parsed.rollout_nodes, parsed.gpus_per_node) == (
+        recipe.nodes, recipe.rollout_nodes, recipe.gpus_per_node)
+    out = tmp_path / "run"
+    dry = [a if a != parsed.out else str(out) for a in args]
+    assert lcr_main(["launch", "slurm", *dry, "--dry-run", "--no-check-urls"]) == 0, capsys.readouterr().err
+    script = (out / "slurm" / "job.sbatch").read_text()
+    assert f"#SBATCH --nodes={recipe.nodes}" in script
+    subprocess.run(["bash", "-n", str(out / "slurm" / "job.sbatch")], check=True)

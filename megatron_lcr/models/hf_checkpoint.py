@@ -1,10 +1,11 @@
 """Reading and writing Hugging Face checkpoints tensor by tensor.
 
 Reading goes through ``safetensors.safe_open`` (memory-mapped), so a converter touches one tensor at a
-time and a 70B checkpoint never has to fit in one process's memory. Writing buffers tensors into
-shards of at most ``max_shard_bytes`` and writes ``model.safetensors.index.json`` like
-``transformers``' ``save_pretrained`` does. Every problem with the input is a
-:class:`HFCheckpointError` naming the file.
+time and a 70B checkpoint never has to fit in one process's memory. Two writers: one buffers tensors
+into shards of at most ``max_shard_bytes`` (for callers that hold the tensors anyway), one streams
+tensors whose names, dtypes and shapes are known up front, holding none of them. Both write
+``model.safetensors.index.json`` like ``transformers``' ``save_pretrained`` does. Every problem with
+the input is a :class:`HFCheckpointError` naming the file.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
+import sys
 from pathlib import Path
 
 import torch
@@ -58,12 +61,17 @@ def load_hf_config(path: str | os.PathLike):
 
 
 class SafetensorsReader:
-    """Lazy access to the tensors of a (possibly sharded) safetensors checkpoint."""
+    """Lazy access to the tensors of a (possibly sharded) safetensors checkpoint.
+
+    ``safe_open`` hands out tensors that are views of its memory map, and every page a reader has
+    touched stays in the process's resident set for as long as the file is open. So each ``get``
+    opens the file for that one tensor: the pages are released with the tensor, and reading a whole
+    checkpoint does not grow the process by the checkpoint's size (a cached handle did).
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._files = self._index()
-        self._handles: dict[str, object] = {}
 
     def _index(self) -> dict[str, Path]:
         index = self.path / INDEX_NAME
@@ -100,13 +108,21 @@ class SafetensorsReader:
         if name not in self._files:
             raise HFCheckpointError(f"{self.path}: tensor '{name}' not found in the checkpoint")
         file = self._files[name]
-        handle = self._handles.get(str(file))
-        if handle is None:
-            handle = self._handles[str(file)] = self._open(file).__enter__()
-        try:
-            return handle.get_tensor(name)
-        except Exception as err:
-            raise HFCheckpointError(f"{file}: cannot read tensor '{name}' ({err})") from None
+        with self._open(file) as handle:
+            try:
+                return handle.get_tensor(name)
+            except Exception as err:
+                raise HFCheckpointError(f"{file}: cannot read tensor '{name}' ({err})") from None
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, from the files' headers (no tensor data is read)."""
+        shapes = {}
+        for file in sorted(set(self._files.values())):
+            with self._open(file) as handle:
+                for name in handle.keys():
+                    if self._files.get(name) == file:
+                        shapes[name] = tuple(handle.get_slice(name).get_shape())
+        return shapes
 
 
 class ShardedSafetensorsWriter:
@@ -165,6 +181,101 @@ def finalize_shards(out_dir: str | os.PathLike, parts: list[str]) -> None:
         weight_map.update({name: final for name in entry["names"]})
     index = {"metadata": {"total_size": sum(e["bytes"] for e in files)}, "weight_map": weight_map}
     (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+# safetensors dtype codes (https://github.com/huggingface/safetensors#format) of the dtypes models hold.
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
+
+TensorEntry = tuple[str, torch.dtype, tuple[int, ...]]
+"""``(name, dtype, shape)`` of a tensor a streaming writer will receive."""
+
+
+def _nbytes(entry: TensorEntry) -> int:
+    _, dtype, shape = entry
+    count = 1
+    for size in shape:
+        count *= size
+    return count * dtype.itemsize
+
+
+def plan_shards(entries: list[TensorEntry], max_shard_bytes: int) -> list[list[TensorEntry]]:
+    """Split ``entries`` in order into shards of at most ``max_shard_bytes`` (a larger tensor gets its own)."""
+    shards: list[list[TensorEntry]] = []
+    size = 0
+    for entry in entries:
+        if not shards or (shards[-1] and size + _nbytes(entry) > max_shard_bytes):
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += _nbytes(entry)
+    return shards
+
+
+def _safetensors_header(entries: list[TensorEntry]) -> bytes:
+    """The 8-byte length and JSON header of a safetensors file holding ``entries`` in this order."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for entry in entries:
+        name, dtype, shape = entry
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + _nbytes(entry)]}
+        offset += _nbytes(entry)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data that follows starts 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(text)) + text
+
+
+class StreamingSafetensorsWriter:
+    """Writes tensors straight to disk as they arrive, into shards planned from their names, dtypes and
+    shapes, so that memory never holds more than the tensor being written.
+
+    A safetensors header lists every tensor of its file with its byte range, so it can be written
+    before the data once the tensors' shapes are known; the tensors must then arrive in ``entries``
+    order. Files get their final ``model-0000i-of-0000N.safetensors`` (or ``model.safetensors``)
+    names; ``close`` checks that every planned tensor came and writes the index.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, entries: list[TensorEntry], *, max_shard_bytes: int = 5 * 2**30):
+        if sys.byteorder != "little":
+            raise RuntimeError("safetensors stores little-endian data; this writer copies native bytes")
+        self.out_dir = Path(out_dir)
+        self.shards = plan_shards(entries, max_shard_bytes)
+        count = len(self.shards)
+        self.files = [SINGLE_NAME] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        self._queue = [(i, entry) for i, shard in enumerate(self.shards) for entry in shard]
+        self._next = 0
+        self._stream = None
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self._queue):
+            raise ValueError(f"tensor '{name}' was not planned (all {len(self._queue)} planned tensors are written)")
+        shard, (want, dtype, shape) = self._queue[self._next]
+        if (name, tensor.dtype, tuple(tensor.shape)) != (want, dtype, shape):
+            raise ValueError(f"expected tensor '{want}' {dtype} {list(shape)}, got '{name}' "
+                             f"{tensor.dtype} {list(tensor.shape)}")
+        if self._next == 0 or self._queue[self._next - 1][0] != shard:
+            self._open(shard)
+        self._stream.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        self._next += 1
+
+    def _open(self, shard: int) -> None:
+        if self._stream is not None:
+            self._stream.close()
+        self._stream = open(self.out_dir / self.files[shard], "wb")
+        self._stream.write(_safetensors_header(self.shards[shard]))
+
+    def close(self) -> None:
+        """Close the last file and write the index (several shards); every planned tensor must have come."""
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+        if self._next != len(self._queue):
+            raise ValueError(f"tensor '{self._queue[self._next][1][0]}' was planned but never written")
+        if len(self.files) > 1:
+            weight_map = {name: file for file, shard in zip(self.files, self.shards) for name, _, _ in shard}
+            total = sum(_nbytes(entry) for shard in self.shards for entry in shard)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def copy_hf_metadata(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:

@@ -11,7 +11,8 @@ Layout::
 so a checkpoint written at one TP/PP layout loads at any other: Megatron reads each rank's slice.
 The only layout-dependent size is the padded vocabulary, which is recorded here and reused on load
 when the new TP size divides it. Training checkpoints (``megatron_lcr.train``) add optimizer and
-loop state next to ``model/``.
+loop state next to ``model/``. ``lcr convert`` writes and reads ``model/`` without building a model,
+one tensor at a time, in the layout Megatron's save gives (``dist_format``).
 """
 
 from __future__ import annotations

@@ -211,13 +211,41 @@ def chunk_maps(
     return maps
 
 
+def hf_shapes(arch: HFArch) -> dict[str, tuple[int, ...]]:
+    """Shape of every Hugging Face tensor of the model, by name, in checkpoint order (embedding, layers, norm,
+    head): what a checkpoint of ``arch`` must hold, so converters can check it before reading any data."""
+    h, f, d, v = arch.hidden_size, arch.ffn_hidden_size, arch.head_dim, arch.vocab_size
+    q, kv = arch.num_attention_heads * d, arch.num_query_groups * d
+    layer = {
+        "input_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (q, h),
+        "self_attn.k_proj.weight": (kv, h),
+        "self_attn.v_proj.weight": (kv, h),
+        "self_attn.o_proj.weight": (h, q),
+        "post_attention_layernorm.weight": (h,),
+        "mlp.gate_proj.weight": (f, h),
+        "mlp.up_proj.weight": (f, h),
+        "mlp.down_proj.weight": (h, f),
+    }
+    if arch.qkv_bias:
+        layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
+    if arch.qk_norm:
+        layer.update({"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)})
+    shapes = {"model.embed_tokens.weight": (v, h)}
+    for i in range(arch.num_layers):
+        shapes.update({f"model.layers.{i}.{name}": shape for name, shape in layer.items()})
+    shapes["model.norm.weight"] = (h,)
+    if not arch.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, h)
+    return shapes
+
+
 def hf_names(arch: HFArch) -> list[str]:
     """Every Hugging Face tensor name of the model, in checkpoint order."""
-    names = ["model.embed_tokens.weight"]
-    for layer in range(arch.num_layers):
-        for tm in layer_maps(arch, te=False, global_index=layer, local_index=layer):
-            names += tm.hf
-    names.append("model.norm.weight")
-    if not arch.tie_word_embeddings:
-        names.append("lm_head.weight")
-    return names
+    return list(hf_shapes(arch))
+
+
+def megatron_shape(tm: TensorMap, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+    """Shape of the full (TP=1) Megatron tensor ``tm`` fuses from HF tensors of ``shapes``, computed by
+    fusing meta tensors: no data is touched, and the answer cannot drift from ``fuse``."""
+    return tuple(tm.fuse([torch.empty(shapes[name], device="meta") for name in tm.hf]).shape)

@@ -16,6 +16,7 @@ import torch
 
 from megatron_lcr.models.forward import causal_mask
 from megatron_lcr.parallel.env import collective_device
+from megatron_lcr.profiling.timers import StepTimer
 from megatron_lcr.train.optimizer import begin_update
 
 
@@ -117,15 +118,21 @@ def evaluate_loss(chunks, micro_batches: list[MicroBatch], *, vocab_size: int) -
     return reduce_lm_loss(_run_schedule(chunks, micro_batches, vocab_size=vocab_size, forward_only=True))
 
 
-def lm_train_step(chunks, optimizer, scheduler, micro_batches: list[MicroBatch], *, vocab_size: int) -> dict:
-    """One optimizer step; returns ``{"loss", "grad_norm", "lr", "skipped"}`` (loss on the last stage)."""
-    begin_update(chunks, optimizer)
-    reports = _run_schedule(chunks, micro_batches, vocab_size=vocab_size, forward_only=False)
-    updated, grad_norm, _ = optimizer.step()
-    if updated:
-        scheduler.step(increment=1)
+def lm_train_step(chunks, optimizer, scheduler, micro_batches: list[MicroBatch], *, vocab_size: int,
+                  timer: StepTimer | None = None) -> dict:
+    """One optimizer step; returns ``{"loss", "grad_norm", "lr", "skipped"}`` (loss on the last stage).
+    Timed as the phases ``forward_backward`` and ``optimizer``."""
+    timer = timer or StepTimer()
+    with timer.phase("forward_backward"):
+        begin_update(chunks, optimizer)
+        reports = _run_schedule(chunks, micro_batches, vocab_size=vocab_size, forward_only=False)
+        loss = reduce_lm_loss(reports)
+    with timer.phase("optimizer"):
+        updated, grad_norm, _ = optimizer.step()
+        if updated:
+            scheduler.step(increment=1)
     return {
-        "loss": reduce_lm_loss(reports),
+        "loss": loss,
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "lr": optimizer.param_groups[0]["lr"],
         "skipped": not updated,

@@ -1,4 +1,4 @@
-"""`lcr convert` in both directions, through the real CLI and real worker processes.
+"""`lcr convert` in both directions, through the real CLI.
 
 The references are the original Hugging Face files (bit-identical tensors) and the Hugging Face
 model's own logits. Bad inputs must fail with one line, exit 1, and leave no output directory.
@@ -61,9 +61,9 @@ def test_hf_to_megatron_tp2_pp2_and_back_is_bit_identical(tmp_path):
     assert_ok(lcr("convert", "megatron-to-hf", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "back")))
 
     assert_same_tensors(hf, tmp_path / "back")
-    # Two pipeline stages write two shards; the index must name every tensor.
-    index = json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())
-    assert set(index["weight_map"]) == set(SafetensorsReader(hf).keys())
+    # Under the default 5 GiB shard size the model is one file, as save_pretrained writes it.
+    assert (tmp_path / "back" / "model.safetensors").is_file()
+    assert not (tmp_path / "back" / "model.safetensors.index.json").exists()
     ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
     assert torch.equal(hf_logits(hf, ids), hf_logits(tmp_path / "back", ids))
     # The tokenizer travelled with the weights.
@@ -74,14 +74,22 @@ def test_hf_to_megatron_tp2_pp2_and_back_is_bit_identical(tmp_path):
 
 @pytest.mark.dist
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_checkpoint_written_at_tp2_reads_back_at_tp1(tmp_path, family):
+def test_checkpoint_written_at_tp2_converts_back_into_small_shards(tmp_path, family):
     hf = make_tiny_hf(family, tmp_path / "hf")
     assert_ok(lcr("convert", "hf-to-megatron", "--hf", str(hf), "--out", str(tmp_path / "ckpt"), "--tp", "2"))
     assert_ok(lcr("convert", "megatron-to-hf", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "back"),
-                  "--tp", "1", "--max-shard-gb", "0.0005"))
+                  "--max-shard-gb", "0.0005"))
     assert_same_tensors(hf, tmp_path / "back")
-    # ~0.5 MB shards: the writer must split and index them.
-    assert len(list((tmp_path / "back").glob("model-*-of-*.safetensors"))) > 1
+    # ~0.5 MB shards: the writer must split them, and the index must name every tensor in its file
+    # with the byte total of the tensors.
+    shards = sorted((tmp_path / "back").glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1
+    index = json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())
+    original = SafetensorsReader(hf)
+    assert set(index["weight_map"]) == set(original.keys())
+    for shard in shards:
+        assert set(load_file(shard)) == {n for n, f in index["weight_map"].items() if f == shard.name}
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in map(original.get, original.keys()))
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +151,29 @@ def test_missing_tensor_is_rejected(tmp_path, llama_dir):
     (bad / "config.json").write_bytes((llama_dir / "config.json").read_bytes())
     proc = lcr("convert", "hf-to-megatron", "--hf", str(bad), "--out", str(tmp_path / "out"))
     assert_one_line_error(proc, "model.layers.2.mlp.up_proj.weight")
+    assert not (tmp_path / "out").exists()
+
+
+def test_misshapen_tensor_is_rejected_before_anything_is_written(tmp_path, llama_dir):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    tensors = load_file(llama_dir / "model.safetensors")
+    tensors["model.layers.1.self_attn.k_proj.weight"] = tensors["model.layers.1.self_attn.k_proj.weight"][:8]
+    save_file(tensors, bad / "model.safetensors")
+    (bad / "config.json").write_bytes((llama_dir / "config.json").read_bytes())
+    proc = lcr("convert", "hf-to-megatron", "--hf", str(bad), "--out", str(tmp_path / "out"))
+    assert_one_line_error(proc, "model.layers.1.self_attn.k_proj.weight", "[8, 64]", "[16, 64]")
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_that_does_not_match_its_config_is_rejected(tmp_path, llama_dir):
+    assert_ok(lcr("convert", "hf-to-megatron", "--hf", str(llama_dir), "--out", str(tmp_path / "ckpt")))
+    config_file = tmp_path / "ckpt" / "hf" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["intermediate_size"] = 96  # the checkpoint's MLP is 128 wide
+    config_file.write_text(json.dumps(config))
+    proc = lcr("convert", "megatron-to-hf", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"))
+    assert_one_line_error(proc, "decoder.layers.mlp.linear_fc1.weight", "[4, 256, 64]", "[4, 192, 64]")
     assert not (tmp_path / "out").exists()
 
 

@@ -22,6 +22,8 @@ from megatron_lcr.models.families import hf_arch, model_dims
 from megatron_lcr.models.hf_checkpoint import load_hf_config
 from megatron_lcr.models.megatron_checkpoint import HF_DIR
 from megatron_lcr.parallel.state import destroy_megatron, initialize_megatron
+from megatron_lcr.profiling.flops import TransformerDims, step_flops_metrics
+from megatron_lcr.profiling.timers import StepTimer
 from megatron_lcr.train.checkpoint import save_checkpoint
 from megatron_lcr.train.pretrain.config import LMRunConfig
 from megatron_lcr.train.lm_step import evaluate_loss, lm_train_step, micro_batches_from_sequences
@@ -75,20 +77,25 @@ def run_lm_training(cfg: LMRunConfig, out_dir: str | Path) -> dict:
     train_tokens = arithmetic_sequences(cfg.data, trainer.steps * trainer.global_batch_size, length, stream=0)
     metrics_file = (out_dir / "metrics.jsonl").open("w") if is_main else None
     bar = tqdm(range(1, trainer.steps + 1), desc="train", disable=not is_main, file=sys.stderr, mininterval=2.0)
+    timer = StepTimer.for_run(1)  # a checkpoint's seconds land in the next step's line
+    flops = step_flops_metrics(TransformerDims.from_arch(arch), ranks=torch.distributed.get_world_size(),
+                               trained=[trainer.seq_length] * trainer.global_batch_size)  # every step alike
     for step in bar:
         batch = train_tokens[(step - 1) * trainer.global_batch_size: step * trainer.global_batch_size]
         metrics = lm_train_step(policy.chunks, optimizer, scheduler,
                                 micro_batches_from_sequences(_rank_slice(batch), trainer.micro_batch_size),
-                                vocab_size=policy.arch.vocab_size)
+                                vocab_size=policy.arch.vocab_size, timer=timer)
         metrics["loss"] = _from_last_stage(metrics["loss"])
         if metrics["loss"] is None or not math.isfinite(metrics["loss"]):
             raise FloatingPointError(f"step {step}: loss is {metrics['loss']}")
+        metrics.update({**flops, **timer.metrics()})
         if is_main:
             metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
             metrics_file.flush()
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", gnorm=f"{metrics['grad_norm']:.3f}")
         if trainer.save_interval and step % trainer.save_interval == 0 and step != trainer.steps:
-            save_checkpoint(policy, cfg.parallel, out_dir, step=step, keep_last=trainer.keep_last)
+            with timer.phase("checkpoint"):
+                save_checkpoint(policy, cfg.parallel, out_dir, step=step, keep_last=trainer.keep_last)
     final = save_checkpoint(policy, cfg.parallel, out_dir, step=trainer.steps, keep_last=trainer.keep_last)
     trained_loss = _from_last_stage(evaluate_loss(policy.chunks, eval_mbs, vocab_size=policy.arch.vocab_size))
     wall = time.time() - started

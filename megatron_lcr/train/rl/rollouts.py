@@ -17,6 +17,7 @@ import torch
 
 from megatron_lcr.data.prompts import extract_answer
 from megatron_lcr.data.schema import Sample
+from megatron_lcr.profiling.timers import StepTimer
 from megatron_lcr.rl.advantages import GroupFiller, group_advantages, overlong_penalty
 from megatron_lcr.rl.rewards import get_reward, reward_for_family
 from megatron_lcr.rl.sequences import Rollout
@@ -37,8 +38,9 @@ def _reward(rl: RLConfig, task: TaskContext, sample: Sample, completion: Complet
 
 
 def _sample_groups(generate, rl: RLConfig, task: TaskContext, samples: list[Sample], context: str,
-                   seed: int) -> list[list[Rollout]]:
-    """``group_size`` rollouts per sample with ``context``, rewarded and with advantages."""
+                   seed: int, timer: StepTimer) -> list[list[Rollout]]:
+    """``group_size`` rollouts per sample with ``context``, rewarded and with advantages (timed as the
+    phases ``generation`` and ``reward``)."""
     prompts = task.prompts(samples, context)
     requests = [
         GenerateRequest(input_ids=ids, n=rl.group_size, rid=f"s{seed}-{context}-{i}",
@@ -48,14 +50,17 @@ def _sample_groups(generate, rl: RLConfig, task: TaskContext, samples: list[Samp
         for i, ids in enumerate(prompts)
     ]
     groups: list[list[Rollout]] = [[] for _ in samples]
-    for c in sorted(generate(requests), key=lambda c: (c.prompt_index, c.sample_index)):
-        sample = samples[c.prompt_index]
-        groups[c.prompt_index].append(Rollout(
-            sample=sample, context=context, prompt=prompts[c.prompt_index], response=list(c.output_ids),
-            engine_logp=list(c.output_logprobs), finish_reason=c.finish_reason,
-            reward=_reward(rl, task, sample, c)))
-    rewards = torch.tensor([[r.reward for r in g] for g in groups], dtype=torch.float32)
-    advantages = group_advantages(rewards, normalize_std=rl.advantage.normalize_std, eps=rl.advantage.eps)
+    with timer.phase("generation"):
+        completions = generate(requests)
+    with timer.phase("reward"):
+        for c in sorted(completions, key=lambda c: (c.prompt_index, c.sample_index)):
+            sample = samples[c.prompt_index]
+            groups[c.prompt_index].append(Rollout(
+                sample=sample, context=context, prompt=prompts[c.prompt_index], response=list(c.output_ids),
+                engine_logp=list(c.output_logprobs), finish_reason=c.finish_reason,
+                reward=_reward(rl, task, sample, c)))
+        rewards = torch.tensor([[r.reward for r in g] for g in groups], dtype=torch.float32)
+        advantages = group_advantages(rewards, normalize_std=rl.advantage.normalize_std, eps=rl.advantage.eps)
     for group, row in zip(groups, advantages.tolist()):
         for rollout, advantage in zip(group, row):
             rollout.advantage = advantage
@@ -63,17 +68,19 @@ def _sample_groups(generate, rl: RLConfig, task: TaskContext, samples: list[Samp
 
 
 def collect_rollouts(generate, rl: RLConfig, task: TaskContext, draw: Callable[[int], list[Sample]],
-                     *, prompts_per_step: int, seed: int) -> tuple[list[Rollout], dict]:
-    """Rollouts of one step (every rank gets the same list) and sampling metrics.
+                     *, prompts_per_step: int, seed: int, timer: StepTimer | None = None) -> tuple[list[Rollout], dict]:
+    """Rollouts of one step (every rank gets the same list) and sampling metrics, with the prompt and
+    response tokens the engines processed (every sample of a group counts its prompt).
 
     ``draw(round)`` returns the samples of a sampling round (round 0: the step's prompts).
     """
     contexts = ["short", "long"] if rl.context == "short_long" else [rl.context]
+    timer = timer or StepTimer()
 
     def sample_round(round_: int) -> list[list[Rollout]]:
         samples = draw(round_)
         return [g for context in contexts
-                for g in _sample_groups(generate, rl, task, samples, context, seed * 100 + round_)]
+                for g in _sample_groups(generate, rl, task, samples, context, seed * 100 + round_, timer)]
 
     metrics: dict[str, float] = {}
     if not rl.advantage.dynamic_sampling:
@@ -98,5 +105,7 @@ def collect_rollouts(generate, rl: RLConfig, task: TaskContext, draw: Callable[[
         "rollout/all_reward_mean": sum(r.reward for r in rollouts) / count,
         "rollout/response_len_mean": sum(len(r.response) for r in rollouts) / count,
         "rollout/truncated_frac": sum(r.finish_reason == "length" for r in rollouts) / count,
+        "rollout/prompt_tokens": float(sum(len(r.prompt) for r in rollouts)),
+        "rollout/response_tokens": float(sum(len(r.response) for r in rollouts)),
     })
     return rollouts, metrics

@@ -30,6 +30,7 @@ from megatron_lcr.train.checkpoint import latest_checkpoint, load_training_state
 from megatron_lcr.train.export import export_hf
 from megatron_lcr.train.metrics_log import MetricsLog
 from megatron_lcr.train.model_setup import build_policy, has_hf_weights
+from megatron_lcr.train.preemption import Preemption
 from megatron_lcr.train.rl.config import RLRunConfig
 from megatron_lcr.train.rl.objectives import build_objective
 from megatron_lcr.train.rl.rollouts import collect_rollouts
@@ -126,6 +127,7 @@ def run_rl(cfg: RLRunConfig, out_dir: str | Path) -> dict:
 def _run(cfg: RLRunConfig, out_dir: Path, job, objective, ctx: StepContext, stack: contextlib.ExitStack,
          started: float) -> dict:
     policy, task, trainer = job.policy, job.task, cfg.trainer
+    preempt = stack.enter_context(Preemption(out_dir))  # SIGUSR1 / SIGTERM / $LCR_PREEMPT_REQUEST
     state = _resume(cfg, out_dir, job)
     engine_model = policy.hf_config_dir if has_hf_weights(policy.hf_config_dir) else export_hf(policy, out_dir / "engine_init")
 
@@ -150,23 +152,27 @@ def _run(cfg: RLRunConfig, out_dir: Path, job, objective, ctx: StepContext, stac
         if state.base is None:
             state.base = evaluate(engines)
             log.write(0, _eval_metrics(state.base))
+        timer = StepTimer.for_run(state.step + 1)  # a checkpoint's seconds land in the next step's line
         for step in range(state.step + 1, trainer.steps + 1):
-            timer = StepTimer()
-            with timer.phase("rollout"):
-                rollouts, metrics = collect_rollouts(sampler.generate, cfg.rl, task, draw, seed=trainer.seed * 100003 + step,
-                                                     prompts_per_step=trainer.prompts_per_step)
+            rollouts, metrics = collect_rollouts(sampler.generate, cfg.rl, task, draw, seed=trainer.seed * 100003 + step,
+                                                 prompts_per_step=trainer.prompts_per_step, timer=timer)
             metrics.update(train_step(policy, rollouts, objective, ctx, timer))
             if _count_bad(state, metrics, step, trainer.max_bad_steps):
-                check_weights_finite(policy.chunks, step)
                 with timer.phase("sync"):
+                    check_weights_finite(policy.chunks, step)
                     metrics.update({f"sync/{k}": v for k, v in engines.sync(policy, step).items() if k != "weight_version"})
-            metrics.update(timer.metrics())
             if cfg.eval.interval and step % cfg.eval.interval == 0 and step != trainer.steps:
-                metrics.update(_eval_metrics(evaluate(engines)))
+                with timer.phase("eval"):
+                    metrics.update(_eval_metrics(evaluate(engines)))
+            metrics.update(timer.metrics())
             state.step = step
             log.write(step, metrics)
-            if trainer.save_interval and step % trainer.save_interval == 0 and step != trainer.steps:
-                save(step)
+            stop = step != trainer.steps and preempt.requested()  # the same answer on every rank
+            if stop or (trainer.save_interval and step % trainer.save_interval == 0 and step != trainer.steps):
+                with timer.phase("checkpoint"):
+                    checkpoint = save(step)
+            if stop:
+                preempt.exit(step, checkpoint)  # raises Preempted: the job requeues and resumes from here
         trained = evaluate(engines)
         log.write(trainer.steps, _eval_metrics(trained))
     final = save(trainer.steps)

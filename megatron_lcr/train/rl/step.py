@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from megatron_lcr.profiling.flops import TransformerDims, step_flops_metrics
 from megatron_lcr.profiling.timers import StepTimer
 from megatron_lcr.rl.objective import LongPrompt, Objective
 from megatron_lcr.rl.sequences import Role, Rollout, TokenBatch, TokenSequence
@@ -62,23 +63,39 @@ def train_step(policy, rollouts: list[Rollout], objective: Objective, ctx: StepC
     sequences = objective.sequences(rollouts, ctx.long_prompt)
     metrics = {}
     if objective.needs.old or objective.needs.ref:
-        with timer.phase("logprob"):
-            metrics = score_old_logprobs(policy, sequences, ctx, ref=objective.needs.ref)
+        metrics = score_old_logprobs(policy, sequences, ctx, ref=objective.needs.ref, timer=timer)
     if objective.needs.teacher or objective.needs.teacher_topk:
         with timer.phase("teacher"):
             score_teacher(sequences, ctx.teacher, top_k=objective.needs.teacher_topk)
-    with timer.phase("train"):
-        metrics.update(update_on(policy, sequences, objective, ctx, num_rollouts=len(rollouts), timer=timer))
+    metrics.update(update_on(policy, sequences, objective, ctx, num_rollouts=len(rollouts), timer=timer))
+    metrics.update(step_flops(policy, sequences, objective, ctx))
     return metrics
 
 
-def score_old_logprobs(policy, sequences: list[TokenSequence], ctx: StepContext, *, ref: bool) -> dict[str, float]:
+def step_flops(policy, sequences: list[TokenSequence], objective: Objective, ctx: StepContext) -> dict[str, float]:
+    """The step's model FLOPs on the trainer (``profiling.flops``): forward + backward over the update's
+    sequences in every epoch, forward over the ``POLICY`` views for the old (and reference) log-probs.
+    A teacher's forward passes are not counted: it is another model, often on other GPUs."""
+    trained = [len(s) for s in sequences if s.in_update] * ctx.epochs
+    scorers = (1 + bool(objective.needs.ref)) if objective.needs.old or objective.needs.ref else 0
+    scored = [len(s) for s in sequences if s.role == Role.POLICY] * scorers
+    return step_flops_metrics(TransformerDims.from_arch(policy.arch), trained=trained, scored=scored,
+                              ranks=torch.distributed.get_world_size())
+
+
+def score_old_logprobs(policy, sequences: list[TokenSequence], ctx: StepContext, *, ref: bool,
+                       timer: StepTimer | None = None) -> dict[str, float]:
     """Fill every view's ``old_logp`` (and the ``POLICY`` views' ``ref_logp``); returns how far the
-    trainer's log-probs are from the engine's."""
+    trainer's log-probs are from the engine's. Timed as ``old_logprob`` and ``ref_logprob``."""
+    timer = timer or StepTimer()
     views = [s for s in sequences if s.role == Role.POLICY]
     kwargs = dict(token_budget=ctx.token_budget, fixed_length=ctx.fixed_length, layout=ctx.layout)
-    old = score(policy.chunks, views, ctx.spec, **kwargs)
-    refs = score(ctx.ref.chunks, views, ctx.spec, **kwargs) if ref else [None] * len(views)
+    with timer.phase("old_logprob"):
+        old = score(policy.chunks, views, ctx.spec, **kwargs)
+    refs = [None] * len(views)
+    if ref:
+        with timer.phase("ref_logprob"):
+            refs = score(ctx.ref.chunks, views, ctx.spec, **kwargs)
     by_rollout, diffs = {}, []
     for seq, logp, ref_logp in zip(views, old, refs):
         seq.old_logp, seq.ref_logp = logp, ref_logp
@@ -176,7 +193,7 @@ def update_on(policy, sequences: list[TokenSequence], objective: Objective, ctx:
                     batches = ctx.teacher.attach_hidden(batches)
             loss_fn = objective_loss_fn(objective, objective.normalisers(chosen, len(part)),
                                         scale=gradient_scale(len(batches)))
-            report = guarded_update(policy.chunks, ctx.optimizer, ctx.scheduler, batches, spec, loss_fn)
+            report = guarded_update(policy.chunks, ctx.optimizer, ctx.scheduler, batches, spec, loss_fn, timer)
             reports.append({**report, "train/sequences": float(len(chosen)),
                             "train/micro_batches": float(len(batches))})
     return combine_updates(reports)

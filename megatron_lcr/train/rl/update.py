@@ -18,6 +18,7 @@ import math
 import torch
 
 from megatron_lcr.parallel.env import collective_device
+from megatron_lcr.profiling.timers import StepTimer
 from megatron_lcr.rl.losses import metric_reduction
 from megatron_lcr.train.micro_batches import PackedBatch
 from megatron_lcr.train.optimizer import begin_update
@@ -76,23 +77,28 @@ def check_weights_finite(chunks, step: int) -> None:
                                  "not syncing them to the rollout engines")
 
 
-def guarded_update(chunks, optimizer, scheduler, micro_batches: list[PackedBatch], spec: ScoringSpec, loss_fn) -> dict:
-    """Forward/backward over the micro-batches, then the optimizer step unless anything is non-finite."""
+def guarded_update(chunks, optimizer, scheduler, micro_batches: list[PackedBatch], spec: ScoringSpec, loss_fn,
+                   timer: StepTimer | None = None) -> dict:
+    """Forward/backward over the micro-batches, then the optimizer step unless anything is non-finite
+    (timed as the phases ``forward_backward`` and ``optimizer``)."""
     config = chunks[0].config
-    begin_update(chunks, optimizer)
-    reports = run_packed_schedule(chunks, micro_batches, spec, loss_fn, forward_only=False)
-    metrics = reduce_reports(reports)
+    timer = timer or StepTimer()
+    with timer.phase("forward_backward"):
+        begin_update(chunks, optimizer)
+        reports = run_packed_schedule(chunks, micro_batches, spec, loss_fn, forward_only=False)
+        metrics = reduce_reports(reports)
     # fp16: gradients of the scaled loss may overflow; the optimizer's loss scaler then skips the step and
     # lowers the scale (an expected event, reported as 'overflow', not a bad step).
     scaled = bool(config.fp16)
-    if not (math.isfinite(metrics.get("loss", 0.0)) and (scaled or _grads_finite(chunks))):
-        for chunk in chunks:
-            chunk.zero_grad_buffer()
-        optimizer.zero_grad()
-        return {**metrics, "skipped": 1.0, "grad_norm": float("nan"), "lr": optimizer.param_groups[0]["lr"]}
-    updated, grad_norm, _ = optimizer.step()
-    if updated:
-        scheduler.step(increment=1)
+    with timer.phase("optimizer"):
+        if not (math.isfinite(metrics.get("loss", 0.0)) and (scaled or _grads_finite(chunks))):
+            for chunk in chunks:
+                chunk.zero_grad_buffer()
+            optimizer.zero_grad()
+            return {**metrics, "skipped": 1.0, "grad_norm": float("nan"), "lr": optimizer.param_groups[0]["lr"]}
+        updated, grad_norm, _ = optimizer.step()
+        if updated:
+            scheduler.step(increment=1)
     metrics.update({"skipped": 0.0 if updated else 1.0, "lr": optimizer.param_groups[0]["lr"],
                     "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")})
     if scaled:

@@ -30,6 +30,8 @@ from megatron_lcr.data.tasks import TaskDataConfig, data_order
 from megatron_lcr.models.builder import ModelConfig
 from megatron_lcr.parallel.layout import ParallelConfig
 from megatron_lcr.parallel.state import destroy_megatron
+from megatron_lcr.profiling.flops import TransformerDims, step_flops_metrics
+from megatron_lcr.profiling.timers import StepTimer
 from megatron_lcr.train.checkpoint import save_checkpoint
 from megatron_lcr.rollout.engines import Engines, RolloutConfig
 from megatron_lcr.train.evaluate import EvalConfig
@@ -139,23 +141,29 @@ def run_sft(cfg: SFTRunConfig, out_dir: str | Path) -> dict:
     pairs = sft_pairs(job.train, task, trainer.context)
     metrics_file = (out_dir / "metrics.jsonl").open("w") if is_main else None
     bar = tqdm(range(1, trainer.steps + 1), desc="sft", disable=not is_main, file=sys.stderr, mininterval=2.0)
+    timer = StepTimer.for_run(1)  # a checkpoint's seconds land in the next step's line
+    dims = TransformerDims.from_arch(policy.arch)
     for step in bar:
         chosen = [pairs[i] for i in data_order(len(pairs), trainer.seed, step, trainer.global_batch_size)]
         mine = chosen[ps.get_data_parallel_rank()::dp]
         metrics = lm_train_step(policy.chunks, optimizer, scheduler,
                                 padded_micro_batches(mine, trainer.micro_batch_size, task.pad_id),
-                                vocab_size=policy.arch.vocab_size)
+                                vocab_size=policy.arch.vocab_size, timer=timer)
+        metrics.update(step_flops_metrics(dims, trained=[len(p) + len(r) - 1 for p, r in chosen],  # inputs: no last token
+                                          ranks=torch.distributed.get_world_size()))
         box = [metrics["loss"]]
         torch.distributed.broadcast_object_list(box, src=torch.distributed.get_world_size() - 1)
         metrics["loss"] = box[0]
         if not math.isfinite(metrics["loss"]):
             raise FloatingPointError(f"step {step}: loss is {metrics['loss']}")
+        metrics.update(timer.metrics())
         if is_main:
             metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
             metrics_file.flush()
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
         if trainer.save_interval and step % trainer.save_interval == 0 and step != trainer.steps:
-            save_checkpoint(policy, cfg.parallel, out_dir, step=step, keep_last=trainer.keep_last)
+            with timer.phase("checkpoint"):
+                save_checkpoint(policy, cfg.parallel, out_dir, step=step, keep_last=trainer.keep_last)
     final = save_checkpoint(policy, cfg.parallel, out_dir, step=trainer.steps, keep_last=trainer.keep_last)
     hf_dir = export_hf(policy, out_dir / "hf")
     with Engines(cfg.rollout, model_path=str(hf_dir), log_dir=str(out_dir / "rollout_logs")) as engines:
