@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU half of the checks as one command for a lent GPU machine (one device call, < 10 minutes):
-# `pytest -m gpu` (kernels in bf16 vs float64, Megatron on CUDA), a tiny `lcr train` DePO run with
-# per-phase timings, then the kernel table (naive, chunked, Triton, Liger, torch) at the H100 shapes.
+# `pytest -m gpu` (kernels in bf16 vs float64, Megatron on CUDA), a tiny DePO run under `lcr profile`
+# (per-phase seconds, tokens/s, MFU against the GPU's datasheet peak, NVML samples), then the kernel table (naive, chunked, Triton, Liger, torch) at the H100 shapes.
 #   here:   bash benchmarks/gpu/fetch_wheels.sh           # what the GPU image may lack -> .whl/
 #           bash benchmarks/gpu/check.sh --dry-run        # on CPU, ~1-2 minutes: every step, cheaply
 #   device: run  command="bash benchmarks/gpu/check.sh"  carry=[".whl"]  timeout_s=600
@@ -9,7 +9,8 @@
 # needs that is absent or too old into $SITE_DIR (default /tmp/site), first on PYTHONPATH; it stops the
 # script, naming the package, if one is neither installed at a fitting version nor carried.
 # Results go to $OUT (the device tool's return folder; else benchmarks/results/gpu_check/), 8 files:
-# install.log, env.txt, pytest_gpu.log, e2e.log, e2e_metrics.jsonl, kernels_cuda.{json,md}, bench.log.
+# install.log, env.txt, pytest_gpu.log, e2e.log, e2e_metrics.jsonl, e2e_profile.{md,json}, kernels_cuda.{json,md},
+# bench.log.
 # The table runs last and rewrites its files after every case, so a time limit costs only its last
 # cases; BUDGET_S (default 570) is the whole script's limit. The last line, "== check.sh end: ...",
 # gives each step's exit status; the script exits 1 if the install, pytest or the tiny run failed.
@@ -63,13 +64,16 @@ timeout 200 python3 -m pytest -q -m gpu -rs -p no:cacheprovider "${pytest_args[@
     tee "$out/pytest_gpu.log"
 rc_pytest=$?
 
-echo "== tiny DePO run (${e2e_args[*]})"
+echo "== tiny DePO run under lcr profile (${e2e_args[*]})"
 run_dir=$(mktemp -d /tmp/lcr_e2e.XXXXXX)
-timeout "$e2e_limit" python3 -m megatron_lcr.cli train examples/tiny/depo.yaml --out "$run_dir" \
-    data.num_eval=16 eval.interval=0 trainer.save_interval=0 trainer.tensorboard=false "${e2e_args[@]}" 2>&1 |
+steps=${e2e_args[0]#trainer.steps=}
+timeout "$e2e_limit" python3 -m megatron_lcr.cli profile examples/tiny/depo.yaml --steps "$steps" --out "$run_dir/run" \
+    data.num_eval=16 eval.interval=0 trainer.save_interval=0 trainer.tensorboard=false "${e2e_args[@]:1}" 2>&1 |
     tee "$out/e2e.log"
 rc_e2e=$?
-cp "$run_dir/metrics.jsonl" "$out/e2e_metrics.jsonl" 2>/dev/null
+cp "$run_dir/run/metrics.jsonl" "$out/e2e_metrics.jsonl" 2>/dev/null
+cp "$run_dir/run/profile.md" "$out/e2e_profile.md" 2>/dev/null
+cp "$run_dir/run/profile.json" "$out/e2e_profile.json" 2>/dev/null
 rm -rf "$run_dir"
 
 left=$((budget - SECONDS))

@@ -201,5 +201,7 @@ def test_dry_run_of_check_sh_reaches_its_end_on_cpu(tmp_path):
     assert collected and int(collected.group(1)) >= 5  # the GPU tests of kernels, parity and training
     metrics = [json.loads(line) for line in (out / "e2e_metrics.jsonl").read_text().splitlines()]
     assert any(m["step"] == 1 and "loss" in m for m in metrics)  # one training step was taken
+    profile = (out / "e2e_profile.md").read_text()  # lcr profile's report of that step
+    assert "| forward_backward |" in profile and "NVML unavailable" in profile
     assert "megatron-core 0.16.1" in (out / "env.txt").read_text()
     assert json.loads((out / "kernels_cpu.json").read_text())
