@@ -9,6 +9,7 @@ from typing import Literal
 
 from megatron_lcr.distill.teacher import EngineTeacherConfig
 from megatron_lcr.models.megatron_checkpoint import HF_DIR
+from megatron_lcr.parallel.layout import ParallelConfig
 
 OPD_MODES = ("loss", "reward")
 OPD_ESTIMATORS = ("k1", "k3", "full", "topk")
@@ -52,6 +53,14 @@ class TeacherConfig:
         if self.pipeline_parallel_size < 1 or (self.pipeline_parallel_size > 1 and not self.tensor_parallel_size):
             raise ValueError(f"distill.teacher.pipeline_parallel_size ({self.pipeline_parallel_size}) must be >= 1, "
                              "and other than 1 only with distill.teacher.tensor_parallel_size (the teacher's own layout)")
+
+    @property
+    def own_layout(self) -> ParallelConfig | None:
+        """The teacher's own TP x PP layout (``tensor_parallel_size``), or None: the student's."""
+        if not self.tensor_parallel_size:
+            return None
+        return ParallelConfig(tensor_model_parallel_size=self.tensor_parallel_size,
+                              pipeline_model_parallel_size=self.pipeline_parallel_size)
 
     @property
     def configured(self) -> bool:

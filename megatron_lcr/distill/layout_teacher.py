@@ -37,11 +37,11 @@ import torch.distributed as dist
 
 from megatron_lcr.kernels import logprob_entropy, output_layer_returns_hidden, output_weight
 from megatron_lcr.models.builder import ModelConfig, build_gpt_model, resolved_vocab_size, use_transformer_engine
-from megatron_lcr.models.families import hf_arch
+from megatron_lcr.models.families import hf_arch, model_dims
 from megatron_lcr.models.hf_checkpoint import SafetensorsReader, load_hf_config
 from megatron_lcr.models.transfer import load_hf_into_chunk
 from megatron_lcr.models.weight_map import chunk_maps
-from megatron_lcr.parallel.layout import ParallelConfig
+from megatron_lcr.parallel.layout import ParallelConfig, validate_layout
 from megatron_lcr.rl.sequences import TokenSequence
 from megatron_lcr.train.micro_batches import PackedBatch, PackLayout, plan_micro_batches
 
@@ -83,12 +83,9 @@ class TeacherGroups:
 
 
 def teacher_groups(tp: int, pp: int) -> TeacherGroups:
-    """This rank's teacher groups. Collective: every rank creates every group, in the same order
-    (``torch.distributed.new_group``'s rule)."""
+    """This rank's teacher groups (``tp x pp`` divides the world: ``validate_layout``). Collective: every
+    rank creates every group, in the same order (``torch.distributed.new_group``'s rule)."""
     world, rank, size = dist.get_world_size(), dist.get_rank(), tp * pp
-    if world % size:
-        raise ValueError(f"the teacher's layout (distill.teacher.tensor_parallel_size {tp} x "
-                         f"pipeline_parallel_size {pp}) must divide the job's {world} ranks")
     mine: dict = {}
     for first in range(0, world, size):
         members = list(range(first, first + size))
@@ -121,22 +118,23 @@ def _process_groups(groups: TeacherGroups):
 class LayoutTeacher:
     """A frozen teacher on tensor x pipeline groups of its own (see the module docstring)."""
 
-    def __init__(self, model_cfg: ModelConfig, tensor_parallel_size: int, pipeline_parallel_size: int = 1, *,
-                 vocab_size: int, temperature: float, token_budget: int, student_padded_vocab: int,
-                 layout: PackLayout = PackLayout()) -> None:
+    def __init__(self, model_cfg: ModelConfig, parallel: ParallelConfig, *, vocab_size: int, temperature: float,
+                 token_budget: int, student_padded_vocab: int, layout: PackLayout = PackLayout()) -> None:
+        """``parallel``: the teacher's own layout (``TeacherConfig.own_layout``: TP and PP only)."""
         from megatron.core import parallel_state as ps
 
         if not model_cfg.hf_path:
             raise ValueError("a teacher with its own layout loads from distill.teacher.hf_path (a Hugging Face "
                              "directory with weights; convert a checkpoint with lcr convert megatron-to-hf)")
         arch = hf_arch(load_hf_config(model_cfg.hf_path))
-        if arch.num_layers % pipeline_parallel_size:
-            raise ValueError(f"teacher {model_cfg.hf_path}: {arch.num_layers} layers do not split into "
-                             f"distill.teacher.pipeline_parallel_size={pipeline_parallel_size} equal stages")
-        self.groups = g = teacher_groups(tensor_parallel_size, pipeline_parallel_size)
+        try:  # the model's sizes and the job's ranks, as for the policy's layout
+            validate_layout(parallel, world_size=dist.get_world_size(), dims=model_dims(arch))
+        except ValueError as err:
+            raise ValueError(f"teacher {model_cfg.hf_path} on its own layout (distill.teacher.tensor_parallel_size, "
+                             f"pipeline_parallel_size): {err}") from None
+        self.groups = g = teacher_groups(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size)
         self.num_groups, self.group_index = dist.get_world_size() // len(g.members), g.members[0] // len(g.members)
         self.vocab_size, self.temperature, self.token_budget, self.layout = vocab_size, temperature, token_budget, layout
-        parallel = ParallelConfig(tensor_model_parallel_size=g.tp, pipeline_model_parallel_size=g.pp)
         model_cfg = replace(model_cfg, padded_vocab_size=resolved_vocab_size(arch, model_cfg, parallel))
         self.model = build_gpt_model(arch, model_cfg, parallel, pre_process=g.pp_rank == 0, post_process=g.last_stage,
                                      pg_collection=_process_groups(g))

@@ -32,6 +32,7 @@ from megatron_lcr.rollout.client import RolloutRequestError
 from megatron_lcr.rollout.served import ServedModel, served
 from megatron_lcr.rollout.sglang import SGLangLaunchConfig, cpu_reference_launch
 
+
 class Teacher(Protocol):
     """What the trainer asks of any teacher."""
 

@@ -4,7 +4,8 @@ What a job that passes here cannot fail on at start-up any more, each as a one-l
 
 - the trainer's GPUs (trainer nodes x processes per node) fit the TP/PP/CP layout (``validate_layout``:
   a multiple of tp x pp x cp, and of tp x ep x pp) and the model's dimensions when its config.json is
-  readable from here; the same for a Megatron teacher, which runs on the student's layout;
+  readable from here; the same for a Megatron teacher, on the student's layout or on its own
+  (``distill.teacher.tensor_parallel_size`` / ``pipeline_parallel_size``);
 - rollout nodes have the GPUs their servers need (num_servers x tp_size, or gpu_ids), no more, no fewer;
 - servers rank 0 launches on node 0 (rollout servers without rollout nodes, teacher servers) use GPUs
   that exist and no trainer process uses (``parallel/placement.py``'s checks, on the job's numbers);
@@ -208,10 +209,13 @@ def plan_job(launch: SlurmLaunchConfig, run) -> JobPlan:
         notes.append(f"model dimensions not checked: {model_dir}/config.json is not readable here")
     dp = _check_layout(run.parallel, world, dims, seq, "policy", gpus)
     if megatron_teacher:
-        teacher_dims = _dims(run.distill.teacher.hf_dir)
+        teacher = run.distill.teacher
+        teacher_dims = _dims(teacher.hf_dir)
         if teacher_dims is None:
-            notes.append(f"teacher dimensions not checked: {run.distill.teacher.hf_dir}/config.json is not readable here")
-        _check_layout(run.parallel, world, teacher_dims, seq, "Megatron teacher (the student's layout)", gpus)
+            notes.append(f"teacher dimensions not checked: {teacher.hf_dir}/config.json is not readable here")
+        own = teacher.own_layout
+        what = "Megatron teacher (its own layout)" if own else "Megatron teacher (the student's layout)"
+        _check_layout(own or run.parallel, world, teacher_dims, seq, what, gpus)
     if launch.check_urls:
         for url in run.rollout.urls:
             _check_url(url, "rollout.urls", run.rollout.server.api_key)

@@ -110,7 +110,8 @@ def main(teacher_dir: str, out_dir: str, student_tp: str, teacher_tp: str, teach
     initialize_megatron(ParallelConfig(tensor_model_parallel_size=tp), seed=1)
     padded = padded_vocab_size(VOCAB, tp)
     model = ModelConfig(hf_path=teacher_dir, params_dtype="float32", transformer_impl="local")
-    teacher = LayoutTeacher(model, int(teacher_tp), int(teacher_pp), vocab_size=VOCAB, temperature=TEMPERATURE,
+    own = ParallelConfig(tensor_model_parallel_size=int(teacher_tp), pipeline_model_parallel_size=int(teacher_pp))
+    teacher = LayoutTeacher(model, own, vocab_size=VOCAB, temperature=TEMPERATURE,
                             token_budget=TOKEN_BUDGET, student_padded_vocab=padded)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     batches = plan_micro_batches(SEQS, token_budget=TOKEN_BUDGET, dp_size=dp, dp_rank=dp_rank, pad_id=0,

@@ -191,6 +191,10 @@ BAD = {
     "Megatron teacher on the student's layout": (
         ["--gpus-per-node", 2, "parallel.tp=2", "objective=opd", "distill.teacher.hf_path=TEACHER"],
         "2 GPUs for the Megatron teacher (the student's layout): num_query_groups 3 is not divisible by tp(2)"),
+    "Megatron teacher on its own layout": (
+        ["--gpus-per-node", 2, "objective=opd", "distill.opd.estimator=full", "distill.teacher.hf_path=TEACHER",
+         "distill.teacher.tensor_parallel_size=2"],
+        "2 GPUs for the Megatron teacher (its own layout): num_query_groups 3 is not divisible by tp(2)"),
     "teacher servers on trainer GPUs": (
         ["--gpus-per-node", 4, "--ntasks-per-node", 4, "objective=opd", "distill.teacher.hf_path=TEACHER",
          "distill.teacher.scorer=engine", "rl.temperature=1.0", "distill.teacher.engine.server.backend=sglang",

@@ -3,8 +3,8 @@
 - Scoring (``Needs.teacher`` / ``Needs.teacher_kl`` / ``Needs.teacher_topk``): a frozen Megatron model in
   the job, on the student's layout (``distill.megatron_teacher``) or on its own tensor-parallel groups
   (``distill.teacher.tensor_parallel_size``: ``distill.layout_teacher``), or engine servers
-  (``distill.teacher.EngineTeacher``), by ``distill.teacher.scorer``. The log-probs are taken at the distillation temperature, as the student's
-  (``RLRunConfig.distill_temperature``: the rollout temperature unless ``distill.teacher.temperature``).
+  (``distill.teacher.EngineTeacher``), by ``distill.teacher.scorer``. The log-probs are taken at the
+  distillation temperature, as the student's (``RLRunConfig.distill_temperature``: the rollout temperature unless ``distill.teacher.temperature``).
 - Generation (``Needs.teacher_rollouts``, the forward-KL warmup): servers serving the teacher, launched
   from ``distill.teacher.hf_path`` (or given by ``distill.teacher.engine.urls``), used like the
   rollout engines but never sent weights (the teacher is frozen).
@@ -19,10 +19,10 @@ from pathlib import Path
 from megatron_lcr.distill.layout_teacher import LayoutTeacher
 from megatron_lcr.distill.megatron_teacher import MegatronTeacher
 from megatron_lcr.distill.teacher import EngineTeacher
-from megatron_lcr.rollout.served import ServedModel
 from megatron_lcr.models.builder import ModelConfig
 from megatron_lcr.rl.objective import Needs
 from megatron_lcr.rollout.engines import Engines, RolloutConfig, launched_gpus
+from megatron_lcr.rollout.served import ServedModel
 from megatron_lcr.rollout.sglang import SGLangLaunchConfig
 from megatron_lcr.rollout.weight_sync import WeightSyncConfig
 from megatron_lcr.train.token_logprobs import ScoringSpec
@@ -57,9 +57,8 @@ def open_scorer(cfg, needs: Needs, spec: ScoringSpec, *, student, out_dir: Path,
                                                  log_dir=str(out_dir / "teacher_logs")))
     model = ModelConfig(hf_path=teacher.hf_path, params_dtype=teacher.params_dtype or cfg.model.params_dtype,
                         transformer_impl=cfg.model.transformer_impl)
-    if teacher.tensor_parallel_size:
-        return LayoutTeacher(model, teacher.tensor_parallel_size, teacher.pipeline_parallel_size,
-                             vocab_size=spec.vocab_size, temperature=cfg.distill_temperature,
+    if teacher.own_layout:
+        return LayoutTeacher(model, teacher.own_layout, vocab_size=spec.vocab_size, temperature=cfg.distill_temperature,
                              token_budget=cfg.trainer.token_budget,
                              student_padded_vocab=student.model_cfg.padded_vocab_size)
     return MegatronTeacher(model, cfg.parallel, dataclasses.replace(spec, temperature=cfg.distill_temperature),
