@@ -4,7 +4,8 @@
   the job, on the student's layout (``distill.megatron_teacher``) or on its own tensor-parallel groups
   (``distill.teacher.tensor_parallel_size``: ``distill.layout_teacher``), or engine servers
   (``distill.teacher.EngineTeacher``), by ``distill.teacher.scorer``. The log-probs are taken at the
-  distillation temperature, as the student's (``RLRunConfig.distill_temperature``: the rollout temperature unless ``distill.teacher.temperature``).
+  distillation temperature, as the student's (``RLRunConfig.distill_temperature``: the rollout
+  temperature unless ``distill.teacher.temperature``).
 - Generation (``Needs.teacher_rollouts``, the forward-KL warmup): servers serving the teacher, launched
   from ``distill.teacher.hf_path`` (or given by ``distill.teacher.engine.urls``), used like the
   rollout engines but never sent weights (the teacher is frozen).
