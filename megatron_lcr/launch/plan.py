@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_lcr.launch.config import SlurmLaunchConfig
-from megatron_lcr.models.megatron_checkpoint import HF_DIR
+from megatron_lcr.models.megatron_checkpoint import config_dir
 from megatron_lcr.parallel.layout import ModelDims, validate_layout
 from megatron_lcr.parallel.placement import check_rollout_placement, check_teacher_placement
 from megatron_lcr.rollout.sglang import SGLangLaunchConfig
@@ -203,7 +203,7 @@ def plan_job(launch: SlurmLaunchConfig, run) -> JobPlan:
     unit = "GPUs" if launch.gpus_per_node else "CPU processes"
     gpus = f"{launch.trainer_nodes} trainer node(s) x {procs} = {world} {unit}"
     seq = run.trainer.token_budget
-    model_dir = str(Path(run.trainer.load) / HF_DIR) if run.trainer.load else run.model.hf_path
+    model_dir = str(config_dir(run.model.hf_path, run.trainer.load))
     dims = _dims(model_dir)
     if dims is None:
         notes.append(f"model dimensions not checked: {model_dir}/config.json is not readable here")

@@ -30,6 +30,12 @@ HF_DIR = "hf"
 FORMAT_VERSION = 1
 
 
+def config_dir(hf_path: str, load: str | None) -> Path:
+    """Where a run's model config and tokenizer are: the checkpoint's ``hf/`` when it starts from one
+    (``trainer.load``), else its Hugging Face directory (``model.hf_path``)."""
+    return Path(load) / HF_DIR if load else Path(hf_path)
+
+
 class CheckpointError(ValueError):
     """A Megatron checkpoint directory is missing, incomplete or corrupt."""
 

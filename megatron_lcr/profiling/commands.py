@@ -94,13 +94,12 @@ def _model(args: argparse.Namespace):
     from megatron_lcr.config import load_config
     from megatron_lcr.models.families import hf_arch
     from megatron_lcr.models.hf_checkpoint import load_hf_config
-    from megatron_lcr.models.megatron_checkpoint import HF_DIR
+    from megatron_lcr.models.megatron_checkpoint import config_dir
     from megatron_lcr.profiling.flops import TransformerDims
     from megatron_lcr.profiling.peak import precision_of
 
     cfg = load_config(config_class(args.kind), args.config, [*args.overrides, f"trainer.steps={args.steps}"])
-    load = cfg.trainer.load
-    arch = hf_arch(load_hf_config(Path(load) / HF_DIR if load else cfg.model.hf_path))
+    arch = hf_arch(load_hf_config(config_dir(cfg.model.hf_path, cfg.trainer.load)))
     return TransformerDims.from_arch(arch), precision_of(cfg.model.params_dtype, cfg.model.fp8)
 
 

@@ -20,7 +20,7 @@ from megatron_lcr.data.tasks import TaskDataConfig, load_task_samples
 from megatron_lcr.data.tokenizer import load_tokenizer, token_counter
 from megatron_lcr.models.families import hf_arch, model_dims
 from megatron_lcr.models.hf_checkpoint import load_hf_config
-from megatron_lcr.models.megatron_checkpoint import HF_DIR
+from megatron_lcr.models.megatron_checkpoint import config_dir
 from megatron_lcr.parallel.state import initialize_megatron
 from megatron_lcr.train.evaluate import EvalConfig, Generate, evaluate
 from megatron_lcr.train.model_setup import build_policy
@@ -108,11 +108,11 @@ def start_qa_job(cfg, out_dir: Path, *, load: str | None, seed: int, total_steps
     """Samples first (bad data fails before Megatron starts), then Megatron, the resolved config,
     the policy and its optimizer. ``cfg`` has ``model, parallel, optimizer, data, prompt`` sections;
     ``check_dp(data_parallel_size)`` may reject the layout before anything is written."""
-    config_dir = Path(load) / HF_DIR if load else Path(cfg.model.hf_path)
-    task = TaskContext.create(cfg.data, cfg.prompt, config_dir)
+    model_dir = config_dir(cfg.model.hf_path, load)
+    task = TaskContext.create(cfg.data, cfg.prompt, model_dir)
     train = load_task_samples(cfg.data, "train", task.count_tokens)
     held_out = load_task_samples(cfg.data, "eval", task.count_tokens)
-    dp = initialize_megatron(cfg.parallel, seed=seed, dims=model_dims(hf_arch(load_hf_config(config_dir))))
+    dp = initialize_megatron(cfg.parallel, seed=seed, dims=model_dims(hf_arch(load_hf_config(model_dir))))
     if check_dp is not None:
         check_dp(dp)
     is_main = torch.distributed.get_rank() == 0

@@ -20,7 +20,7 @@ from megatron_lcr.config import save_resolved
 from megatron_lcr.data.synthetic_lm import arithmetic_sequences
 from megatron_lcr.models.families import hf_arch, model_dims
 from megatron_lcr.models.hf_checkpoint import load_hf_config
-from megatron_lcr.models.megatron_checkpoint import HF_DIR
+from megatron_lcr.models.megatron_checkpoint import config_dir
 from megatron_lcr.parallel.state import destroy_megatron, initialize_megatron
 from megatron_lcr.profiling.flops import TransformerDims, step_flops_metrics
 from megatron_lcr.profiling.timers import StepTimer
@@ -53,7 +53,7 @@ def run_lm_training(cfg: LMRunConfig, out_dir: str | Path) -> dict:
     started = time.time()
     out_dir = Path(out_dir)
     trainer = cfg.trainer
-    arch = hf_arch(load_hf_config(Path(trainer.load) / HF_DIR if trainer.load else cfg.model.hf_path))
+    arch = hf_arch(load_hf_config(config_dir(cfg.model.hf_path, trainer.load)))
     dp = initialize_megatron(cfg.parallel, seed=trainer.seed, dims=model_dims(arch), seq_length=trainer.seq_length)
     if trainer.global_batch_size % (dp * trainer.micro_batch_size):
         raise ValueError(

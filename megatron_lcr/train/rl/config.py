@@ -4,7 +4,6 @@ dGRPO and the forward-KL warmup, section by section."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Literal
 
 from megatron_lcr.data.prompts import PromptConfig
@@ -14,7 +13,7 @@ from megatron_lcr.distill.depo import DePOConfig
 from megatron_lcr.distill.teacher import check_same_tokenizer
 from megatron_lcr.kernels.config import KernelConfig
 from megatron_lcr.models.builder import ModelConfig
-from megatron_lcr.models.megatron_checkpoint import HF_DIR, read_meta
+from megatron_lcr.models.megatron_checkpoint import config_dir, read_meta
 from megatron_lcr.parallel.layout import DEFAULT_COLLECTIVE_TIMEOUT_S, ParallelConfig
 from megatron_lcr.registry import lookup
 from megatron_lcr.rl.advantages import AdvantageConfig
@@ -205,7 +204,7 @@ class RLRunConfig:
             raise ValueError(f"{name} needs a teacher: set distill.teacher.hf_path (or .load, or .engine.urls)")
         if teacher.load:
             read_meta(teacher.load)  # a missing or unfinished checkpoint fails here, naming it
-        student_dir = self.model.hf_path or str(Path(self.trainer.load) / HF_DIR)
+        student_dir = config_dir(self.model.hf_path, self.trainer.load)
         if teacher.hf_dir:
             check_same_tokenizer(teacher.hf_dir, student_dir)
         distill_t = self.distill_temperature
