@@ -30,6 +30,7 @@ What each service costs and how work is shared:
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, replace
 
 import torch
@@ -148,6 +149,9 @@ class LayoutTeacher:
         self.hidden_size = arch.hidden_size
         rows = self._student_rows(student_padded_vocab, model_cfg.padded_vocab_size)  # collective over the group
         self._weight = rows if ps.is_pipeline_last_stage(ignore_virtual=True) else None
+        if dist.get_rank() == 0:
+            print(f"lcr: teacher {model_cfg.hf_path} on its own layout: TP={g.tp} PP={g.pp}, {self.num_groups} "
+                  f"group(s) of {len(g.members)} consecutive rank(s)", file=sys.stderr, flush=True)
 
     @property
     def _device(self) -> torch.device:

@@ -53,6 +53,12 @@ def _token_mean(values: Tensor, mask: Tensor, norm: Normaliser) -> Tensor:
     return ((upcast(values) * mask).sum() / max(norm.num_tokens, 1)).detach()
 
 
+def _topk_masses(prefix: str, batch: TokenBatch, mask: Tensor, norm: Normaliser) -> dict[str, Tensor]:
+    """How much of each model's mass the teacher's top-k set holds (token means): what the tail carries."""
+    return {f"{prefix}/teacher_topk_mass": _token_mean(batch.teacher_topk_logp.exp().sum(-1), mask, norm),
+            f"{prefix}/student_topk_mass": _token_mean(batch.topk_logp.exp().sum(-1), mask, norm)}
+
+
 @dataclass
 class OnPolicyDistillation:
     """OPD alone (objective ``opd``): ``lam * KL(student || teacher)`` on the student's rollouts."""
@@ -94,9 +100,8 @@ class OnPolicyDistillation:
         every = batch.mask * (batch.role == int(Role.POLICY)).to(batch.mask.dtype)[:, None]
         kl = self.per_token_kl(batch)
         metrics = {"opd/kl": _token_mean(kl, every, norms.all)}
-        if self.cfg.estimator == "topk":  # how much of each model's mass the teacher's top-k set holds
-            metrics["opd/teacher_topk_mass"] = _token_mean(batch.teacher_topk_logp.exp().sum(-1), every, norms.all)
-            metrics["opd/student_topk_mass"] = _token_mean(batch.topk_logp.exp().sum(-1), every, norms.all)
+        if self.cfg.estimator == "topk":
+            metrics.update(_topk_masses("opd", batch, every, norms.all))
         if self.cfg.mode == "reward":
             return self._reward_loss(batch, kl, every, norms, metrics)
         exact = self.cfg.estimator in ("full", "topk")  # differentiable as they stand: the KL is the loss
@@ -164,9 +169,13 @@ class ForwardKLWarmup:
     def loss(self, batch: TokenBatch, norms: Normaliser) -> tuple[Tensor, dict[str, Tensor]]:
         mask = batch.token_mask(Role.POLICY)
         sampled = upcast(batch.teacher_logp).detach() - upcast(batch.distill_logp)  # gradient: SFT's on its tokens
-        kl = {"full": batch.teacher_kl, "sampled": sampled}.get(self.cfg.estimator)
         if self.cfg.estimator == "topk":
             kl = topk_forward_kl(batch.topk_logp, batch.teacher_topk_logp, tail=self.cfg.tail)
+        else:
+            kl = batch.teacher_kl if self.cfg.estimator == "full" else sampled
         loss = aggregate(kl, mask, self.policy.loss_cfg.aggregation, norms)
-        return loss, {"fkl/kl": _token_mean(kl, mask, norms), "fkl/sampled_kl": _token_mean(sampled, mask, norms),
-                      "fkl/loss": loss.detach(), "loss": loss.detach()}
+        metrics = {"fkl/kl": _token_mean(kl, mask, norms), "fkl/sampled_kl": _token_mean(sampled, mask, norms),
+                   "fkl/loss": loss.detach(), "loss": loss.detach()}
+        if self.cfg.estimator == "topk":
+            metrics.update(_topk_masses("fkl", batch, mask, norms))
+        return loss, metrics

@@ -163,6 +163,7 @@ def test_fkl_topk_is_the_token_mean_of_the_forward_set_kl_with_its_exact_gradien
     assert loss.item() == pytest.approx((kl * mask).sum().item() / n, rel=1e-12)
     torch.testing.assert_close(grad(loss, batch.topk_logp), d * mask[..., None] / n, rtol=1e-10, atol=1e-15)
     assert metrics["fkl/kl"].item() == pytest.approx(loss.item(), rel=1e-12)
+    assert metrics["fkl/teacher_topk_mass"].item() == pytest.approx((t.sum(-1) * mask).sum().item() / n, rel=1e-12)
 
 
 def test_opd_topk_loss_and_gradient_vanish_when_the_teacher_is_the_student():

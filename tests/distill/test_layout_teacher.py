@@ -90,6 +90,8 @@ def test_lcr_train_with_the_teacher_on_its_own_groups_gives_the_same_step(tmp_pa
         assert proc.returncode == 0, proc.stderr[-3000:]
         (step,) = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "opd/kl" in m]
         kl[name] = (step["opd/kl"], step["loss"])
+        announced = "on its own layout: TP=1 PP=1, 1 group(s) of 1 consecutive rank(s)" in proc.stderr
+        assert announced == (name == "own"), name  # the run used the teacher it was asked for
     assert kl["own"] == kl["shared"] and kl["own"][0] > 0.1
 
 

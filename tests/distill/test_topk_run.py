@@ -34,6 +34,8 @@ def test_the_forward_kl_warmup_from_the_teacher_servers_top_k_scores_on_the_samp
     steps = _run(tmp_path, ["objective=fkl", "distill.fkl.estimator=topk", "distill.fkl.top_k=8"])
     kl = [m["fkl/kl"] for m in steps]
     assert kl[0] > kl[1] > kl[2] and kl[2] < 0.2 * kl[0], kl
+    for m in steps:  # the set KL, not the sampled-token one: the top-k set's masses are reported
+        assert 0.5 < m["fkl/teacher_topk_mass"] < 1.0 and 0.0 < m["fkl/student_topk_mass"] < 1.0
     # The teacher's samples and their top-k come from the same servers: one launched, not two.
     assert len(list((tmp_path / "run" / "teacher_logs").glob("server*.log"))) == 1
 
