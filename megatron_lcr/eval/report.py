@@ -9,12 +9,11 @@ prompt count, and how many prompts were cut to fit the window.
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 from pathlib import Path
 
-from megatron_lcr.atomic import atomic_write_bytes, atomic_write_text
+from megatron_lcr.atomic import atomic_write_text
 from megatron_lcr.eval.buckets import BUCKET_ORDER
 
 
@@ -48,13 +47,11 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_by_length(results: dict) -> bytes:
-    """PNG bytes: per length bucket, one bar per dataset (its overall score in that bucket)."""
-    import matplotlib
+def plot_by_length(results: dict, out: Path) -> None:
+    """``out`` (PNG): per length bucket, one bar per dataset (its overall score in that bucket)."""
+    from megatron_lcr.profiling.plot import pyplot, save_figure
 
-    matplotlib.use("Agg")  # files only: no display on a cluster node
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     buckets = _buckets_present(results)
     names = list(results["datasets"])
     width = 0.8 / max(len(names), 1)
@@ -73,12 +70,7 @@ def plot_by_length(results: dict) -> bytes:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: bars stay visible
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    image = io.BytesIO()
-    try:
-        fig.savefig(image, format="png", dpi=120)
-    finally:
-        plt.close(fig)
-    return image.getvalue()
+    save_figure(fig, out)
 
 
 def write_outputs(out: Path, results: dict, predictions: list[dict]) -> None:
@@ -91,4 +83,4 @@ def write_outputs(out: Path, results: dict, predictions: list[dict]) -> None:
     except ImportError:
         print('lcr eval: matplotlib is not installed, so no by_length.png (pip install -e ".[plot]")', file=sys.stderr)
         return
-    atomic_write_bytes(out / "by_length.png", plot_by_length(results))
+    plot_by_length(results, out / "by_length.png")

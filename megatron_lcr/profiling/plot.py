@@ -53,16 +53,32 @@ def _labels(runs: list[str]) -> list[str]:
     return names if len(set(names)) == len(names) else [str(r) for r in runs]
 
 
+def pyplot():
+    """matplotlib's pyplot drawing to files only (no display needed, or wanted, on a cluster node)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, out: str | os.PathLike) -> None:
+    """Write ``fig`` to ``out`` whole or not at all (the format from its suffix), and close it."""
+    image = io.BytesIO()
+    try:
+        fig.savefig(image, format=Path(out).suffix.lstrip(".") or "png", dpi=120)
+    finally:
+        pyplot().close(fig)
+    atomic_write_bytes(out, image.getvalue())
+
+
 def plot_runs(runs: list[str], out: str | os.PathLike, metrics: tuple[str, ...] = DEFAULT_METRICS):
     """Draw ``metrics`` of ``runs`` into ``out`` (written whole or not at all); returns the figure.
 
     A metric no run has is left out; if none of them is there, the error lists what the runs have.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display needed (or wanted) on a cluster node
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     records = [read_metrics(run) for run in runs]
     have = {k for recs in records for r in recs for k, v in r.items() if k != "step" and _plottable(v)}
     present = [m for m in metrics if m in have]
@@ -85,10 +101,5 @@ def plot_runs(runs: list[str], out: str | os.PathLike, metrics: tuple[str, ...] 
         ax.set_visible(False)
     axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
-    image = io.BytesIO()
-    try:
-        fig.savefig(image, format=Path(out).suffix.lstrip(".") or None, dpi=120)
-    finally:
-        plt.close(fig)
-    atomic_write_bytes(out, image.getvalue())
+    save_figure(fig, out)
     return fig

@@ -6,44 +6,23 @@ at all.
 
 from __future__ import annotations
 
-import io
 import os
-from pathlib import Path
 
-from megatron_lcr.atomic import atomic_write_bytes
+from megatron_lcr.profiling.plot import pyplot, save_figure
 from megatron_lcr.profiling.report import phase_order
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _colors(phases: list[str]) -> dict[str, tuple]:
-    plt = _pyplot()
+    plt = pyplot()
     palette = plt.get_cmap("tab20").colors
     colors = {p: palette[i % len(palette)] for i, p in enumerate(q for q in phases if q != "other")}
     colors["other"] = (0.6, 0.6, 0.6)
     return colors
 
 
-def _save(fig, out: str | os.PathLike) -> None:
-    plt = _pyplot()
-    image = io.BytesIO()
-    try:
-        fig.savefig(image, format=Path(out).suffix.lstrip(".") or "png", dpi=120)
-    finally:
-        plt.close(fig)
-    atomic_write_bytes(out, image.getvalue())
-
-
 def plot_step_breakdown(report: dict, out: str | os.PathLike):
     """One bar per step, stacked by phase (seconds); steps left out of the means hatched. Returns the figure."""
-    plt = _pyplot()
+    plt = pyplot()
     steps = report["steps"]
     phases = phase_order({p for s in steps for p in s["phases"]})
     colors = _colors(phases)
@@ -67,7 +46,7 @@ def plot_step_breakdown(report: dict, out: str | os.PathLike):
     ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    _save(fig, out)
+    save_figure(fig, out)
     return fig
 
 
@@ -75,7 +54,7 @@ def plot_timeline(spans: dict, out: str | os.PathLike, gpu_samples: list[dict] =
     """One step's phase spans (``{"step", "wall_start", "step_s", "spans": [[phase, start, end, depth]]}``),
     one row per phase, nested spans thinner; with NVML samples (``time``, ``index``, ``util_pct``) the
     GPUs' utilisation over the same seconds below. Returns the figure."""
-    plt = _pyplot()
+    plt = pyplot()
     phases = phase_order({name for name, *_ in spans["spans"]})
     colors = _colors(phases)
     rows = 2 if gpu_samples else 1
@@ -103,5 +82,5 @@ def plot_timeline(spans: dict, out: str | os.PathLike, gpu_samples: list[dict] =
         gpu_ax.grid(alpha=0.3)
     axes[-1][0].set_xlabel("seconds since the step began")
     fig.tight_layout()
-    _save(fig, out)
+    save_figure(fig, out)
     return fig

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from tests.distill.test_megatron_teacher import HIDDEN, SEQS, VOCAB, hf_scores, make_wide_teacher, max_diff
+from tests.distill.test_megatron_teacher import SEQS, VOCAB, hf_scores, make_wide_teacher, max_diff
 
 STUDENT_HIDDEN, TEMPERATURE, TOKEN_BUDGET = 64, 0.7, 12
 

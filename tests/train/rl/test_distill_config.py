@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import pytest
 
 from megatron_lcr.config import load_config
 from megatron_lcr.train.rl.config import RLRunConfig

@@ -12,7 +12,6 @@ that loads only that trains on uninitialised moments (non-finite weights by the 
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from pathlib import Path
