@@ -161,6 +161,17 @@ class ShardedSafetensorsWriter:
         (self.out_dir / f"part-{self.part}.manifest.json").write_text(json.dumps(self._files))
 
 
+def shard_names(count: int) -> list[str]:
+    """The file names ``save_pretrained`` gives ``count`` shards (one: ``model.safetensors``)."""
+    return [SINGLE_NAME] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def write_index(out_dir: Path, weight_map: dict[str, str], total_size: int) -> None:
+    """``model.safetensors.index.json``: which shard holds each tensor, and the tensors' bytes in all."""
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
 def finalize_shards(out_dir: str | os.PathLike, parts: list[str]) -> None:
     """Rename the parts of every writer (in ``parts`` order) to final shard names; write the index."""
     out_dir = Path(out_dir)
@@ -169,18 +180,13 @@ def finalize_shards(out_dir: str | os.PathLike, parts: list[str]) -> None:
         manifest = out_dir / f"part-{part}.manifest.json"
         files += json.loads(manifest.read_text())
         manifest.unlink()
-    if len(files) == 1:
-        os.chmod(out_dir / files[0]["file"], 0o644)  # safetensors writes 0600
-        os.replace(out_dir / files[0]["file"], out_dir / SINGLE_NAME)
-        return
     weight_map = {}
-    for i, entry in enumerate(files):
-        final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+    for entry, final in zip(files, shard_names(len(files))):
         os.chmod(out_dir / entry["file"], 0o644)  # safetensors writes 0600
         os.replace(out_dir / entry["file"], out_dir / final)
         weight_map.update({name: final for name in entry["names"]})
-    index = {"metadata": {"total_size": sum(e["bytes"] for e in files)}, "weight_map": weight_map}
-    (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    if len(files) > 1:
+        write_index(out_dir, weight_map, sum(e["bytes"] for e in files))
 
 
 # safetensors dtype codes (https://github.com/huggingface/safetensors#format) of the dtypes models hold.
@@ -240,8 +246,7 @@ class StreamingSafetensorsWriter:
             raise RuntimeError("safetensors stores little-endian data; this writer copies native bytes")
         self.out_dir = Path(out_dir)
         self.shards = plan_shards(entries, max_shard_bytes)
-        count = len(self.shards)
-        self.files = [SINGLE_NAME] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        self.files = shard_names(len(self.shards))
         self._queue = [(i, entry) for i, shard in enumerate(self.shards) for entry in shard]
         self._next = 0
         self._stream = None
@@ -273,9 +278,7 @@ class StreamingSafetensorsWriter:
             raise ValueError(f"tensor '{self._queue[self._next][1][0]}' was planned but never written")
         if len(self.files) > 1:
             weight_map = {name: file for file, shard in zip(self.files, self.shards) for name, _, _ in shard}
-            total = sum(_nbytes(entry) for shard in self.shards for entry in shard)
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+            write_index(self.out_dir, weight_map, sum(_nbytes(entry) for shard in self.shards for entry in shard))
 
 
 def copy_hf_metadata(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
